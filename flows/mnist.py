@@ -1,0 +1,152 @@
+"""The `mnist` Prefect flow: fetch the data, tune with Optuna, train the best, evaluate, register.
+
+Run it locally (Prefect starts a temporary API when PREFECT_API_URL is unset):
+
+    python flows/mnist.py --help
+    python flows/mnist.py --dataset fashion-mnist --source dir --data-dir /usr/share/datasets/fashion-mnist
+
+or as a deployment: `prefect deployment run mnist/train --param n_trials=5`. Every task only
+composes functions of the `mnist_flow` library; only I/O tasks (data, registry) retry.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from mnist_flow import pipeline
+from mnist_flow.data import DataBundle
+from mnist_flow.errors import ConfigError
+from mnist_flow.progress import LogProgress
+from mnist_flow.registry import Registry
+from mnist_flow.settings import Settings, load_settings
+from mnist_flow.train import select_device
+
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
+
+
+def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry I/O failures; a bad parameter or corrupt file will not fix itself."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_user_error, **IO_RETRIES)
+def fetch_data(params: pipeline.RunParams, settings: Settings) -> DataBundle:
+    """Fetch (or read) and verify the dataset; the fingerprint joins the lineage."""
+    bundle = pipeline.load_data(params, settings)
+    get_run_logger().info("data: %s from %s (%s), fingerprint %s", bundle.name, bundle.source, bundle.origin,
+                          bundle.fingerprint[:16])
+    return bundle
+
+
+@task(cache_policy=NO_CACHE)
+def split_data(bundle: DataBundle, params: pipeline.RunParams, device: str) -> pipeline.Prepared:
+    """Carve the stratified validation split; features go to the device once."""
+    return pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=params.seed, device=device)
+
+
+@task(cache_policy=NO_CACHE)
+def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, database_url: str, run_key: str) -> tuple:
+    """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it)."""
+    return pipeline.tune(prepared, params, database_url, run_key=run_key, flow_run_id=flow_run.id,
+                         progress=LogProgress(get_run_logger()))
+
+
+@task(cache_policy=NO_CACHE)
+def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams) -> tuple:
+    """Train the best configuration for the final number of epochs."""
+    config = pipeline.final_config(best, params)
+    get_run_logger().info("final fit of trial #%d: %s", best.number, config.to_dict())
+    model, history = pipeline.fit_best(prepared, config, progress=LogProgress(get_run_logger()))
+    return model, config, history
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
+    """Evaluate the final model on the test set."""
+    result = pipeline.evaluate_test(model, prepared)
+    get_run_logger().info("test accuracy %.4f, loss %.4f", result.accuracy, result.loss)
+    return result
+
+
+@task(cache_policy=NO_CACHE, **IO_RETRIES)
+def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: str, trial_number: int,
+             run_key: str, settings: Settings) -> tuple:
+    """Register the model with its lineage, then run the champion/challenger gate."""
+    model, config, history = fitted
+    registry = Registry.from_settings(settings)
+    registry.migrate()
+    version, decision = pipeline.register_and_decide(
+        registry, prepared, model, config, history, test, study_name=study_name, trial_number=trial_number,
+        run_key=run_key, flow_run_id=flow_run.id, margin=settings.promotion_margin, alpha=settings.promotion_alpha)
+    get_run_logger().info("registered %s v%d%s", version.name, version.version,
+                          f"; decision: {decision.outcome}: {decision.reason}" if decision else "")
+    return version, decision
+
+
+@flow(name="mnist", log_prints=True)
+def mnist(
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist",
+    source: Literal["auto", "download", "dir", "sample"] = "auto",
+    data_dir: str | None = None,
+    n_trials: int = 20,
+    max_epochs: int = 8,
+    final_epochs: int = 24,
+    seed: int = 0,
+    workers: int = 1,
+    val_fraction: float = 0.1,
+    batch_size: int = 128,
+    weight_decay: float = 5e-4,
+    schedule: Literal["constant", "onecycle"] = "onecycle",
+    lr_min: float = 1e-3,
+    lr_max: float = 0.3,
+    momentum_min: float = 0.5,
+    momentum_max: float = 0.98,
+    hidden1_min: int = 128,
+    hidden1_max: int = 1024,
+    hidden2_min: int = 64,
+    hidden2_max: int = 512,
+) -> dict[str, Any]:
+    """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
+    params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
+    settings = load_settings()
+    watch = pipeline.Stopwatch()
+    device = select_device(settings.device)
+    run_key = str(flow_run.id or pipeline.new_run_key())
+    with watch("data"):
+        bundle = fetch_data(params, settings)
+        prepared = split_data(bundle, params, str(device))
+    with watch("tune"):
+        study, best = tune(prepared, params, settings.resolved_database_url, run_key)
+    with watch("train"):
+        fitted = train_best(prepared, best, params)
+    with watch("evaluate"):
+        test = evaluate(fitted[0], prepared)
+    with watch("register"):
+        version, decision = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
+    summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted[2],
+                                     watch.seconds, settings.resolved_database_url)
+    get_run_logger().info("summary:\n%s", "\n".join(pipeline.summary_lines(summary)))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python flows/mnist.py [--param value ...]`: validate, run the flow, print the summary."""
+    from mnist_flow.cli_flow import run_flow_cli
+
+    return run_flow_cli(mnist, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

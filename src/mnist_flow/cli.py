@@ -1,0 +1,162 @@
+"""The `mnist-flow` command line: train, tune, and the registry, without Prefect.
+
+    mnist-flow train --dataset fashion-mnist --source dir --data-dir /usr/share/datasets/fashion-mnist --json
+    mnist-flow tune --n-trials 10 --max-epochs 4
+    mnist-flow registry list
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+
+from mnist_flow.errors import ConfigError, MnistFlowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Tune, train, evaluate and register MNIST classifiers.")
+
+
+def _progress(enabled: bool):
+    from mnist_flow.progress import NullProgress, RichProgress
+
+    return RichProgress() if enabled and sys.stderr.isatty() else NullProgress()
+
+
+def _parse_hidden(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"--hidden must be comma-separated integers, got {text!r}.",
+                          fix="Pass e.g. --hidden 500,256.") from None
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="mnist or fashion-mnist")] = "mnist",
+    source: Annotated[str, typer.Option(help="auto, download, dir or sample")] = "auto",
+    data_dir: Annotated[Optional[Path], typer.Option(help="folder with the four IDX files (source dir)")] = None,
+    hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma-separated")] = "500,256",
+    lr: float = 0.01,
+    momentum: float = 0.9,
+    batch_size: int = 64,
+    epochs: int = 10,
+    weight_decay: float = 0.0,
+    schedule: Annotated[str, typer.Option(help="constant or onecycle")] = "constant",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: settings)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+) -> None:
+    """Train one configuration (the seed's by default) and evaluate it; no Prefect, no registry."""
+    from mnist_flow import pipeline
+    from mnist_flow.settings import load_settings
+    from mnist_flow.train import TrainConfig, select_device
+
+    config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
+                         epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed).validate()
+    settings = load_settings(device=device)
+    _apply_threads(settings)
+    params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
+                                      val_fraction=val_fraction)
+    bundle = pipeline.load_data(params, settings)
+    prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
+    progress = _progress(not as_json)
+    try:
+        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train")
+    finally:
+        progress.close()
+    test = pipeline.evaluate_test(model, prepared)
+    result = {
+        "dataset": bundle.name, "source": bundle.source, "fingerprint": bundle.fingerprint,
+        "device": str(prepared.device), "config": config.to_dict(),
+        "train_samples": int(prepared.splits.train_y.numel()), "val_samples": int(prepared.splits.val_y.numel()),
+        "test_samples": int(prepared.test_y.numel()),
+        "epoch_seconds": [round(s, 4) for s in history.column("seconds")],
+        "train_loss": [round(v, 5) for v in history.column("train_loss")],
+        "val_accuracy": history.last.val_accuracy, "val_accuracy_per_epoch": history.column("val_accuracy"),
+        "test_accuracy": test.accuracy, "test_loss": test.loss,
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for e in history.epochs:
+            print(f"epoch {e.epoch:>2}: train_loss {e.train_loss:.4f}  val_acc {e.val_accuracy:.4f}  ({e.seconds:.2f}s)")
+        print(f"test accuracy {test.accuracy:.4f} (loss {test.loss:.4f}) on {result['test_samples']} samples")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def tune(ctx: typer.Context) -> None:
+    """Run the flow's Optuna study without Prefect (same options as flows/mnist.py; --help lists them)."""
+    from mnist_flow import pipeline
+    from mnist_flow.cli_flow import build_parser
+    from mnist_flow.settings import load_settings
+    from mnist_flow.train import select_device
+
+    parser = build_parser("mnist-flow tune", "Run the dataset's Optuna study without Prefect.")
+    parser.add_argument("--run-key", default=None,
+                        help="trials are counted per run key; pass an earlier run's key to resume it")
+    args = vars(parser.parse_args(ctx.args))
+    as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
+    params = pipeline.RunParams.parse(**args)
+    settings = load_settings()
+    _apply_threads(settings)
+    watch = pipeline.Stopwatch()
+    with watch("data"):
+        bundle = pipeline.load_data(params, settings)
+        prepared = pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=params.seed,
+                                    device=select_device(settings.device))
+    if not as_json:
+        print(f"run key {run_key} (resume with --run-key {run_key})", file=sys.stderr)
+    progress = _progress(not as_json)
+    try:
+        with watch("tune"):
+            study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
+                                        progress=progress)
+    finally:
+        progress.close()
+    result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,
+              "best_params": best.params, "best_val_accuracy": best.value, "trials": len(study.trials),
+              "seconds": watch.seconds}
+    print(json.dumps(result, indent=2) if as_json else
+          f"best trial #{best.number}: val_accuracy {best.value:.4f} {best.params} ({study.study_name})")
+
+
+def _apply_threads(settings) -> None:
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+
+
+def _mount_subcommands() -> None:
+    from mnist_flow.cli_registry import registry_app
+
+    app.add_typer(registry_app, name="registry", help="List, show, promote and roll back registered models.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one message on stderr and exit code 2, without a traceback."""
+    _mount_subcommands()
+    try:
+        app(args=argv, standalone_mode=False)
+    except MnistFlowError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,537 @@
+"""The model registry: versions, aliases (``champion``) and the promotion decision log.
+
+Rows live in the study database (SQLite or PostgreSQL, tables prefixed ``mnist_flow_``); weights
+and their JSON sidecar live in an :class:`~mnist_flow.artifacts.ArtifactStore`. Artifacts are
+written before the row is inserted, so a crash leaves at worst an orphan artifact, never a row
+without its artifact. Loading checks the recorded SHA-256 before deserialising (safetensors only).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKeyConstraint, Integer, String, Text,
+                        UniqueConstraint, delete, func, select)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from mnist_flow import db
+from mnist_flow.artifacts import ArtifactStore, sha256
+from mnist_flow.errors import ArtifactIntegrityError, ConfigError, RegistryError
+from mnist_flow.model import MLP
+from mnist_flow.promotion import Decision
+from mnist_flow.provenance import code_version
+
+if TYPE_CHECKING:
+    from mnist_flow.settings import Settings
+
+CHAMPION = "champion"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+WEIGHTS_FILE = "model.safetensors"
+SIDECAR_FILE = "model.json"
+INSERT_ATTEMPTS = 10
+WRITE_ATTEMPTS = 5
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the registry tables (schema changes go through migrations/)."""
+
+
+class ModelVersionRow(Base):
+    __tablename__ = "mnist_flow_model_versions"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_mnist_flow_model_versions_name_version"),
+        UniqueConstraint("idempotency_key", name="uq_mnist_flow_model_versions_idempotency_key"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    params: Mapped[dict] = mapped_column(JSON)
+    metrics: Mapped[dict] = mapped_column(JSON)
+    dataset_name: Mapped[str] = mapped_column(String(200))
+    dataset_fingerprint: Mapped[str] = mapped_column(String(200))
+    artifact_uri: Mapped[str] = mapped_column(Text)
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    study_name: Mapped[str | None] = mapped_column(String(512))
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+    flow_run_id: Mapped[str | None] = mapped_column(String(200))
+    code_version: Mapped[dict] = mapped_column(JSON)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    idempotency_key: Mapped[str | None] = mapped_column(String(512))
+
+
+class AliasRow(Base):
+    __tablename__ = "mnist_flow_aliases"
+    __table_args__ = (
+        ForeignKeyConstraint(["name", "version"], ["mnist_flow_model_versions.name",
+                                                   "mnist_flow_model_versions.version"],
+                             name="fk_mnist_flow_aliases_version"),
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DecisionRow(Base):
+    __tablename__ = "mnist_flow_decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    challenger_version: Mapped[int] = mapped_column(Integer)
+    champion_version: Mapped[int | None] = mapped_column(Integer)
+    outcome: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    challenger_accuracy: Mapped[float | None] = mapped_column(Float)
+    champion_accuracy: Mapped[float | None] = mapped_column(Float)
+    p_value: Mapped[float | None] = mapped_column(Float)
+    b: Mapped[int | None] = mapped_column(Integer)
+    c: Mapped[int | None] = mapped_column(Integer)
+    margin: Mapped[float | None] = mapped_column(Float)
+    alpha: Mapped[float | None] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(64))
+    flow_run_id: Mapped[str | None] = mapped_column(String(200))
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back naive; they were written in UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def validate_name(value: str, what: str = "model name") -> str:
+    """Return ``value`` if it is a valid model name or alias, else raise ConfigError."""
+    if not isinstance(value, str) or not NAME_PATTERN.match(value):
+        raise ConfigError(
+            f"Invalid {what} {value!r}.",
+            fix="Use 1-64 characters: lowercase letters, digits, '.', '_' or '-', starting with a letter or digit.",
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registered model version (immutable snapshot of its row and aliases)."""
+
+    name: str
+    version: int
+    created_at: datetime
+    params: dict
+    metrics: dict
+    dataset_name: str
+    dataset_fingerprint: str
+    artifact_uri: str
+    artifact_sha256: str
+    study_name: str | None
+    trial_number: int | None
+    flow_run_id: str | None
+    code_version: dict
+    seed: int | None
+    aliases: tuple[str, ...]
+    idempotency_key: str | None
+
+    @property
+    def sidecar_uri(self) -> str:
+        """URI of the JSON sidecar next to the weights."""
+        return self.artifact_uri.rsplit("/", 1)[0] + "/" + SIDECAR_FILE
+
+    def to_dict(self) -> dict:
+        """JSON-ready view: identity, aliases, params, metrics, dataset, artifact, lineage, created_at."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "aliases": list(self.aliases),
+            "created_at": self.created_at.isoformat(),
+            "params": self.params,
+            "metrics": self.metrics,
+            "dataset": {"name": self.dataset_name, "fingerprint": self.dataset_fingerprint},
+            "artifact": {"uri": self.artifact_uri, "sha256": self.artifact_sha256},
+            "lineage": {
+                "study_name": self.study_name,
+                "trial_number": self.trial_number,
+                "flow_run_id": self.flow_run_id,
+                "code_version": self.code_version,
+                "seed": self.seed,
+            },
+            "idempotency_key": self.idempotency_key,
+        }
+
+
+def _to_version(row: ModelVersionRow, aliases: tuple[str, ...]) -> ModelVersion:
+    return ModelVersion(
+        name=row.name, version=row.version, created_at=_utc(row.created_at), params=dict(row.params or {}),
+        metrics=dict(row.metrics or {}), dataset_name=row.dataset_name,
+        dataset_fingerprint=row.dataset_fingerprint, artifact_uri=row.artifact_uri,
+        artifact_sha256=row.artifact_sha256, study_name=row.study_name, trial_number=row.trial_number,
+        flow_run_id=row.flow_run_id, code_version=dict(row.code_version or {}), seed=row.seed,
+        aliases=aliases, idempotency_key=row.idempotency_key,
+    )
+
+
+def _decision_dict(row: DecisionRow) -> dict:
+    return {
+        "id": row.id, "created_at": _utc(row.created_at).isoformat(), "name": row.name,
+        "challenger_version": row.challenger_version, "champion_version": row.champion_version,
+        "outcome": row.outcome, "reason": row.reason, "challenger_accuracy": row.challenger_accuracy,
+        "champion_accuracy": row.champion_accuracy, "p_value": row.p_value, "b": row.b, "c": row.c,
+        "margin": row.margin, "alpha": row.alpha, "actor": row.actor, "flow_run_id": row.flow_run_id,
+    }
+
+
+def _json_ready(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"The {what} cannot be stored as JSON: {exc}.",
+                          fix="Pass plain numbers, strings, lists and dicts (no NaN or infinity).") from None
+
+
+class Registry:
+    """Model versions, aliases and promotion decisions in ``database_url``; artifacts in ``artifacts_url``."""
+
+    def __init__(self, database_url: str, artifacts_url: str) -> None:
+        self.database_url = database_url
+        self.artifacts_url = artifacts_url
+        self._engine: Engine | None = None
+        self._store: ArtifactStore | None = None
+        self._migrated = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Registry:
+        """A registry on the settings' database and artifacts URLs."""
+        return cls(settings.resolved_database_url, settings.resolved_artifacts_url)
+
+    def __repr__(self) -> str:
+        return f"Registry({db.mask_url(self.database_url)!r}, {db.mask_url(self.artifacts_url)!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created on first use."""
+        if self._engine is None:
+            self._engine = db.make_engine(self.database_url)
+        return self._engine
+
+    @property
+    def store(self) -> ArtifactStore:
+        """The artifact store, created on first use."""
+        if self._store is None:
+            self._store = ArtifactStore(self.artifacts_url)
+        return self._store
+
+    def dispose(self) -> None:
+        """Close pooled connections (the registry stays usable)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def migrate(self) -> None:
+        """Create or upgrade the registry tables; idempotent and safe under concurrent starts."""
+        from mnist_flow import migrations
+
+        db.retry_db(lambda: migrations.upgrade(self.engine), attempts=WRITE_ATTEMPTS, url=self.database_url)
+        self._migrated = True
+
+    def _ready(self) -> None:
+        if not self._migrated:
+            self.migrate()
+
+    def _read(self, fn: Any) -> Any:
+        self._ready()
+
+        def run() -> Any:
+            with Session(self.engine) as session:
+                return fn(session)
+
+        return db.retry_db(run, attempts=2, url=self.database_url)
+
+    def _write(self, fn: Any) -> Any:
+        self._ready()
+
+        def run() -> Any:
+            with Session(self.engine) as session, session.begin():
+                return fn(session)
+
+        return db.retry_db(run, attempts=WRITE_ATTEMPTS, url=self.database_url)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _aliases(session: Session, name: str | None = None) -> dict[tuple[str, int], tuple[str, ...]]:
+        query = select(AliasRow).order_by(AliasRow.alias)
+        if name is not None:
+            query = query.where(AliasRow.name == name)
+        found: dict[tuple[str, int], list[str]] = {}
+        for row in session.scalars(query):
+            found.setdefault((row.name, row.version), []).append(row.alias)
+        return {key: tuple(value) for key, value in found.items()}
+
+    @staticmethod
+    def _names(session: Session) -> list[str]:
+        return list(session.scalars(select(ModelVersionRow.name).distinct().order_by(ModelVersionRow.name)))
+
+    def _row(self, session: Session, name: str, ref: str | int) -> ModelVersionRow:
+        names = self._names(session)
+        if name not in names:
+            raise RegistryError(
+                f"No model named {name!r} is registered; registered names: {', '.join(names) or '(none)'}.",
+                fix="Use one of the registered names, or register a model first.")
+        version = _as_version_number(ref)
+        if version is None:
+            alias = validate_name(str(ref), "alias")
+            alias_row = session.get(AliasRow, (name, alias))
+            if alias_row is None:
+                existing = sorted(session.scalars(select(AliasRow.alias).where(AliasRow.name == name)))
+                raise RegistryError(
+                    f"Model {name!r} has no alias {alias!r}; aliases: {', '.join(existing) or '(none)'}.",
+                    fix="Use a version number or an existing alias (champion appears after the first promotion).")
+            version = alias_row.version
+        row = session.scalar(select(ModelVersionRow).where(ModelVersionRow.name == name,
+                                                           ModelVersionRow.version == version))
+        if row is None:
+            versions = session.scalars(select(ModelVersionRow.version).where(ModelVersionRow.name == name)
+                                       .order_by(ModelVersionRow.version))
+            raise RegistryError(
+                f"Model {name!r} has no version {version}; versions: {', '.join(map(str, versions))}.",
+                fix="Pick one of the listed versions (see `mnist-flow registry list`).")
+        return row
+
+    def _snapshot(self, session: Session, row: ModelVersionRow) -> ModelVersion:
+        return _to_version(row, self._aliases(session, row.name).get((row.name, row.version), ()))
+
+    def names(self) -> list[str]:
+        """Registered model names, sorted."""
+        return self._read(self._names)
+
+    def list_versions(self, name: str | None = None) -> list[ModelVersion]:
+        """All versions (of ``name``, or of every model), ordered by name then version."""
+        def query(session: Session) -> list[ModelVersion]:
+            statement = select(ModelVersionRow).order_by(ModelVersionRow.name, ModelVersionRow.version)
+            if name is not None:
+                statement = statement.where(ModelVersionRow.name == name)
+            aliases = self._aliases(session, name)
+            return [_to_version(row, aliases.get((row.name, row.version), ())) for row in session.scalars(statement)]
+
+        return self._read(query)
+
+    def get(self, name: str, ref: str | int) -> ModelVersion:
+        """The version ``ref`` (a number, or an alias such as ``champion``) of model ``name``."""
+        return self._read(lambda session: self._snapshot(session, self._row(session, name, ref)))
+
+    def champion(self, name: str) -> ModelVersion | None:
+        """The current champion of ``name``, or None if there is none yet."""
+        def query(session: Session) -> ModelVersion | None:
+            alias = session.get(AliasRow, (name, CHAMPION))
+            if alias is None:
+                return None
+            return self._snapshot(session, self._row(session, name, alias.version))
+
+        return self._read(query)
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def register(self, name: str, model: MLP, *, sidecar: dict, params: dict, metrics: dict,
+                 dataset_name: str, dataset_fingerprint: str, study_name: str | None = None,
+                 trial_number: int | None = None, flow_run_id: str | None = None, seed: int | None = None,
+                 idempotency_key: str | None = None) -> ModelVersion:
+        """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``)."""
+        validate_name(name)
+        params = _json_ready(params, "params")
+        metrics = _json_ready(metrics, "metrics")
+        if idempotency_key is not None:
+            existing = self._by_key(idempotency_key)
+            if existing is not None:
+                return existing
+        weights = model.to_safetensors()
+        digest = sha256(weights)
+        sidecar_bytes = json.dumps(_json_ready({"architecture": model.architecture(), **sidecar}, "sidecar"),
+                                   indent=2, sort_keys=True).encode()
+        # the folder hashes weights and sidecar together so equal weights with another sidecar never collide
+        content_key = sha256(weights + b"\0" + sidecar_bytes)[:16]
+        folder = f"{name}/{content_key}"
+        self.store.write(f"{folder}/{SIDECAR_FILE}", sidecar_bytes)
+        uri = self.store.write(f"{folder}/{WEIGHTS_FILE}", weights)
+        versions = code_version()
+
+        def insert(session: Session) -> ModelVersion:
+            latest = session.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.name == name))
+            row = ModelVersionRow(
+                name=name, version=(latest or 0) + 1, created_at=datetime.now(UTC), params=params,
+                metrics=metrics, dataset_name=dataset_name, dataset_fingerprint=dataset_fingerprint,
+                artifact_uri=uri, artifact_sha256=digest, study_name=study_name, trial_number=trial_number,
+                flow_run_id=flow_run_id, code_version=versions, seed=seed, idempotency_key=idempotency_key)
+            session.add(row)
+            session.flush()
+            return _to_version(row, ())
+
+        for _ in range(INSERT_ATTEMPTS):
+            try:
+                return self._write(insert)
+            except IntegrityError:
+                # another process took this version number or this idempotency key first
+                if idempotency_key is not None:
+                    existing = self._by_key(idempotency_key)
+                    if existing is not None:
+                        return existing
+        raise RegistryError(
+            f"Could not allocate a version number for {name!r} after {INSERT_ATTEMPTS} attempts.",
+            fix="Too many concurrent registrations; run the registration again.")
+
+    def _by_key(self, key: str) -> ModelVersion | None:
+        def query(session: Session) -> ModelVersion | None:
+            row = session.scalar(select(ModelVersionRow).where(ModelVersionRow.idempotency_key == key))
+            return None if row is None else self._snapshot(session, row)
+
+        return self._read(query)
+
+    @staticmethod
+    def _move_alias(session: Session, name: str, alias: str, version: int) -> None:
+        row = session.get(AliasRow, (name, alias))
+        now = datetime.now(UTC)
+        if row is None:
+            session.add(AliasRow(name=name, alias=alias, version=version, updated_at=now))
+        else:
+            row.version = version
+            row.updated_at = now
+
+    @staticmethod
+    def _current_champion(session: Session, name: str) -> int | None:
+        row = session.get(AliasRow, (name, CHAMPION))
+        return None if row is None else row.version
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        """Point ``alias`` of ``name`` at ``version``; moving ``champion`` is logged as a user decision."""
+        validate_name(alias, "alias")
+
+        def update(session: Session) -> None:
+            self._row(session, name, int(version))
+            if alias == CHAMPION:
+                self._log(session, name, int(version), self._current_champion(session, name), "promoted",
+                          f"champion alias set to version {version}", actor="user")
+            self._move_alias(session, name, alias, int(version))
+
+        self._write(update)
+
+    def remove_alias(self, name: str, alias: str) -> None:
+        """Delete ``alias`` of ``name`` (the champion alias cannot be removed)."""
+        if alias == CHAMPION:
+            raise RegistryError("The champion alias cannot be removed.", fix="Use rollback or promote instead.")
+        self._write(lambda s: s.execute(delete(AliasRow).where(AliasRow.name == name, AliasRow.alias == alias)))
+
+    @staticmethod
+    def _log(session: Session, name: str, challenger: int, champion: int | None, outcome: str, reason: str, *,
+             actor: str, decision: Decision | None = None, flow_run_id: str | None = None,
+             challenger_accuracy: float | None = None) -> None:
+        session.add(DecisionRow(
+            created_at=datetime.now(UTC), name=name, challenger_version=challenger, champion_version=champion,
+            outcome=outcome, reason=reason,
+            challenger_accuracy=decision.challenger_accuracy if decision else challenger_accuracy,
+            champion_accuracy=decision.champion_accuracy if decision else None,
+            p_value=decision.p_value if decision else None, b=decision.b if decision else None,
+            c=decision.c if decision else None, margin=decision.margin if decision else None,
+            alpha=decision.alpha if decision else None, actor=actor, flow_run_id=flow_run_id))
+
+    def record_decision(self, name: str, decision: Decision, *, challenger_version: int,
+                        champion_version: int | None, actor: str = "gate", flow_run_id: str | None = None) -> None:
+        """Log a gate decision; when it promotes, move ``champion`` in the same transaction."""
+        def update(session: Session) -> None:
+            self._row(session, name, int(challenger_version))
+            self._log(session, name, int(challenger_version), champion_version, decision.outcome, decision.reason,
+                      actor=actor, decision=decision, flow_run_id=flow_run_id)
+            if decision.outcome in ("promoted", "first"):
+                self._move_alias(session, name, CHAMPION, int(challenger_version))
+
+        self._write(update)
+
+    def promote(self, name: str, version: int, *, reason: str) -> None:
+        """Make ``version`` champion by hand (logged as a decision with actor ``user``)."""
+        def update(session: Session) -> None:
+            row = self._row(session, name, int(version))
+            accuracy = row.metrics.get("test_accuracy") if isinstance(row.metrics, dict) else None
+            current = self._current_champion(session, name)
+            self._log(session, name, row.version, current, "promoted", f"manual promotion: {reason}", actor="user",
+                      challenger_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) else None)
+            self._move_alias(session, name, CHAMPION, row.version)
+
+        self._write(update)
+
+    def rollback(self, name: str, *, reason: str) -> ModelVersion:
+        """Put back the champion that preceded the current one (per the decision log) and return it."""
+        def update(session: Session) -> ModelVersion:
+            stack = _champion_stack(session.scalars(
+                select(DecisionRow).where(DecisionRow.name == name).order_by(DecisionRow.id)))
+            current = self._current_champion(session, name)
+            if len(stack) < 2 or current is None:
+                raise RegistryError(f"Model {name!r} has no previous champion to roll back to.",
+                                    fix="Promote a specific version instead: `mnist-flow registry promote VERSION`.")
+            target = stack[-2]
+            row = self._row(session, name, target)
+            self._log(session, name, target, current, "rolled_back", f"rollback: {reason}", actor="user")
+            self._move_alias(session, name, CHAMPION, target)
+            session.flush()
+            return self._snapshot(session, row)
+
+        return self._write(update)
+
+    def history(self, name: str | None = None) -> list[dict]:
+        """The decision log (oldest first), for ``name`` or for every model."""
+        def query(session: Session) -> list[dict]:
+            statement = select(DecisionRow).order_by(DecisionRow.id)
+            if name is not None:
+                statement = statement.where(DecisionRow.name == name)
+            return [_decision_dict(row) for row in session.scalars(statement)]
+
+        return self._read(query)
+
+    # -- artifacts --------------------------------------------------------------------------
+
+    def load(self, name: str, ref: str | int = CHAMPION) -> tuple[MLP, dict, ModelVersion]:
+        """The model, its sidecar and its version; the weights' SHA-256 is checked before deserialising."""
+        version = self.get(name, ref)
+        data = self.store.read(version.artifact_uri)
+        actual = sha256(data)
+        if actual != version.artifact_sha256:
+            raise ArtifactIntegrityError(
+                f"artifact {version.artifact_uri} has SHA-256 {actual}, the registry recorded "
+                f"{version.artifact_sha256}: the file was modified; re-register or restore it",
+                fix="Restore the original file from a backup, or register the model again.")
+        try:
+            sidecar = json.loads(self.store.read(version.sidecar_uri))
+            architecture = sidecar["architecture"]
+        except (ValueError, KeyError, TypeError):
+            raise ArtifactIntegrityError(
+                f"artifact sidecar {version.sidecar_uri} is not valid JSON with an 'architecture' entry",
+                fix="Restore the original file from a backup, or register the model again.") from None
+        return MLP.from_safetensors(data, architecture), sidecar, version
+
+
+def _as_version_number(ref: str | int) -> int | None:
+    if isinstance(ref, bool):
+        return None
+    if isinstance(ref, int):
+        return ref
+    text = str(ref).strip()
+    if text.lower().startswith("v") and text[1:].isdigit():
+        text = text[1:]
+    return int(text) if text.isdigit() else None
+
+
+def _champion_stack(decisions: Any) -> list[int]:
+    """Replay the log: promotions push the new champion, rollbacks pop back to the previous one."""
+    stack: list[int] = []
+    for row in decisions:
+        if row.outcome in ("promoted", "first"):
+            if not stack or stack[-1] != row.challenger_version:
+                stack.append(row.challenger_version)
+        elif row.outcome == "rolled_back":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != row.challenger_version:
+                stack.append(row.challenger_version)
+    return stack

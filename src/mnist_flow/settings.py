@@ -1,0 +1,104 @@
+"""Typed settings, read once at the edges (CLI, flow entry point) and passed inward.
+
+Every field can be set through an environment variable with the prefix ``MNIST_FLOW_``
+(``MNIST_FLOW_HOME``, ``MNIST_FLOW_DATABASE_URL``, ...). Unknown ``MNIST_FLOW_*`` variables
+and bad values are refused with a :class:`~mnist_flow.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mnist_flow.errors import ConfigError
+
+ENV_PREFIX = "MNIST_FLOW_"
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+
+
+class Settings(BaseSettings):
+    """Where mnist-flow keeps its state and how it reaches its services."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    home: Path = Field(Path(".mnist-flow"), description="Folder for the database, data cache and artifacts.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home)."
+    )
+    artifacts_url: str | None = Field(
+        None, description="fsspec URL where model artifacts are written (default: home/artifacts)."
+    )
+    data_dir: Path | None = Field(None, description="Cache folder for downloaded datasets (default: home/data).")
+    mirrors: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra dataset mirrors (comma-separated URLs), tried before torchvision's."
+    )
+    device: Device = Field("auto", description="Training device: auto picks CUDA, then MPS, then CPU.")
+    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's choice).")
+    dashboard_url: str | None = Field(None, description="URL of a running optuna-dashboard, linked from runs.")
+    max_image_pixels: int = Field(
+        20_000_000, ge=1, description="Largest image (in pixels) that `mnist-flow predict` accepts."
+    )
+    promotion_margin: float = Field(
+        0.0, ge=0.0, le=1.0, description="Test-accuracy gain a challenger needs over the champion."
+    )
+    promotion_alpha: float | None = Field(
+        0.05, gt=0.0, le=1.0, description="Significance level of the McNemar test for promotion (unset: no test)."
+    )
+
+    @field_validator("mirrors", mode="before")
+    @classmethod
+    def _split_mirrors(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("promotion_alpha", mode="before")
+    @classmethod
+    def _empty_alpha_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
+            return None
+        return value
+
+    @property
+    def home_path(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_path / 'mnist-flow.db'}"
+
+    @property
+    def resolved_artifacts_url(self) -> str:
+        return self.artifacts_url or str(self.home_path / "artifacts")
+
+    @property
+    def cache_dir(self) -> Path:
+        return (self.data_dir or self.home_path / "data").expanduser().resolve()
+
+
+def _unknown_env_keys() -> list[str]:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and ``overrides``), turning mistakes into one ConfigError."""
+    unknown = _unknown_env_keys()
+    if unknown:
+        valid = ", ".join(ENV_PREFIX + n.upper() for n in Settings.model_fields)
+        raise ConfigError(
+            f"Unknown setting(s) in the environment: {', '.join(unknown)}.",
+            fix=f"Unset them or use one of: {valid}.",
+        )
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"Invalid setting: {problems}.", fix="Correct the value and run again.") from None

@@ -1,0 +1,216 @@
+"""The one training loop: used by the Optuna objective, the final fit and the benchmarks.
+
+Data lives in memory as tensors (features already normalised); batches are drawn by index
+from a seeded permutation, so there are no per-sample transforms and no DataLoader.
+
+    from mnist_flow.train import TrainConfig, train_model
+    model, history = train_model(TrainConfig(epochs=2), train_x, train_y, val_x, val_y)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_flow.errors import ConfigError
+from mnist_flow.model import MLP
+
+Schedule = Literal["constant", "onecycle"]
+SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; saved with every model as its hyperparameters."""
+
+    hidden: tuple[int, ...] = (500, 256)
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    epochs: int = 10
+    weight_decay: float = 0.0
+    schedule: Schedule = "constant"
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad value; return self so calls chain."""
+        problems = []
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            problems.append(f"hidden sizes must be integers >= 1, got {list(self.hidden)}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1, got {self.batch_size}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.weight_decay < 0:
+            problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if problems:
+            raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
+                              fix="Correct the parameter and run again.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "hidden" in known:
+            known["hidden"] = tuple(int(h) for h in known["hidden"])
+        return cls(**known)
+
+    def with_(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class History:
+    epochs: list[EpochStats] = field(default_factory=list)
+
+    @property
+    def last(self) -> EpochStats:
+        return self.epochs[-1]
+
+    def column(self, name: str) -> list[float]:
+        return [getattr(e, name) for e in self.epochs]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # int64 [N] on the CPU
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, then MPS, then CPU. An explicit device that is absent is a ConfigError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(name, False):
+        raise ConfigError(f"Device {name!r} is not available on this machine.",
+                          fix="Use --device auto or cpu (MNIST_FLOW_DEVICE).")
+    return torch.device(name)
+
+
+def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> MLP:
+    """A freshly initialised MLP; the initial weights depend only on ``config.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = MLP(config.hidden)
+    return model.to(device)
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # foreach fuses the per-parameter updates into a few kernels; fused SGD is CUDA-only.
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, foreach=True)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    if config.schedule == "constant":
+        return None
+    # Momentum is a searched hyperparameter, so the schedule must not cycle it.
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, cycle_momentum=False)
+
+
+def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                batch_size: int, generator: torch.Generator,
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One pass over (x, y) in a seeded random order; returns the mean training loss."""
+    model.train()
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator).to(x.device, non_blocking=True)
+    total = torch.zeros((), device=x.device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+        loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total += loss.detach() * idx.numel()
+    return total.item() / n
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192) -> EvalResult:
+    """Loss, accuracy and predictions in large batches, with autograd off."""
+    model.eval()
+    if x.shape[0] == 0:
+        return EvalResult(float("nan"), float("nan"), torch.empty(0, dtype=torch.long))
+    loss = torch.zeros((), device=x.device)
+    preds = []
+    for start in range(0, x.shape[0], batch_size):
+        logits = model(x[start:start + batch_size])
+        yb = y[start:start + batch_size]
+        loss += F.cross_entropy(logits, yb, reduction="sum")
+        preds.append(logits.argmax(dim=1))
+    predictions = torch.cat(preds)
+    accuracy = (predictions == y).float().mean().item()
+    return EvalResult(loss.item() / x.shape[0], accuracy, predictions.cpu())
+
+
+EpochCallback = Callable[[EpochStats], None]
+
+
+def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor,
+        val_x: torch.Tensor, val_y: torch.Tensor, *, on_epoch: EpochCallback | None = None) -> History:
+    """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop."""
+    config.validate()
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+    steps = math.ceil(train_x.shape[0] / config.batch_size)
+    scheduler = make_scheduler(optimizer, config, steps)
+    history = History()
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        train_loss = train_epoch(model, train_x, train_y, optimizer, config.batch_size, generator, scheduler)
+        seconds = time.perf_counter() - start
+        val = evaluate(model, val_x, val_y)
+        stats = EpochStats(epoch, train_loss, val.loss, val.accuracy, seconds)
+        history.epochs.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
+
+
+def train_model(config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
+                val_y: torch.Tensor, *, device: torch.device | str = "cpu",
+                on_epoch: EpochCallback | None = None) -> tuple[MLP, History]:
+    """Build a seeded model on ``device`` and fit it; the tensors must already be on ``device``."""
+    config.validate()
+    model = build_model(config, device)
+    history = fit(model, config, train_x, train_y, val_x, val_y, on_epoch=on_epoch)
+    return model, history

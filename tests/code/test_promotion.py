@@ -1,0 +1,65 @@
+"""The champion/challenger gate: McNemar's exact test and the promotion rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnist_flow.promotion import decide, mcnemar_exact
+
+
+def correct(pattern: str) -> torch.Tensor:
+    return torch.tensor([ch == "1" for ch in pattern])
+
+
+def test_mcnemar_matches_hand_computed_value():
+    # 2 * (C(10,0) + C(10,1)) / 2**10 = 22/1024
+    assert mcnemar_exact(1, 9) == pytest.approx(0.021484375, abs=1e-15)
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+
+
+def test_mcnemar_without_discordant_pairs_is_one():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(5, 5) == 1.0
+
+
+def gate(challenger, champion, *, fp="a", champ_fp="a", margin=0.0, alpha=0.05):
+    return decide(challenger, champion, challenger_fingerprint=fp, champion_fingerprint=champ_fp,
+                  margin=margin, alpha=alpha)
+
+
+def test_first_model_becomes_champion():
+    decision = gate(correct("1101"), None, champ_fp=None)
+    assert decision.outcome == "first" and decision.challenger_accuracy == 0.75
+
+
+def test_clearly_better_challenger_is_promoted():
+    # challenger right on 20 samples the champion gets wrong, never the reverse
+    challenger = torch.ones(100, dtype=torch.bool)
+    champion = torch.cat([torch.zeros(20, dtype=torch.bool), torch.ones(80, dtype=torch.bool)])
+    decision = gate(challenger, champion)
+    assert decision.outcome == "promoted"
+    assert (decision.b, decision.c) == (20, 0) and decision.p_value < 0.05
+
+
+@pytest.mark.parametrize("challenger,champion", [("1100", "1100"), ("1000", "1100"), ("1010", "1100")])
+def test_equal_or_worse_challenger_is_kept(challenger, champion):
+    decision = gate(correct(challenger), correct(champion), alpha=None)
+    assert decision.outcome == "kept" and "margin" in decision.reason
+
+
+def test_gain_within_margin_is_kept():
+    decision = gate(correct("1111"), correct("1110"), margin=0.3, alpha=None)
+    assert decision.outcome == "kept"
+
+
+def test_insignificant_gain_is_kept_and_alpha_none_skips_the_test():
+    challenger, champion = correct("1111111111"), correct("1111111110")  # b=1, c=0: p=1.0
+    assert gate(challenger, champion, alpha=0.05).outcome == "kept"
+    assert gate(challenger, champion, alpha=None).outcome == "promoted"
+
+
+def test_changed_fingerprint_is_blocked():
+    decision = gate(torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool), fp="new", champ_fp="old")
+    assert decision.outcome == "blocked" and not decision.promotes
+    assert "fingerprints differ" in decision.reason

@@ -1,0 +1,75 @@
+"""The `registry` sub-commands on a temporary MNIST_FLOW_HOME."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from registry_helpers import register
+from typer.testing import CliRunner
+
+from mnist_flow.cli_registry import registry_app
+from mnist_flow.errors import RegistryError
+from mnist_flow.registry import Registry
+from mnist_flow.settings import load_settings
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("MNIST_FLOW_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
+    reg = Registry.from_settings(load_settings())
+    for seed in (1, 2):
+        register(reg, seed=seed, accuracy=0.9 + seed / 100)
+    reg.dispose()
+    return tmp_path / "home"
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(registry_app, list(args), env={"COLUMNS": "200"})
+    return result
+
+
+def test_list_json_prints_versions_only(home):
+    result = invoke("list", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [d["version"] for d in data] == [1, 2]
+    assert {"name", "aliases", "params", "metrics", "dataset", "artifact", "lineage", "created_at"} <= set(data[0])
+
+
+def test_list_human_output_is_a_table(home):
+    result = invoke("list")
+    assert result.exit_code == 0 and "mnist" in result.output and "0.9100" in result.output
+
+
+def test_promote_show_champion_rollback_history(home):
+    assert invoke("promote", "1", "--reason", "baseline").exit_code == 0
+    assert invoke("promote", "2", "--reason", "better").exit_code == 0
+    shown = json.loads(invoke("show", "champion", "--json").output)
+    assert shown["version"] == 2 and shown["aliases"] == ["champion"]
+    result = invoke("rollback", "--reason", "regression")
+    assert result.exit_code == 0 and "v1" in result.output
+    assert json.loads(invoke("show", "champion", "--json").output)["version"] == 1
+    history = json.loads(invoke("history", "--json").output)
+    assert [h["outcome"] for h in history] == ["promoted", "promoted", "rolled_back"]
+    assert history[-1]["reason"] == "rollback: regression"
+    assert "rolled_back" in invoke("history").output
+
+
+def test_show_unknown_version_raises_registry_error(home):
+    result = invoke("show", "9")
+    assert isinstance(result.exception, RegistryError)
+    assert "versions: 1, 2" in str(result.exception)
+
+
+def test_name_is_required_when_several_models_exist(home):
+    reg = Registry.from_settings(load_settings())
+    register(reg, "fashion")
+    reg.dispose()
+    result = invoke("show", "1")
+    assert isinstance(result.exception, RegistryError)
+    assert "fashion, mnist" in str(result.exception)
+    assert json.loads(invoke("show", "1", "--name", "fashion", "--json").output)["name"] == "fashion"
