@@ -1,0 +1,40 @@
+"""The MLP: shapes, logits, configurable hidden sizes, and the safetensors round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnist_flow.errors import ConfigError
+from mnist_flow.model import MLP, count_parameters, multiply_adds_per_sample
+
+
+def test_the_default_mlp_is_the_seed_architecture_and_returns_logits():
+    model = MLP()
+    assert model.hidden == (500, 256)
+    assert count_parameters(model) == 784 * 500 + 500 + 500 * 256 + 256 + 256 * 10 + 10
+    out = model(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 10)
+    # Logits, not log-probabilities: rows do not sum to 1 after exp.
+    assert not torch.allclose(out.exp().sum(dim=1), torch.ones(3), atol=1e-3)
+
+
+def test_hidden_sizes_are_configurable_and_bad_ones_refused():
+    assert [m.out_features for m in MLP((64, 32, 16)).modules() if isinstance(m, torch.nn.Linear)] == [64, 32, 16, 10]
+    with pytest.raises(ConfigError, match="Hidden sizes"):
+        MLP((64, 0))
+    with pytest.raises(ConfigError):
+        MLP(())
+
+
+def test_safetensors_round_trip_gives_identical_outputs():
+    torch.manual_seed(0)
+    model = MLP((32, 16))
+    x = torch.rand(5, 784)
+    clone = MLP.from_safetensors(model.to_safetensors(), model.architecture())
+    assert torch.equal(model(x), clone(x))
+    assert clone.architecture() == {"type": "mlp", "in_features": 784, "hidden": [32, 16], "num_classes": 10}
+
+
+def test_multiply_adds_count_every_layer():
+    assert multiply_adds_per_sample((500, 256)) == 784 * 500 + 500 * 256 + 256 * 10

@@ -1,0 +1,109 @@
+"""The search space, the objective's reporting and pruning, and the per-run trial budget."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+
+from mnist_flow.errors import ConfigError
+from mnist_flow.train import TrainConfig
+from mnist_flow.tune import (SEED_PARAMS, Objective, SearchSpace, Splits, best_trial, finished_trials,
+                             open_study, run_study, study_name_for, suggest_config)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _splits(n: int = 200, seed: int = 0) -> Splits:
+    """A learnable toy problem: the label is the index of the brightest of 10 pixel blocks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 784, generator=g)
+    y = x[:, :10].argmax(dim=1)
+    return Splits(x[: n * 3 // 4], y[: n * 3 // 4], x[n * 3 // 4:], y[n * 3 // 4:])
+
+
+def test_suggest_config_stays_inside_the_bounds_and_keeps_the_fixed_recipe():
+    space = SearchSpace(lr_min=0.01, lr_max=0.02, hidden1_min=64, hidden1_max=128, hidden2_min=64, hidden2_max=64)
+    base = TrainConfig(batch_size=32, weight_decay=1e-3, schedule="onecycle", epochs=3)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(20):
+        trial = study.ask()
+        config = suggest_config(trial, space, base)
+        assert 0.01 <= config.lr <= 0.02
+        assert config.hidden[0] in (64, 128) and config.hidden[1] == 64
+        assert (config.batch_size, config.weight_decay, config.schedule, config.epochs) == (32, 1e-3, "onecycle", 3)
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize("bounds, word", [
+    ({"lr_min": 0.1, "lr_max": 0.01}, "lr bounds are inverted"),
+    ({"momentum_min": 0.9, "momentum_max": 0.5}, "momentum bounds are inverted"),
+    ({"hidden1_min": 512, "hidden1_max": 128}, "hidden1 bounds are inverted"),
+    ({"momentum_max": 1.0}, "[0, 1)"),
+])
+def test_an_impossible_search_space_is_refused_with_the_bound_named(bounds, word):
+    with pytest.raises(ConfigError, match=word.replace("[", r"\[").replace(")", r"\)")):
+        SearchSpace(**bounds).validate()
+
+
+def test_the_objective_reports_every_epoch_and_records_the_curve():
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.NopPruner())
+    objective = Objective(_splits(), SearchSpace(hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64),
+                          TrainConfig(epochs=3, batch_size=32), run_key="k", flow_run_id="fr")
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert sorted(trial.intermediate_values) == [1, 2, 3]
+    assert len(trial.user_attrs["val_accuracy"]) == 3
+    assert len(trial.user_attrs["train_loss"]) == 3 and len(trial.user_attrs["epoch_seconds"]) == 3
+    assert trial.user_attrs["run_key"] == "k" and trial.user_attrs["flow_run_id"] == "fr"
+    assert ":" in trial.user_attrs["worker"]
+    assert trial.value == pytest.approx(trial.user_attrs["val_accuracy"][-1], abs=1e-6)
+
+
+class _PruneAtOnce(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_the_objective_prunes_when_the_pruner_says_so_and_keeps_the_partial_curve():
+    study = optuna.create_study(direction="maximize", pruner=_PruneAtOnce())
+    objective = Objective(_splits(), SearchSpace(hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64),
+                          TrainConfig(epochs=5, batch_size=32))
+    study.optimize(objective, n_trials=2)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(len(t.user_attrs["val_accuracy"]) == 1 for t in study.trials)
+
+
+def test_a_new_study_starts_with_the_seed_configuration_and_a_resumed_one_does_not_repeat_it(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = open_study(url, "s", seed=0, max_epochs=2)
+    assert study.get_trials(states=(optuna.trial.TrialState.WAITING,))[0].system_attrs["fixed_params"] == SEED_PARAMS
+    objective = Objective(_splits(), SearchSpace(hidden1_min=64, hidden1_max=512, hidden2_min=64, hidden2_max=256),
+                          TrainConfig(epochs=2, batch_size=32), run_key="a")
+    run_study(study, objective, n_trials=2, run_key="a")
+    again = open_study(url, "s", seed=0, max_epochs=2)
+    assert not again.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(again.trials) == 2
+
+
+def test_the_budget_counts_finished_trials_of_this_run_only(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = SearchSpace(hidden1_min=64, hidden1_max=128, hidden2_min=64, hidden2_max=64)
+    objective = lambda key: Objective(_splits(), space, TrainConfig(epochs=1, batch_size=64), run_key=key)  # noqa: E731
+    study = open_study(url, "s", seed=0, max_epochs=1)
+    run_study(study, objective("night-1"), n_trials=3, run_key="night-1")
+    run_study(study, objective("night-1"), n_trials=3, run_key="night-1")  # resumed: nothing left to do
+    run_study(study, objective("night-2"), n_trials=2, run_key="night-2")
+    assert len(finished_trials(study, "night-1")) == 3
+    assert len(finished_trials(study, "night-2")) == 2
+    assert len(study.trials) == 5
+    assert best_trial(study).value == max(t.value for t in study.trials)
+
+
+def test_run_study_refuses_a_budget_below_one():
+    with pytest.raises(ConfigError, match="n_trials"):
+        run_study(optuna.create_study(), lambda t: 0.0, n_trials=0, run_key=None)  # type: ignore[arg-type]
+
+
+def test_the_study_name_follows_the_dataset_and_its_fingerprint():
+    assert study_name_for("fashion-mnist", "ab" * 32) == "fashion-mnist-" + ("ab" * 6)

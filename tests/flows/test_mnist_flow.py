@@ -1,0 +1,78 @@
+"""The `mnist` flow end to end on the bundled sample, under a temporary Prefect API."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mnist_flow.pipeline import RunParams
+from mnist_flow.registry import Registry
+from mnist_flow.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "flows"))
+import mnist as flow_module  # noqa: E402
+
+TINY = dict(source="sample", n_trials=3, max_epochs=2, final_epochs=2, seed=0)
+
+
+def test_the_flow_signature_is_exactly_the_run_parameters():
+    signature = inspect.signature(flow_module.mnist.fn).parameters
+    assert list(signature) == list(RunParams.model_fields)
+    for name, field in RunParams.model_fields.items():
+        default = signature[name].default
+        assert (str(default) if name == "data_dir" and default else default) == field.default, name
+
+
+def test_the_flow_tunes_trains_evaluates_and_registers_a_champion_with_its_lineage(home):
+    summary = flow_module.mnist(**TINY)
+    assert summary["trials"]["finished"] == 3
+    assert summary["data"]["source"] == "sample" and len(summary["data"]["fingerprint"]) == 64
+    assert summary["model"]["version"] == 1 and summary["model"]["champion"] is True
+    assert set(summary["seconds"]) == {"data", "tune", "train", "evaluate", "register"}
+    assert 0.0 <= summary["metrics"]["test_accuracy"] <= 1.0
+
+    registry = Registry.from_settings(load_settings())
+    champion = registry.get("mnist", "champion").to_dict()
+    assert champion["version"] == 1 and "champion" in champion["aliases"]
+    assert champion["dataset"]["fingerprint"] == summary["data"]["fingerprint"]
+    assert champion["metrics"]["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"])
+    lineage = champion["lineage"]
+    assert lineage["study_name"] == summary["study"] and lineage["trial_number"] == summary["best"]["trial"]
+    assert lineage["flow_run_id"] and lineage["seed"] == 0 and lineage["code_version"]["package"]
+    assert champion["params"]["epochs"] == 2 and champion["params"]["hidden"] == [
+        summary["best"]["params"]["hidden1"], summary["best"]["params"]["hidden2"]]
+    assert Path(champion["artifact"]["uri"].removeprefix("file://")).is_file()
+
+
+def test_a_second_run_continues_the_study_and_records_a_promotion_decision(home):
+    first = flow_module.mnist(**TINY)
+    second = flow_module.mnist(**TINY)
+    assert second["study"] == first["study"]
+    assert second["trials"]["in_study"] == 6
+    assert second["model"]["version"] == 2
+    assert second["decision"]["outcome"] in {"promoted", "kept"}
+    history = Registry.from_settings(load_settings()).history("mnist")
+    assert len(history) == 2
+    champions = [v for v in Registry.from_settings(load_settings()).list_versions("mnist") if "champion" in v.aliases]
+    assert len(champions) == 1
+
+
+def test_the_same_seed_gives_the_same_result_in_a_fresh_home(tmp_path, monkeypatch):
+    results = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / name))
+        results.append(flow_module.mnist(**TINY))
+    assert results[0]["best"] == results[1]["best"]
+    assert results[0]["metrics"] == results[1]["metrics"]
+
+
+def test_the_script_help_lists_every_parameter():
+    out = subprocess.run([sys.executable, str(ROOT / "flows" / "mnist.py"), "--help"], capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    for name in RunParams.model_fields:
+        assert f"--{name.replace('_', '-')}" in out
