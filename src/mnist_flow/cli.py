@@ -116,7 +116,8 @@ def tune(ctx: typer.Context) -> None:
     try:
         with watch("tune"):
             study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
-                                        progress=progress)
+                                        progress=progress, heartbeat_interval=settings.heartbeat_interval,
+                                        heartbeat_grace=settings.heartbeat_grace)
     finally:
         progress.close()
     result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,
@@ -137,6 +138,9 @@ def _mount_subcommands() -> None:
     from mnist_flow.cli_registry import registry_app
 
     app.add_typer(registry_app, name="registry", help="List, show, promote and roll back registered models.")
+    from mnist_flow.cli_review import mount as mount_review
+
+    mount_review(app)  # dashboard, report, predict
 
 
 def main(argv: list[str] | None = None) -> int:
