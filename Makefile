@@ -11,10 +11,16 @@ PYTEST_ARGS ?=
 export MNIST_FLOW_HOME ?= $(CURDIR)/.mnist-flow
 export PREFECT_HOME ?= $(MNIST_FLOW_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
-export PREFECT_SERVER_HOST ?= 127.0.0.1
+export PREFECT_SERVER_API_HOST ?= 127.0.0.1
 export PYTHONWARNINGS ?= ignore::DeprecationWarning
 
-.PHONY: help install run test bench clean
+# Service targets (server, deploy, worker, serve): a local Prefect server unless PREFECT_API_URL says otherwise.
+PREFECT_SERVER_API_PORT ?= 4200
+# The work pool deployments/prefect.yaml names.
+WORK_POOL := mnist
+SERVICE_API_URL = $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_SERVER_API_PORT)/api)
+
+.PHONY: help install run test bench clean server deploy worker serve
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -29,7 +35,28 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install  ## run the whole pipeline (ARGS="--dataset fashion-mnist ..." passes flow parameters)
+	mkdir -p "$$PREFECT_HOME"
 	$(BIN)/python flows/mnist.py $(ARGS)
+
+server: install  ## start a Prefect server on 127.0.0.1:$PREFECT_SERVER_API_PORT (4200), analytics off
+	mkdir -p "$$PREFECT_HOME"
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_SERVER_API_PORT) --analytics-off
+
+deploy: install  ## create the process work pool if missing, then deploy deployments/prefect.yaml
+	mkdir -p "$$PREFECT_HOME"
+	export PREFECT_API_URL="$(SERVICE_API_URL)"; \
+	  $(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 \
+	  || $(BIN)/prefect work-pool create $(WORK_POOL) --type process
+	cd "$(CURDIR)" && PWD="$(CURDIR)" PREFECT_API_URL="$(SERVICE_API_URL)" \
+	  $(BIN)/prefect deploy --prefect-file deployments/prefect.yaml --all --no-prompt
+
+worker: install  ## start a process worker polling the work pool (WORK_POOL=mnist)
+	mkdir -p "$$PREFECT_HOME"
+	PREFECT_API_URL="$(SERVICE_API_URL)" $(BIN)/prefect worker start --pool $(WORK_POOL) --type process
+
+serve: install  ## serve the deployments of deployments/prefect.yaml in one process, no work pool
+	mkdir -p "$$PREFECT_HOME"
+	PREFECT_API_URL="$(SERVICE_API_URL)" $(BIN)/python flows/serve.py
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.callables import get_call_parameters
+from pydantic import Field
 
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
@@ -26,6 +28,15 @@ from mnist_flow.progress import LogProgress
 from mnist_flow.registry import Registry
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
+
+try:
+    from reporting import publish_decision, publish_review  # flows/ is on sys.path: run as a script, or Prefect's loader
+except ModuleNotFoundError:
+    from flows.reporting import publish_decision, publish_review  # imported as the namespace package `flows`
+try:
+    from trials import check_trial_workers, run_trial_workers
+except ModuleNotFoundError:
+    from flows.trials import check_trial_workers, run_trial_workers
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
 
@@ -57,10 +68,12 @@ def split_data(bundle: DataBundle, params: pipeline.RunParams, device: str) -> p
 
 
 @task(cache_policy=NO_CACHE)
-def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, database_url: str, run_key: str) -> tuple:
+def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, database_url: str, run_key: str,
+         heartbeat: tuple[int, int] = (pipeline.HEARTBEAT_INTERVAL_S, pipeline.HEARTBEAT_GRACE_S)) -> tuple:
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it)."""
     return pipeline.tune(prepared, params, database_url, run_key=run_key, flow_run_id=flow_run.id,
-                         progress=LogProgress(get_run_logger()))
+                         progress=LogProgress(get_run_logger()), heartbeat_interval=heartbeat[0],
+                         heartbeat_grace=heartbeat[1])
 
 
 @task(cache_policy=NO_CACHE)
@@ -95,28 +108,55 @@ def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: 
     return version, decision
 
 
-@flow(name="mnist", log_prints=True)
+# Constraints in the signature go into the deployment's parameter schema, so Prefect refuses
+# `--param n_trials=0` before a run exists; RunParams checks the rest (e.g. inverted bounds).
+AtLeast1 = Annotated[int, Field(ge=1)]
+AtLeast0 = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+
+
+class CheckedFlow(Flow):
+    """A flow whose parameters are checked by RunParams before Prefect creates a run (ConfigError)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        pipeline.RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
+        return super().__call__(*args, **kwargs)
+
+    def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        # deployment runs: one ConfigError message instead of a pydantic dump
+        pipeline.RunParams.parse(**parameters)
+        return super().validate_parameters(parameters)
+
+
+def checked_flow(**options: Any) -> Any:
+    """``@flow(**options)`` building a :class:`CheckedFlow`."""
+    return lambda fn: CheckedFlow(fn=fn, **options)
+
+
+@checked_flow(name="mnist", log_prints=True)
 def mnist(
     dataset: Literal["mnist", "fashion-mnist"] = "mnist",
     source: Literal["auto", "download", "dir", "sample"] = "auto",
     data_dir: str | None = None,
-    n_trials: int = 20,
-    max_epochs: int = 8,
-    final_epochs: int = 24,
-    seed: int = 0,
-    workers: int = 1,
-    val_fraction: float = 0.1,
-    batch_size: int = 128,
-    weight_decay: float = 5e-4,
+    n_trials: AtLeast1 = 20,
+    max_epochs: AtLeast1 = 8,
+    final_epochs: AtLeast1 = 24,
+    seed: AtLeast0 = 0,
+    workers: AtLeast1 = 1,
+    val_fraction: Fraction = 0.1,
+    batch_size: AtLeast1 = 128,
+    weight_decay: Annotated[float, Field(ge=0)] = 5e-4,
     schedule: Literal["constant", "onecycle"] = "onecycle",
-    lr_min: float = 1e-3,
-    lr_max: float = 0.3,
-    momentum_min: float = 0.5,
-    momentum_max: float = 0.98,
-    hidden1_min: int = 128,
-    hidden1_max: int = 1024,
-    hidden2_min: int = 64,
-    hidden2_max: int = 512,
+    lr_min: Positive = 1e-3,
+    lr_max: Positive = 0.3,
+    momentum_min: Momentum = 0.5,
+    momentum_max: Momentum = 0.98,
+    hidden1_min: AtLeast1 = 128,
+    hidden1_max: AtLeast1 = 1024,
+    hidden2_min: AtLeast1 = 64,
+    hidden2_max: AtLeast1 = 512,
 ) -> dict[str, Any]:
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
     params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
@@ -124,20 +164,26 @@ def mnist(
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)
     run_key = str(flow_run.id or pipeline.new_run_key())
+    check_trial_workers(params.workers, settings)  # workers > 1: a worker deployment and shared storage
     with watch("data"):
         bundle = fetch_data(params, settings)
         prepared = split_data(bundle, params, str(device))
     with watch("tune"):
-        study, best = tune(prepared, params, settings.resolved_database_url, run_key)
+        if params.workers > 1:  # trial workers run the study; the task below then only finds it done
+            run_trial_workers(prepared, params, run_key, settings)
+        study, best = tune(prepared, params, settings.resolved_database_url, run_key,
+                           (settings.heartbeat_interval, settings.heartbeat_grace))
     with watch("train"):
         fitted = train_best(prepared, best, params)
     with watch("evaluate"):
         test = evaluate(fitted[0], prepared)
     with watch("register"):
         version, decision = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
+        publish_decision(decision, version, settings.resolved_database_url)
     summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted[2],
                                      watch.seconds, settings.resolved_database_url)
     get_run_logger().info("summary:\n%s", "\n".join(pipeline.summary_lines(summary)))
+    publish_review(summary, study, version, settings.dashboard_url)
     return summary
 
 

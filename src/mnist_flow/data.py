@@ -363,6 +363,7 @@ def _download_file(filename: str, md5: str, target: Path, mirrors: Sequence[str]
             logger.warning("%s: %s; trying the next mirror", url, exc)
             continue
         except urllib.error.HTTPError as exc:
+            exc.close()
             tried.append(f"{url} (HTTP {exc.code} {exc.reason})")
             continue
         except (OSError, http.client.HTTPException, ValueError) as exc:
@@ -419,7 +420,7 @@ def _load_cache_or_download(name: str, cache_dir: Path, mirrors: Sequence[str], 
             if attempt == "download":
                 tried: list[str] = []
                 used_urls.append(_download_file(filename, expected_md5, path, all_mirrors, dead, timeout, tried))
-            elif not path.exists() or True:
+            elif not path.exists():
                 continue
             try:
                 stored, raw = read_idx_bytes(path)

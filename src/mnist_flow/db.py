@@ -130,8 +130,9 @@ def is_transient(exc: BaseException) -> bool:
     return True  # server databases report connection trouble and deadlocks as OperationalError
 
 
-def retry_db(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.1, url: str = "") -> T:
-    """Call ``fn``, retrying transient OperationalErrors with exponential backoff.
+def retry_db(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.1, max_delay: float = 2.0,
+             url: str = "") -> T:
+    """Call ``fn``, retrying transient OperationalErrors with exponential backoff (capped at ``max_delay``).
 
     Past the budget (or on a connection error that is not transient) a DatabaseUnavailableError
     naming the masked ``url`` is raised.
@@ -149,7 +150,7 @@ def retry_db(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.1,
             if attempt == attempts - 1:
                 raise unavailable(url, exc) from None
             # jitter keeps competing processes from retrying in lock-step
-            time.sleep(base_delay * (2**attempt) * (1 + random.random()))
+            time.sleep(min(max_delay, base_delay * (2**attempt)) * (1 + random.random()))
     raise AssertionError("unreachable")
 
 
@@ -195,7 +196,15 @@ def optuna_storage(url: str, *, heartbeat_interval: int | None = None, grace_per
                 raise
             raise unavailable(url, exc) from None
 
-    storage = retry_db(build, url=url)
+    from mnist_flow.budget import trial_lock
+
+    # Optuna creates its tables on first use; processes starting together on a new database would race.
+    schema_lock = trial_lock(url, "optuna-schema")
+    schema_lock.acquire()
+    try:
+        storage = retry_db(build, url=url)
+    finally:
+        schema_lock.release()
     if sqlite:
         event.listen(storage.engine, "connect", _sqlite_on_connect)
         storage.engine.dispose()  # connections opened before the listener lacked the pragmas

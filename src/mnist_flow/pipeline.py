@@ -19,6 +19,8 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mnist_flow import data as data_lib
+from mnist_flow.dashboard import annotate_finished_trial
+from mnist_flow.budget import trial_lock
 from mnist_flow.db import mask_url, optuna_storage
 from mnist_flow.errors import ConfigError
 from mnist_flow.progress import NullProgress, Progress
@@ -132,17 +134,50 @@ def new_run_key() -> str:
     return uuid.uuid4().hex[:12]
 
 
+#: Defaults of Settings.heartbeat_interval / heartbeat_grace: a killed worker's trial is failed and
+#: re-queued (same configuration) by the next process that opens the study a minute later.
+HEARTBEAT_INTERVAL_S = 10
+HEARTBEAT_GRACE_S = 60
+STALE_TRIAL_RETRIES = 3
+
+
+def study_storage(storage_url: str, *, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+                  heartbeat_grace: int = HEARTBEAT_GRACE_S) -> optuna.storages.BaseStorage:
+    """The study's RDBStorage with heartbeats: a trial whose process died is failed and retried.
+
+    Optuna re-queues a stale trial's configuration as a WAITING trial whose system attributes carry
+    ``failed_trial`` (the number of the killed trial), at most ``STALE_TRIAL_RETRIES`` times.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.x
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=heartbeat_grace,
+                              failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                                  max_retry=STALE_TRIAL_RETRIES))
+
+
 def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: str,
          flow_run_id: str | None = None, progress: Progress | None = None,
-         storage: optuna.storages.BaseStorage | None = None) -> tuple[optuna.Study, FrozenTrial]:
-    """Run (or resume) this run's trials of the dataset's study; return the study and its best trial."""
+         storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+         heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0) -> tuple[optuna.Study, FrozenTrial]:
+    """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
+
+    Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
+    together they finish exactly ``params.n_trials`` (see :mod:`mnist_flow.budget`).
+
+    Trials left RUNNING by a killed process (no heartbeat for ``heartbeat_grace`` seconds) are failed
+    first and their configurations re-queued, so a resumed run retries them instead of losing them.
+    """
+    import warnings
+
     progress = progress or NullProgress()
-    bundle = prepared.bundle
-    study = open_study(storage or optuna_storage(storage_url), study_name_for(bundle.name, bundle.fingerprint),
-                       seed=params.seed, max_epochs=params.max_epochs,
-                       user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
-                                   "search_space": params.search_space().to_dict(),
-                                   "recipe": params.base_config().to_dict()})
+    storage = storage or study_storage(storage_url, heartbeat_interval=heartbeat_interval,
+                                       heartbeat_grace=heartbeat_grace)
+    study = open_run_study(prepared, params, storage, worker_index=worker_index)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     objective = Objective(prepared.splits, params.search_space(), params.base_config(), device=prepared.device,
                           run_key=run_key, flow_run_id=flow_run_id)
     progress.start_trials(params.n_trials)
@@ -159,8 +194,26 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
                             (trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values
                              else None), best, trial.params, seconds)
 
-    run_study(study, objective, n_trials=params.n_trials, run_key=run_key, callbacks=[on_trial])
+    # annotate_finished_trial writes each completed trial's dashboard note; it logs instead of raising
+    run_study(study, objective, n_trials=params.n_trials, run_key=run_key,
+              callbacks=[on_trial, annotate_finished_trial],
+              lock=trial_lock(storage_url, study.study_name))
     return study, best_trial(study)
+
+
+#: Sampler seeds of trial workers are this far apart, so parallel workers do not draw the same points.
+WORKER_SEED_STRIDE = 10_007
+
+
+def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.storages.BaseStorage, *,
+                   worker_index: int = 0) -> optuna.Study:
+    """Create or load the dataset's study (the seed configuration is queued first in a new one)."""
+    bundle = prepared.bundle
+    return open_study(storage, study_name_for(bundle.name, bundle.fingerprint),
+                      seed=params.seed + WORKER_SEED_STRIDE * worker_index, max_epochs=params.max_epochs,
+                      user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
+                                  "search_space": params.search_space().to_dict(),
+                                  "recipe": params.base_config().to_dict()})
 
 
 @dataclass(frozen=True)

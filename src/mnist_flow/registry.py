@@ -35,7 +35,8 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 WEIGHTS_FILE = "model.safetensors"
 SIDECAR_FILE = "model.json"
 INSERT_ATTEMPTS = 10
-WRITE_ATTEMPTS = 5
+#: 8 attempts, backoff 0.1 s doubling to 2 s (x1-2 jitter): a write rides out a 7-14 s database outage.
+WRITE_ATTEMPTS = 8
 
 
 class Base(DeclarativeBase):
@@ -242,14 +243,14 @@ class Registry:
         if not self._migrated:
             self.migrate()
 
-    def _read(self, fn: Any) -> Any:
+    def _read(self, fn: Any, attempts: int = 2) -> Any:
         self._ready()
 
         def run() -> Any:
             with Session(self.engine) as session:
                 return fn(session)
 
-        return db.retry_db(run, attempts=2, url=self.database_url)
+        return db.retry_db(run, attempts=attempts, url=self.database_url)
 
     def _write(self, fn: Any) -> Any:
         self._ready()
@@ -388,7 +389,7 @@ class Registry:
             row = session.scalar(select(ModelVersionRow).where(ModelVersionRow.idempotency_key == key))
             return None if row is None else self._snapshot(session, row)
 
-        return self._read(query)
+        return self._read(query, attempts=WRITE_ATTEMPTS)  # part of a write: same outage budget
 
     @staticmethod
     def _move_alias(session: Session, name: str, alias: str, version: int) -> None:

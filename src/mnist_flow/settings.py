@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     promotion_alpha: float | None = Field(
         0.05, gt=0.0, le=1.0, description="Significance level of the McNemar test for promotion (unset: no test)."
     )
+    heartbeat_interval: int = Field(
+        10, ge=1, description="Seconds between a running trial's heartbeats in the study database."
+    )
+    heartbeat_grace: int = Field(
+        60, ge=1, description="Seconds without a heartbeat after which a trial is failed and retried "
+        "(a killed worker's trial)."
+    )
+    multi_host: bool = Field(
+        False, description="Trial workers (workers > 1) may run on other machines: SQLite and local-disk "
+        "artifacts are then refused (see docs/scale-out.md)."
+    )
 
     @field_validator("mirrors", mode="before")
     @classmethod

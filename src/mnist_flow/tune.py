@@ -3,12 +3,17 @@
 The search space is kept apart from model building: ``suggest_config(trial, space, base)``
 turns a trial into a :class:`~mnist_flow.train.TrainConfig`, and the objective hands that
 config to the one training loop in :mod:`mnist_flow.train`.
+
+:func:`run_study` keeps a run's trial budget exact even when several processes (trial workers)
+run the same study at once: see :mod:`mnist_flow.budget` for the design.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,10 +22,13 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_flow.budget import Lock, Step, TrialBudget, ran_here
 from mnist_flow.errors import ConfigError
 from mnist_flow.train import EpochStats, TrainConfig, train_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+logger = logging.getLogger(__name__)
 
 #: The seed tutorial's configuration, enqueued as the first trial of every new study so the
 #: search always measures the baseline it has to beat.
@@ -112,7 +120,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
         trial.set_user_attr("worker", worker_id())
-        if self.run_key is not None:
+        if self.run_key is not None and "run_key" not in trial.user_attrs:  # a re-queued trial keeps its run
             trial.set_user_attr("run_key", self.run_key)
         if self.flow_run_id is not None:
             trial.set_user_attr("flow_run_id", self.flow_run_id)
@@ -173,36 +181,49 @@ def finished_trials(study: optuna.Study, run_key: str | None = None) -> list[Fro
     return [t for t in trials if t.user_attrs.get("run_key") == run_key]
 
 
-class StopAfter:
-    """Stop the study once ``n_trials`` trials of ``run_key`` have finished (counted in the database)."""
-
-    def __init__(self, n_trials: int, run_key: str | None) -> None:
-        self.n_trials, self.run_key = n_trials, run_key
-
-    def remaining(self, study: optuna.Study) -> int:
-        return max(0, self.n_trials - len(finished_trials(study, self.run_key)))
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.remaining(study) == 0:
-            study.stop()
-
-
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
 
-def run_study(study: optuna.Study, objective: Objective, *, n_trials: int, run_key: str | None,
-              callbacks: Sequence[TrialCallback] = ()) -> list[FrozenTrial]:
-    """Run trials until ``n_trials`` of this run have finished (a resumed run only does the rest)."""
+def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, n_trials: int,
+              run_key: str | None, callbacks: Sequence[TrialCallback] = (), lock: Lock | None = None,
+              poll_seconds: float = 1.0) -> list[FrozenTrial]:
+    """Run trials until ``n_trials`` of this run have finished, in this process and any other.
+
+    Several processes may call this on the same study and run key at once (``lock`` from
+    :func:`mnist_flow.budget.trial_lock` makes that safe across processes): together they finish
+    exactly ``n_trials``. A resumed run only does the rest. See :mod:`mnist_flow.budget`.
+    """
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}.", fix="Pass --n-trials 1 or more.")
-    stop = StopAfter(n_trials, run_key)
-    while (remaining := stop.remaining(study)) > 0:
-        before = len(study.trials)
-        # A failed trial (caught, so it costs one trial and not the study) does not count: go round again.
-        study.optimize(objective, n_trials=remaining, callbacks=[*callbacks, stop], catch=(RuntimeError,))
-        if stop.remaining(study) == remaining and len(study.trials) > before:
-            raise ConfigError(f"All {len(study.trials) - before} trials of the last round failed.",
-                              fix="Look at the trials' fail reasons in optuna-dashboard or the log.")
+    budget = TrialBudget(n_trials, run_key, lock)
+    guarded = budget.guard(objective)
+    last: list[FrozenTrial] = []
+    failed_in_a_row = 0
+    waited = False
+    while (step := budget.begin(study)) is not Step.DONE:
+        last.clear()
+        if step is Step.WAIT:  # the other slots are running elsewhere; one may die and come back queued
+            if not waited:
+                logger.info("run %s: the remaining trial(s) are running in other processes; waiting for them "
+                            "(a dead one is retried after its heartbeat grace period)", run_key)
+            waited = True
+            time.sleep(poll_seconds)
+            continue
+        waited = False
+        try:
+            # A failed trial (caught, so it costs one trial and not the study) does not count: go round again.
+            study.optimize(guarded, n_trials=1, callbacks=[*callbacks, lambda _s, t: last.append(t)],
+                           catch=(RuntimeError,))
+        finally:
+            budget.release()
+        trial = last[-1] if last else None
+        if trial is not None and trial.state == TrialState.FAIL and ran_here(trial):
+            failed_in_a_row += 1
+            if failed_in_a_row >= n_trials:
+                raise ConfigError(f"All {failed_in_a_row} trials of the last round failed.",
+                                  fix="Look at the trials' fail reasons in optuna-dashboard or the log.")
+        elif trial is not None:
+            failed_in_a_row = 0
     return finished_trials(study, run_key)
 
 

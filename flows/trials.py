@@ -1,0 +1,153 @@
+"""The `mnist-trials` flow: one trial worker of a `mnist` run with ``workers > 1``.
+
+The `mnist` flow starts ``workers`` runs of the deployment `mnist-trials/worker` (same work pool,
+`mnist`) with ``run_deployment``, waits for them, then trains, evaluates and registers as usual. Any
+free Prefect worker, on any machine, picks one up. Each run loads the data itself (same parameters;
+the study name, which carries the data fingerprint, must match), then runs trials of the shared
+study until the run's ``n_trials`` are finished (see :mod:`mnist_flow.budget`). Each trial records
+its process (``worker`` = host:pid) and this flow run's id (``flow_run_id``).
+
+Not meant to be started by hand: `prefect deployment run mnist/train --param workers=2` does it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from mnist_flow import pipeline
+from mnist_flow.db import mask_url
+from mnist_flow.errors import ConfigError
+from mnist_flow.progress import LogProgress
+from mnist_flow.scale import check_shared_state, threads_per_worker
+from mnist_flow.settings import Settings, load_settings
+from mnist_flow.train import select_device
+from mnist_flow.tune import study_name_for, worker_id
+
+WORKER_DEPLOYMENT = "mnist-trials/worker"
+#: How long the parent waits for a Prefect worker to pick its trial runs up before giving up.
+PICKUP_TIMEOUT_S = 600
+POLL_S = 2.0
+
+NO_DEPLOYMENT_FIX = ("Run the flow as a deployment on a Prefect server with workers on its pool: `make server`, "
+                     "`make deploy`, then `make worker` once per trial worker (see docs/scale-out.md); "
+                     "or pass workers=1 to run the trials in the flow's own process.")
+
+
+@flow(name="mnist-trials", log_prints=True)
+def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_index: int = 1) -> dict[str, Any]:
+    """Run trials of the run ``run_key`` in the shared study until its ``n_trials`` are finished."""
+    import torch
+
+    run_params = pipeline.RunParams.parse(**params)
+    settings = load_settings()
+    logger = get_run_logger()
+    # On one machine the trial processes share the CPUs; on many each one has its machine's.
+    threads = settings.threads or (None if settings.multi_host else threads_per_worker(run_params.workers))
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = pipeline.load_data(run_params, settings)
+    if study_name_for(bundle.name, bundle.fingerprint) != study_name:
+        raise ConfigError(f"This worker's data ({bundle.name}, fingerprint {bundle.fingerprint[:12]}) is not the "
+                          f"data of the study {study_name!r}.",
+                          fix="Give every worker the same dataset files as the flow (same source and data_dir).")
+    prepared = pipeline.prepare(bundle, val_fraction=run_params.val_fraction, seed=run_params.seed,
+                                device=select_device(settings.device))
+    url = settings.resolved_database_url
+    storage = pipeline.study_storage(url, heartbeat_interval=settings.heartbeat_interval,
+                                     heartbeat_grace=settings.heartbeat_grace)
+    try:
+        storage.get_study_id_from_name(study_name)
+    except KeyError:
+        raise ConfigError(f"The study {study_name!r} is not in this worker's database "
+                          f"({mask_url(url)}).",
+                          fix="Point MNIST_FLOW_DATABASE_URL of every worker to the flow's study database.") from None
+    logger.info("trial worker %d of %d (%s, %s torch threads) on run %s", worker_index, run_params.workers,
+                worker_id(), torch.get_num_threads(), run_key)
+    study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run.id, storage=storage,
+                             worker_index=worker_index, progress=LogProgress(logger))
+    mine = [t.number for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()]
+    logger.info("trial worker %d ran trial(s) %s", worker_index, mine)
+    return {"worker": worker_id(), "flow_run_id": str(flow_run.id), "trials": mine}
+
+
+# --- the parent's side (called by the `mnist` flow) ---------------------------------------------------------------
+
+
+def check_trial_workers(workers: int, settings: Settings) -> None:
+    """Before any work: the worker deployment exists, and the storage suits where its runs may go."""
+    if workers <= 1:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(WORKER_DEPLOYMENT)
+        except ObjectNotFound:
+            raise ConfigError(f"workers={workers} needs the deployment {WORKER_DEPLOYMENT!r}, and this Prefect API "
+                              "has none (a flow run without PREFECT_API_URL uses a temporary API without "
+                              "deployments or workers).", fix=NO_DEPLOYMENT_FIX) from None
+        pool = client.read_work_pool(deployment.work_pool_name) if deployment.work_pool_name else None
+    check_shared_state(settings.resolved_database_url, settings.resolved_artifacts_url, workers=workers,
+                       multi_host=settings.multi_host, pool_type=pool.type if pool else None)
+    if pool is not None and pool.concurrency_limit is not None and pool.concurrency_limit < workers:
+        raise ConfigError(f"The work pool {pool.name!r} runs at most {pool.concurrency_limit} flow run(s) at once, "
+                          f"fewer than workers={workers}.",
+                          fix=f"Raise it (prefect work-pool set-concurrency-limit {pool.name} N) or lower workers.")
+
+
+def run_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunParams, run_key: str,
+                      settings: Settings) -> list[Any]:
+    """Start ``params.workers`` runs of the worker deployment on the run's study and wait for them.
+
+    Returns their final flow runs. Fails if none of them completed; a worker that failed while others
+    completed costs only its unfinished trial, which the others (or the parent) run again.
+    """
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    storage = pipeline.study_storage(settings.resolved_database_url, heartbeat_interval=settings.heartbeat_interval,
+                                     heartbeat_grace=settings.heartbeat_grace)
+    study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
+    parameters = {"params": params.model_dump(mode="json"), "run_key": run_key, "study_name": study.study_name}
+    runs = [run_deployment(WORKER_DEPLOYMENT, parameters={**parameters, "worker_index": index}, timeout=0,
+                           flow_run_name=f"trials-{run_key[:8]}-{index}", idempotency_key=f"{run_key}:trials:{index}")
+            for index in range(1, params.workers + 1)]
+    logger.info("started %d trial worker run(s) of %s: %s", len(runs), WORKER_DEPLOYMENT,
+                ", ".join(r.name for r in runs))
+    final = _wait_for(runs)
+    completed = [r for r in final if r.state and r.state.is_completed()]
+    for run in final:
+        if run not in completed:
+            logger.warning("trial worker run %s ended %s: %s", run.name, run.state.name if run.state else "?",
+                           run.state.message if run.state else "")
+    if not completed:
+        first = final[0].state
+        raise RuntimeError(f"No trial worker run completed; {final[0].name} ended "
+                           f"{first.name if first else '?'}: {first.message if first else ''}")
+    return final
+
+
+def _wait_for(runs: list[Any]) -> list[Any]:
+    """Poll the flow runs until all are final; cancel them if no worker picks them up in time."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            current = [client.read_flow_run(r.id) for r in runs]
+            if all(r.state and r.state.is_final() for r in current):
+                return current
+            waiting = all(r.state and (r.state.is_scheduled() or r.state.is_pending()) for r in current)
+            if waiting and time.monotonic() - started > PICKUP_TIMEOUT_S:
+                for run in current:
+                    client.set_flow_run_state(run.id, Cancelled(message="no worker picked it up"), force=True)
+                raise ConfigError(f"No Prefect worker picked up the trial runs in {PICKUP_TIMEOUT_S} s.",
+                                  fix="Start workers on the deployment's pool (`make worker`).")
+            time.sleep(POLL_S)

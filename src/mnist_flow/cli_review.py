@@ -1,0 +1,128 @@
+"""``mnist-flow dashboard``, ``mnist-flow report`` and ``mnist-flow predict``: review studies, use models.
+
+    mnist-flow dashboard --port 8080
+    mnist-flow report --out report/
+    mnist-flow predict --json digit.png photo.jpg
+
+Mounted on the main app by :func:`mount`; user errors (``MnistFlowError``) are turned into one
+message and exit code 2 by ``mnist_flow.cli.main``, so nothing here catches them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mnist_flow.errors import RegistryError
+
+COMMANDS = ("dashboard", "report", "predict")
+
+
+def dashboard(
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 exposes it to the network).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study database (MNIST_FLOW_DATABASE_URL) until Ctrl-C."""
+    from mnist_flow.dashboard import serve
+    from mnist_flow.settings import load_settings
+
+    serve(load_settings().resolved_database_url, host, port)
+
+
+def report(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write trials.csv, summary.md and the plots to.")],
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: the only study).")] = None,
+    source: Annotated[Optional[str], typer.Option(
+        help="Where the champion's test data comes from: sample, download or dir (default: found by fingerprint)."
+    )] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the four IDX files (--source dir).")] = None,
+    top: Annotated[int, typer.Option(min=1, help="How many of the best trials to plot and list.")] = 5,
+) -> None:
+    """Write a report of a study: trials.csv, summary.md and PNG plots (with the champion's confusion matrix)."""
+    import optuna
+
+    from mnist_flow.dashboard import check_database_exists
+    from mnist_flow.db import optuna_storage
+    from mnist_flow.registry import Registry
+    from mnist_flow.report import resolve_study_name, write_report
+    from mnist_flow.settings import load_settings
+
+    settings = load_settings()
+    _apply_threads(settings.threads)
+    url = settings.resolved_database_url
+    check_database_exists(url)
+    storage = optuna_storage(url)
+    name = resolve_study_name(storage, study)
+    registry = Registry.from_settings(settings)
+    try:
+        result = write_report(optuna.load_study(study_name=name, storage=storage), registry, out, source=source,
+                              data_dir=data_dir, cache_dir=settings.cache_dir, mirrors=settings.mirrors, top=top)
+    finally:
+        registry.dispose()
+    typer.echo(f"report of study {name} in {result.out_dir}: {result.csv.name}, {result.summary.name}, "
+               + ", ".join(p.name for p in result.plots))
+    for file, reason in result.skipped.items():
+        typer.echo(f"skipped {file}: {reason}", err=True)
+
+
+def predict(
+    images: Annotated[list[str], typer.Argument(metavar="IMAGE...", help="PNG or JPEG files, each showing one digit.",
+                                                 show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="'champion', another alias, or a version number.")]
+    = "champion",
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Model name (default: the only one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {path, digit, probability}.")]
+    = False,
+) -> None:
+    """Classify image files with a registered model (loaded through the registry, checksum checked)."""
+    from mnist_flow.predict import predict_images
+    from mnist_flow.registry import Registry
+    from mnist_flow.settings import load_settings
+
+    settings = load_settings()
+    _apply_threads(settings.threads)
+    registry = Registry.from_settings(settings)
+    try:
+        resolved = _resolve_name(registry, name)
+        network, sidecar, version = registry.load(resolved, model)
+    finally:
+        registry.dispose()
+    # str arguments, not Path: the output names each file exactly as it was given
+    results = predict_images(images, network, sidecar, max_pixels=settings.max_image_pixels)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    typer.echo(f"model {version.name} v{version.version}" + (f" ({', '.join(version.aliases)})"
+                                                               if version.aliases else ""), err=True)
+    for row in results:
+        typer.echo(f"{row['path']}: {row['digit']} (probability {row['probability']:.3f})")
+
+
+def _apply_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _resolve_name(registry, name: str | None) -> str:  # noqa: ANN001 - Registry
+    if name is not None:
+        return name
+    names = registry.names()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise RegistryError("No model is registered yet.", fix="Run the flow (`make run`) to register one first.")
+    raise RegistryError(f"Several models are registered: {', '.join(names)}.", fix="Choose one with --name NAME.")
+
+
+def mount(app: typer.Typer) -> None:
+    """Add the review commands to ``app`` (once, however often it is called)."""
+    present = {info.name or (info.callback.__name__ if info.callback else None) for info in app.registered_commands}
+    for command in (dashboard, report, predict):
+        if command.__name__ not in present:
+            app.command(name=command.__name__)(command)

@@ -1,0 +1,184 @@
+"""optuna-dashboard on the study database, and the per-trial notes it shows.
+
+``serve`` runs optuna-dashboard's WSGI app on a threaded ``wsgiref`` server (as the
+``optuna-dashboard`` command does) against :func:`mnist_flow.db.optuna_storage`, so SQLite gets WAL
+and a busy timeout: the dashboard's reads never block a study that is writing trials.
+
+``annotate_trials`` writes one Markdown note per completed trial (optuna-dashboard's note API,
+:func:`optuna_dashboard.save_note`): the per-epoch curve the objective stored in the trial's user
+attributes and, when the trial produced a registered model, that model's version. Notes are written
+after a trial has finished, by the process that ran it, and a failure to write one is logged, never
+raised: a note is not worth a study.
+"""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TextIO
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_flow.db import is_sqlite, mask_url, sqlite_path
+from mnist_flow.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+CURVE_KEYS = ("val_accuracy", "train_loss", "epoch_seconds")
+
+
+# --- notes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TrialRef:
+    """What ``optuna_dashboard.save_note`` reads from a trial: its storage, its study and its id.
+
+    Building an ``optuna.Trial`` for a finished trial would run the sampler's ``before_trial`` hook;
+    this reference only carries the three attributes the note API uses.
+    """
+
+    study: optuna.Study
+    _trial_id: int
+
+    @property
+    def storage(self) -> optuna.storages.BaseStorage:
+        return self.study._storage
+
+
+def trial_note(trial: FrozenTrial, model_version: Any | None = None) -> str:
+    """The Markdown note of a finished trial: value, params, per-epoch curve, registered model (if any)."""
+    lines = [f"## Trial {trial.number}", ""]
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    seconds = trial.duration.total_seconds() if trial.duration else None
+    lines.append(f"**{trial.state.name.lower()}**, validation accuracy **{value}**"
+                 + (f", {seconds:.1f} s" if seconds is not None else "")
+                 + (f", worker `{trial.user_attrs['worker']}`" if "worker" in trial.user_attrs else ""))
+    if trial.params:
+        lines += ["", "Parameters: " + ", ".join(
+            f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in trial.params.items())]
+    curve = {key: list(trial.user_attrs.get(key) or []) for key in CURVE_KEYS}
+    epochs = max((len(values) for values in curve.values()), default=0)
+    if epochs:
+        lines += ["", "| epoch | val accuracy | train loss | seconds |", "|---:|---:|---:|---:|"]
+        for i in range(epochs):
+            cells = [_cell(curve[key], i, digits) for key, digits in zip(CURVE_KEYS, (4, 4, 2))]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    else:
+        lines += ["", "No per-epoch curve was recorded for this trial."]
+    lines.append("")
+    if model_version is not None:
+        name = getattr(model_version, "name", None)
+        number = getattr(model_version, "version", model_version)
+        aliases = tuple(getattr(model_version, "aliases", ()) or ())
+        label = f"{name} v{number}" if name else f"v{number}"
+        lines.append(f"Registered model: **{label}**" + (f" ({', '.join(aliases)})" if aliases else ""))
+    else:
+        lines.append("Registered model: none")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(values: list[Any], index: int, digits: int) -> str:
+    if index >= len(values) or values[index] is None:
+        return "-"
+    return f"{float(values[index]):.{digits}f}"
+
+
+def read_note(study: optuna.Study, trial: FrozenTrial) -> str:
+    """The trial's current dashboard note ('' when it has none)."""
+    from optuna_dashboard import get_note
+
+    return get_note(_TrialRef(study, trial._trial_id))  # type: ignore[arg-type]
+
+
+def annotate_trials(study: optuna.Study, model_versions: Mapping[int, Any] | None = None, *,
+                    trials: Iterable[FrozenTrial] | None = None) -> int:
+    """Write a dashboard note on every completed trial (or on ``trials``); return how many changed.
+
+    ``model_versions`` maps a trial number to the registered model (a ``ModelVersion`` or a
+    version number) trained from that trial. A note that already says the same is not rewritten,
+    so calling this again after every run only touches trials whose note changed.
+    """
+    from optuna_dashboard import save_note
+
+    model_versions = dict(model_versions or {})
+    chosen = list(trials) if trials is not None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    changed = 0
+    for trial in chosen:
+        if trial.state != TrialState.COMPLETE:
+            continue
+        body = trial_note(trial, model_versions.get(trial.number))
+        if read_note(study, trial) == body:
+            continue
+        save_note(_TrialRef(study, trial._trial_id), body)  # type: ignore[arg-type]
+        changed += 1
+    return changed
+
+
+def annotate_finished_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Study callback: note the trial that just completed; log instead of raising, so the study runs on."""
+    if trial.state != TrialState.COMPLETE:
+        return
+    try:
+        annotate_trials(study, trials=[trial])
+    except Exception as exc:  # noqa: BLE001 - a note must never stop a study
+        logger.warning("could not write the dashboard note of trial #%d: %s", trial.number, mask_url(str(exc)))
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+class _ThreadedServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's signature
+        logger.debug("dashboard: " + format, *args)
+
+
+def check_database_exists(database_url: str) -> None:
+    """Refuse to serve a SQLite file that does not exist yet (serving would create an empty one)."""
+    if is_sqlite(database_url):
+        path = sqlite_path(database_url)
+        if path is not None and not path.exists():
+            raise ConfigError(f"No study database at {path}.",
+                              fix="Run the flow or `mnist-flow tune` first, or set MNIST_FLOW_DATABASE_URL.")
+
+
+def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
+    """A threaded WSGI server bound to ``host:port`` serving optuna-dashboard on ``database_url``."""
+    from optuna_dashboard import wsgi
+
+    from mnist_flow.db import optuna_storage
+
+    check_database_exists(database_url)
+    app = wsgi(optuna_storage(database_url))
+    try:
+        return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
+                          fix="Pick a free port with --port, or stop what is using it.") from None
+
+
+def serve(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+          out: TextIO | None = None) -> None:
+    """Serve optuna-dashboard on ``database_url`` until interrupted (Ctrl-C returns quietly)."""
+    out = out or sys.stderr
+    server = make_dashboard_server(database_url, host, port)
+    bound_host, bound_port = server.server_address[:2]
+    print(f"optuna-dashboard on http://{bound_host}:{bound_port}/ (database {mask_url(database_url)}); "
+          "Ctrl-C stops it", file=out, flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,503 @@
+"""Reports of a study: a trials table (pandas), Markdown summaries and PNG plots (matplotlib, Agg).
+
+``write_report`` writes into one folder:
+
+* ``trials.csv``: one row per trial (number, state, value, one ``params_*`` column per parameter,
+  duration, worker, run key, epochs run, start and end times);
+* ``summary.md``: the study, its best trials, the champion and the list of plots;
+* ``optimization_history.png``, ``param_importances.png``, ``validation_curves.png``,
+  ``param_scatter.png`` and, when the dataset has a champion, ``confusion_matrix.png`` (the
+  champion on the test set: loaded through the registry, which checks the weights' SHA-256).
+
+``trials_frame`` and ``summary_markdown`` also feed the Prefect artifacts of ``flows/reporting.py``;
+nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from mnist_flow import data as data_lib
+from mnist_flow.db import mask_url
+from mnist_flow.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+TOP_TRIALS = 5
+PLOT_DPI = 110
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def _duration(trial: FrozenTrial) -> float | None:
+    return round(trial.duration.total_seconds(), 3) if trial.duration else None
+
+
+def _last_value(trial: FrozenTrial) -> float | None:
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
+
+
+def _epochs(trial: FrozenTrial) -> int:
+    curve = trial.user_attrs.get("val_accuracy")
+    return len(curve) if isinstance(curve, list) else len(trial.intermediate_values)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: number, state, value, ``params_*``, duration_s, worker, run_key, epochs, times.
+
+    ``value`` is the validation accuracy: of the last epoch for complete trials, of the epoch where
+    the pruner stopped for pruned ones (Optuna's convention), empty for failed or running trials.
+    """
+    trials = study.get_trials(deepcopy=False)
+    param_names = sorted({name for t in trials for name in t.params})
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"number": t.number, "state": t.state.name, "value": t.value}
+        for name in param_names:
+            row[f"params_{name}"] = t.params.get(name)
+        row.update({
+            "duration_s": _duration(t), "worker": t.user_attrs.get("worker"), "run_key": t.user_attrs.get("run_key"),
+            "flow_run_id": t.user_attrs.get("flow_run_id"), "epochs": _epochs(t),
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        })
+        rows.append(row)
+    columns = ["number", "state", "value", *(f"params_{n}" for n in param_names), "duration_s",
+               "worker", "run_key", "flow_run_id", "epochs", "datetime_start", "datetime_complete"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def table_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """``frame`` as JSON-ready records: NaN becomes None, floats are rounded for display."""
+    records = []
+    for row in frame.to_dict(orient="records"):
+        clean: dict[str, Any] = {}
+        for key, value in row.items():
+            if isinstance(value, float):
+                value = None if math.isnan(value) else round(value, 6)
+            elif hasattr(value, "item"):  # numpy scalars
+                value = value.item()
+            clean[key] = value
+        records.append(clean)
+    return records
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Complete trials, best first (ties: the earlier trial)."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return sorted(trials, key=lambda t: (-(t.value if t.value is not None else -math.inf), t.number))
+
+
+# --- Markdown ---------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _params_text(params: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}` = {_fmt(v)}" for k, v in params.items()) or "-"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The flow run's summary (the dict ``pipeline.build_summary`` returns) as Markdown.
+
+    Best parameters, validation and test accuracy, the champion comparison, seconds per stage and
+    the data fingerprint; the database URL is masked.
+    """
+    data, best, metrics = summary.get("data", {}), summary.get("best", {}), summary.get("metrics", {})
+    model, decision, trials = summary.get("model", {}), summary.get("decision"), summary.get("trials", {})
+    lines = [f"# mnist run: {data.get('name', '?')}, study `{summary.get('study', '?')}`", ""]
+    lines += ["## Result", "", "| | |", "|---|---|",
+              f"| best trial | #{best.get('trial', '-')} (validation accuracy {_fmt(best.get('val_accuracy'))}) |",
+              f"| best parameters | {_params_text(best.get('params') or {})} |",
+              f"| final model validation accuracy | {_fmt(metrics.get('val_accuracy'))} |",
+              f"| final model test accuracy | {_fmt(metrics.get('test_accuracy'))} |",
+              f"| test loss | {_fmt(metrics.get('test_loss'))} |",
+              f"| trials this run | {trials.get('finished', '-')} finished ({trials.get('complete', '-')} complete, "
+              f"{trials.get('pruned', '-')} pruned); {trials.get('in_study', '-')} in the study |", ""]
+    lines += ["## Champion comparison", ""]
+    registered = f"`{model.get('name', '?')}` v{model.get('version', '?')}"
+    status = "is the champion" if model.get("champion") else "is a challenger (not promoted)"
+    lines.append(f"Registered {registered}; it {status}.")
+    if decision:
+        p_value = decision.get("p_value")
+        lines += ["", f"- outcome: **{decision.get('outcome', '-')}**", f"- reason: {decision.get('reason', '-')}"]
+        if p_value is not None:
+            lines.append(f"- McNemar p-value: {_fmt(p_value)}")
+        for key, label in (("champion_accuracy", "champion test accuracy"),
+                           ("challenger_accuracy", "challenger test accuracy")):
+            if decision.get(key) is not None:
+                lines.append(f"- {label}: {_fmt(decision[key])}")
+    else:
+        lines += ["", "No comparison was needed (this version already was the champion)."]
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+    for stage, seconds in (summary.get("seconds") or {}).items():
+        lines.append(f"| {stage} | {seconds:.1f} |")
+    lines += ["", "## Data", "",
+              f"- dataset: {data.get('name', '-')} from {data.get('source', '-')} ({mask_url(str(data.get('origin', '-')))})",
+              f"- samples: {data.get('train_samples', '-')} train / {data.get('val_samples', '-')} validation / "
+              f"{data.get('test_samples', '-')} test",
+              f"- fingerprint: `{data.get('fingerprint', '-')}`", ""]
+    if summary.get("database"):
+        lines.append(f"Study database: `{mask_url(summary['database'])}`")
+    if summary.get("dashboard_command"):
+        lines.append(f"Dashboard: `{mask_url(summary['dashboard_command'])}`")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- plots ------------------------------------------------------------------------------------------
+
+
+def _figure(width: float = 7.0, height: float = 4.5):  # noqa: ANN202 - matplotlib Figure
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=PLOT_DPI)
+    return path
+
+
+def plot_optimization_history(study: optuna.Study, path: Path) -> Path:
+    """Validation accuracy per trial (pruned trials at their last reported value) and the best so far."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and _last_value(t) is not None]
+    if complete:
+        ax.scatter([t.number for t in complete], [t.value for t in complete], label="complete", color="tab:blue")
+        best, xs, ys = -math.inf, [], []
+        for t in complete:
+            best = max(best, t.value)
+            xs.append(t.number)
+            ys.append(best)
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    if pruned:
+        ax.scatter([t.number for t in pruned], [_last_value(t) for t in pruned], marker="x", color="tab:gray",
+                   label="pruned (last epoch)")
+    if not complete and not pruned:
+        ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"Optimization history: {study.study_name}")
+    if complete or pruned:
+        ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+IMPORTANCE_METHOD = "PED-ANOVA"
+
+
+def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str | None]:
+    """PED-ANOVA importances, or ``(None, reason)`` when they cannot be computed.
+
+    PED-ANOVA needs only numpy (optuna's default, fANOVA, needs scikit-learn) and is deterministic.
+    """
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if n_complete < 2:
+        return None, f"importances need at least 2 complete trials; the study has {n_complete}"
+    try:
+        evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator)), None
+    except (ValueError, RuntimeError, ZeroDivisionError, ImportError) as exc:
+        return None, f"importances could not be computed: {exc}"
+
+
+def plot_param_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[str, float] | None]:
+    """A bar chart of hyperparameter importances, or a figure saying why there is none."""
+    importances, reason = param_importances(study)
+    fig = _figure(6.0, 3.5)
+    ax = fig.add_subplot()
+    if importances:
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names], color="tab:blue")
+        ax.set_xlabel(f"importance ({IMPORTANCE_METHOD})")
+    else:
+        ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title("Hyperparameter importances")
+    return _save(fig, path), importances
+
+
+def _curve(trial: FrozenTrial) -> list[float]:
+    curve = trial.user_attrs.get("val_accuracy")
+    if isinstance(curve, list) and curve:
+        return [float(v) for v in curve]
+    return [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)]
+
+
+def plot_validation_curves(study: optuna.Study, path: Path, top: int = TOP_TRIALS) -> Path:
+    """Validation accuracy per epoch of the ``top`` best complete trials."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    best = complete_trials(study)[:top]
+    for t in best:
+        curve = _curve(t)
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=f"#{t.number} ({_fmt(t.value)})")
+    if best:
+        ax.legend(title="trial (val acc)", loc="lower right")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.text(0.5, 0.5, "no complete trials yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"Validation curves of the best {len(best)} trial(s)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_param_scatter(study: optuna.Study, path: Path) -> Path:
+    """lr (log) against momentum, coloured by validation accuracy; pruned trials hollow."""
+    fig = _figure(6.0, 4.5)
+    ax = fig.add_subplot()
+    trials = [t for t in study.get_trials(deepcopy=False) if "lr" in t.params and "momentum" in t.params]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    others = [t for t in trials if t not in complete]
+    if complete:
+        points = ax.scatter([t.params["lr"] for t in complete], [t.params["momentum"] for t in complete],
+                            c=[t.value for t in complete], cmap="viridis", label="complete")
+        fig.colorbar(points, ax=ax, label="validation accuracy")
+    if others:
+        ax.scatter([t.params["lr"] for t in others], [t.params["momentum"] for t in others], facecolors="none",
+                   edgecolors="tab:gray", label="pruned / failed")
+    if trials:
+        ax.set_xscale("log")
+        ax.legend(loc="best")
+    else:
+        ax.text(0.5, 0.5, "no trials with lr and momentum", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("lr")
+    ax.set_ylabel("momentum")
+    ax.set_title("Search: lr and momentum")
+    return _save(fig, path)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, classes: int = 10) -> torch.Tensor:
+    """``[true, predicted]`` counts."""
+    index = labels.reshape(-1).cpu().to(torch.int64) * classes + predictions.reshape(-1).cpu().to(torch.int64)
+    return torch.bincount(index, minlength=classes * classes).reshape(classes, classes)
+
+
+def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path: Path, title: str) -> Path:
+    """The confusion matrix as a heat map with counts in the cells."""
+    fig = _figure(6.5, 6.0)
+    ax = fig.add_subplot()
+    values = matrix.numpy()
+    image = ax.imshow(values, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    labels = [str(c).split(" - ")[0] for c in class_names]
+    ax.set_xticks(range(len(labels)), labels, rotation=45 if max(map(len, labels)) > 2 else 0)
+    ax.set_yticks(range(len(labels)), labels)
+    threshold = values.max() / 2 if values.size else 0
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if values[i, j]:
+                ax.text(j, i, str(values[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if values[i, j] > threshold else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+# --- the champion on the test set -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChampionEvaluation:
+    """The champion's predictions on the test set of the data it was trained on."""
+
+    version: Any
+    accuracy: float
+    matrix: torch.Tensor
+    classes: tuple[str, ...]
+    data_source: str
+
+
+def load_test_data(dataset: str, fingerprint: str, *, source: str | None = None, data_dir: Path | None = None,
+                   cache_dir: Path | None = None, mirrors: Sequence[str] = ()) -> data_lib.DataBundle:
+    """The dataset the champion was trained on (same fingerprint), for its test set.
+
+    With ``source=None`` the bundled sample is tried first (MNIST, cheap), then the cache or a
+    download (``cache_dir``); a dataset whose fingerprint differs is refused with a DataError.
+    """
+    if source is not None:
+        candidates = [source]
+    else:
+        candidates = (["sample"] if dataset == "mnist" else []) + (["download"] if cache_dir is not None else [])
+    found: list[str] = []
+    for candidate in candidates:
+        bundle = data_lib.load_dataset(dataset, candidate, data_dir=data_dir if candidate == "dir" else None,
+                                       cache_dir=cache_dir or Path("."), mirrors=mirrors)
+        if bundle.fingerprint == fingerprint:
+            return bundle
+        found.append(f"{candidate}: {bundle.fingerprint[:16]}")
+    raise DataError(
+        f"No {dataset} data with the champion's fingerprint {fingerprint[:16]} was found"
+        + (f" (found {'; '.join(found)})" if found else "") + ".",
+        fix="Pass the data the champion was trained on: `mnist-flow report --source dir --data-dir DIR` "
+            "(or --source download).")
+
+
+def evaluate_champion(registry: Any, name: str, bundle: data_lib.DataBundle) -> ChampionEvaluation:
+    """Load the champion through the registry (SHA-256 checked) and predict the test set."""
+    from mnist_flow.train import evaluate
+
+    model, _, version = registry.load(name, "champion")
+    test_x = data_lib.to_features(bundle.test_images)
+    result = evaluate(model, test_x, bundle.test_labels)
+    matrix = confusion_matrix(result.predictions, bundle.test_labels, len(bundle.classes))
+    return ChampionEvaluation(version, result.accuracy, matrix, tuple(bundle.classes), bundle.source)
+
+
+# --- the report -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What ``write_report`` wrote, and what it had to leave out (with the reason)."""
+
+    out_dir: Path
+    csv: Path
+    summary: Path
+    plots: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    champion: ChampionEvaluation | None = None
+
+
+def write_report(study: optuna.Study, registry: Any, out_dir: Path, *, source: str | None = None,
+                 data_dir: Path | None = None, cache_dir: Path | None = None, mirrors: Sequence[str] = (),
+                 top: int = TOP_TRIALS) -> Report:
+    """Write ``trials.csv``, ``summary.md`` and the PNG plots of ``study`` into ``out_dir``.
+
+    The champion of the study's dataset (from ``registry``) is evaluated on the test set of the
+    data it was trained on (see :func:`load_test_data` for ``source``/``data_dir``/``cache_dir``);
+    without a champion, or without that data, the confusion matrix is skipped and summary.md says why.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; set here, not at import, so importers keep their backend
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} exists and is not a folder.", fix="Pass a folder path with --out.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = trials_frame(study)
+    csv_path = out_dir / "trials.csv"
+    frame.to_csv(csv_path, index=False)
+    report = Report(out_dir, csv_path, out_dir / "summary.md")
+    report.plots.append(plot_optimization_history(study, out_dir / "optimization_history.png"))
+    importance_path, importances = plot_param_importances(study, out_dir / "param_importances.png")
+    report.plots.append(importance_path)
+    report.plots.append(plot_validation_curves(study, out_dir / "validation_curves.png", top))
+    report.plots.append(plot_param_scatter(study, out_dir / "param_scatter.png"))
+    dataset = study.user_attrs.get("dataset")
+    if dataset is None:
+        report.skipped["confusion_matrix.png"] = "the study has no 'dataset' attribute, so no champion to evaluate"
+    else:
+        from mnist_flow.pipeline import model_name
+
+        name = model_name(dataset)
+        champion = registry.champion(name) if name in registry.names() else None
+        if champion is None:
+            report.skipped["confusion_matrix.png"] = f"no champion of model {name!r} is registered yet"
+        else:
+            try:
+                bundle = load_test_data(champion.dataset_name, champion.dataset_fingerprint, source=source,
+                                        data_dir=data_dir, cache_dir=cache_dir, mirrors=mirrors)
+            except DataError as exc:
+                report.skipped["confusion_matrix.png"] = exc.message
+            else:
+                report.champion = evaluate_champion(registry, name, bundle)
+                title = (f"{name} v{champion.version} (champion) on the {bundle.source} test set: "
+                         f"accuracy {report.champion.accuracy:.4f}")
+                report.plots.append(plot_confusion_matrix(report.champion.matrix, bundle.classes,
+                                                          out_dir / "confusion_matrix.png", title))
+    report.summary.write_text(report_markdown(study, frame, report, importances, top))
+    return report
+
+
+def report_markdown(study: optuna.Study, frame: pd.DataFrame, report: Report,
+                    importances: dict[str, float] | None, top: int = TOP_TRIALS) -> str:
+    """summary.md: the study, its trials by state, the best trials, importances, the champion, the files."""
+    attrs = study.user_attrs
+    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
+    lines = [f"# Study `{study.study_name}`", "",
+             f"- dataset: {attrs.get('dataset', '-')}, fingerprint `{attrs.get('fingerprint', '-')}`",
+             f"- trials: {len(frame)} (" + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or
+                                            "none") + ")"]
+    if attrs.get("search_space"):
+        space = attrs["search_space"]
+        lines.append("- search space: " + ", ".join(
+            f"{p} {_fmt(space.get(f'{p}_min'))}..{_fmt(space.get(f'{p}_max'))}" for p in ("lr", "momentum",
+                                                                                        "hidden1", "hidden2")
+            if f"{p}_min" in space))
+    best = complete_trials(study)[:top]
+    lines += ["", f"## Best {len(best)} trial(s)", ""]
+    if best:
+        names = sorted({n for t in best for n in t.params})
+        lines += ["| trial | val accuracy | " + " | ".join(names) + " | epochs | seconds |",
+                  "|---:|---:|" + "---:|" * len(names) + "---:|---:|"]
+        for t in best:
+            lines.append(f"| {t.number} | {_fmt(t.value)} | " + " | ".join(_fmt(t.params.get(n)) for n in names)
+                         + f" | {_epochs(t)} | {_fmt(_duration(t), 1)} |")
+    else:
+        lines.append("No trial has completed yet.")
+    lines += ["", f"## Hyperparameter importances ({IMPORTANCE_METHOD})", ""]
+    if importances:
+        lines += [f"- {name}: {value:.3f}" for name, value in importances.items()]
+    else:
+        lines.append(f"Not available ({param_importances(study)[1]}).")
+    lines += ["", "## Champion", ""]
+    if report.champion is not None:
+        v = report.champion.version
+        recorded = v.metrics.get("test_accuracy") if isinstance(v.metrics, dict) else None
+        lines += [f"- `{v.name}` v{v.version}, from study `{v.study_name}` trial #{v.trial_number}",
+                  f"- test accuracy now: {report.champion.accuracy:.4f} on the {report.champion.data_source} test "
+                  f"set (recorded at registration: {_fmt(recorded)})",
+                  f"- parameters: {_params_text({k: v.params[k] for k in ('lr', 'momentum', 'hidden') if k in v.params})}"]
+    else:
+        lines.append(f"Not evaluated: {report.skipped.get('confusion_matrix.png', 'no champion')}.")
+    lines += ["", "## Files", "", f"- [{report.csv.name}]({report.csv.name})"]
+    lines += [f"- ![{p.stem.replace('_', ' ')}]({p.name})" for p in report.plots]
+    for name, reason in report.skipped.items():
+        lines.append(f"- {name}: skipped ({reason})")
+    return "\n".join(lines) + "\n"
+
+
+def resolve_study_name(storage: Any, name: str | None) -> str:
+    """``name`` if the storage holds it; without a name, the only study there."""
+    names = optuna.get_all_study_names(storage)
+    if name is not None:
+        if name not in names:
+            raise ConfigError(f"No study named {name!r}; studies: {', '.join(names) or '(none)'}.",
+                              fix="Pass one of the listed names with --study.")
+        return name
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise ConfigError("The database holds no study yet.", fix="Run the flow or `mnist-flow tune` first.")
+    raise ConfigError(f"The database holds several studies: {', '.join(names)}.", fix="Choose one with --study NAME.")
+

@@ -1,0 +1,56 @@
+"""Where several trial workers may run: SQLite and local artifacts only on one machine; CPU shares."""
+
+from __future__ import annotations
+
+import pytest
+
+from mnist_flow.errors import ConfigError
+from mnist_flow.scale import check_shared_state, leaves_this_machine, threads_per_worker
+
+SQLITE = "sqlite:////tmp/x/mnist-flow.db"
+POSTGRES = "postgresql+psycopg://mnist:s3cret@db.internal:5432/mnist"
+
+
+def test_one_machine_with_a_few_workers_may_use_sqlite_and_a_local_folder() -> None:
+    check_shared_state(SQLITE, "/tmp/x/artifacts", workers=4, multi_host=False, pool_type="process")
+    check_shared_state(SQLITE, "/tmp/x/artifacts", workers=1, multi_host=True, pool_type="kubernetes")
+
+
+@pytest.mark.parametrize("multi_host, pool_type", [(True, "process"), (False, "kubernetes"), (False, "docker")])
+def test_several_machines_refuse_sqlite_with_the_postgresql_fix(multi_host: bool, pool_type: str) -> None:
+    with pytest.raises(ConfigError, match="SQLite") as info:
+        check_shared_state(SQLITE, "s3://bucket/artifacts", workers=2, multi_host=multi_host, pool_type=pool_type)
+    assert "postgresql+psycopg://" in info.value.fix and "MNIST_FLOW_ARTIFACTS_URL" in info.value.fix
+
+
+def test_several_machines_refuse_artifacts_on_this_machines_disk_but_accept_a_declared_shared_mount() -> None:
+    with pytest.raises(ConfigError, match="this machine's disk"):
+        check_shared_state(POSTGRES, "/home/me/.mnist-flow/artifacts", workers=2, multi_host=True)
+    check_shared_state(POSTGRES, "file:///mnt/shared/artifacts", workers=2, multi_host=True)
+    check_shared_state(POSTGRES, "s3://bucket/mnist-flow", workers=8, multi_host=False, pool_type="kubernetes")
+
+
+def test_the_refusal_never_shows_the_database_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_shared_state("sqlite:////tmp/x.db", "/tmp/a", workers=2, multi_host=True)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_process_pool_stays_on_this_machine_unless_multi_host_says_otherwise() -> None:
+    assert not leaves_this_machine(multi_host=False, pool_type="process")
+    assert not leaves_this_machine(multi_host=False, pool_type=None)
+    assert leaves_this_machine(multi_host=True, pool_type="process")
+    assert leaves_this_machine(multi_host=False, pool_type="kubernetes")
+
+
+@pytest.mark.parametrize("workers, cpus, expected", [(1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 16, 8), (3, 16, 5)])
+def test_each_trial_process_on_one_machine_gets_its_share_of_the_cpus(workers: int, cpus: int,
+                                                                       expected: int) -> None:
+    assert threads_per_worker(workers, cpus) == expected
+
+
+def test_multi_host_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mnist_flow.settings import load_settings
+
+    monkeypatch.setenv("MNIST_FLOW_MULTI_HOST", "true")
+    assert load_settings().multi_host is True

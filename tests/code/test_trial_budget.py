@@ -1,0 +1,197 @@
+"""A run's trial budget holds across processes: exactly n_trials finish, never more, none lost.
+
+The processes here are real (``python -c`` and ``mnist-flow tune``), started together on one study.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from mnist_flow.budget import SURPLUS_ATTR, Step, TrialBudget, trial_lock
+from mnist_flow.tune import run_study
+
+REPO = Path(__file__).resolve().parents[2]
+PG_ADMIN = os.environ.get("MNIST_FLOW_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres").replace(
+    "postgresql+psycopg://", "postgresql://")
+
+# One process of the gate test: a trivial objective (no training), so the test measures the budget only.
+_GATE_WORKER = textwrap.dedent("""
+    import os, sys, time, random, warnings
+    warnings.simplefilter("ignore")
+    import optuna
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from mnist_flow.pipeline import study_storage
+    from mnist_flow.budget import trial_lock
+    from mnist_flow.tune import run_study
+    url, name, run_key, n, start_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    storage = study_storage(url, heartbeat_interval=1, heartbeat_grace=30)
+    study = optuna.load_study(study_name=name, storage=storage)
+    while time.time() < start_at:  # start together, after every interpreter has imported torch
+        time.sleep(0.01)
+    def objective(trial):
+        trial.set_user_attr("worker", str(os.getpid()))
+        time.sleep(random.uniform(0.05, 0.3))
+        return trial.suggest_float("x", 0, 1)
+    run_study(study, objective, n_trials=n, run_key=run_key, lock=trial_lock(url, name), poll_seconds=0.1)
+""")
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNIST_FLOW_", "PREFECT_"))}
+    env.update({"MNIST_FLOW_HOME": str(home), "MNIST_FLOW_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    return env
+
+
+def _run_gate_workers(url: str, processes: int, n_trials: int, tmp_path: Path) -> optuna.Study:
+    name = "budget"
+    optuna.create_study(storage=url, study_name=name, direction="maximize")
+    start_at = time.time() + 15
+    procs = [subprocess.Popen([sys.executable, "-c", _GATE_WORKER, url, name, "run-a", str(n_trials), str(start_at)],
+                              env=_env(tmp_path / "home"), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
+             for _ in range(processes)]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    for proc, err in zip(procs, errors):
+        assert proc.returncode == 0, err[-3000:]
+        assert "database is locked" not in err
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _assert_exact_budget(study: optuna.Study, n_trials: int, processes: int) -> None:
+    trials = study.get_trials()
+    states = Counter(t.state for t in trials)
+    mine = [t for t in trials if t.state.is_finished() and t.user_attrs.get("run_key") == "run-a"
+            and t.state != TrialState.FAIL]
+    assert len(mine) == n_trials, states
+    assert states[TrialState.RUNNING] == 0 and states[TrialState.WAITING] == 0
+    # no surplus trial was needed: the lock is held from the count to the tag
+    assert not [t for t in trials if SURPLUS_ATTR in t.user_attrs]
+    assert states[TrialState.FAIL] == 0
+    assert len({t.user_attrs["worker"] for t in mine}) >= min(2, processes)
+
+
+@pytest.mark.slow
+def test_four_processes_on_one_sqlite_study_finish_exactly_n_trials(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = _run_gate_workers(url, processes=4, n_trials=24, tmp_path=tmp_path)
+    _assert_exact_budget(study, 24, 4)
+
+
+@pytest.mark.slow
+def test_four_processes_on_one_postgresql_study_finish_exactly_n_trials(tmp_path: Path) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    db = f"mnist_flow_scale_{uuid.uuid4().hex[:10]}"
+    admin.execute(f'CREATE DATABASE "{db}"')
+    try:
+        url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + db
+        study = _run_gate_workers(url, processes=4, n_trials=24, tmp_path=tmp_path)
+        _assert_exact_budget(study, 24, 4)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.mark.slow
+def test_four_mnist_flow_tune_processes_share_one_sqlite_study_without_database_is_locked(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    args = ["tune", "--source", "sample", "--hidden1-min", "64", "--hidden1-max", "128", "--hidden2-min", "64",
+            "--hidden2-max", "64", "--batch-size", "256", "--n-trials", "6", "--max-epochs", "2",
+            "--run-key", "four", "--json"]
+    procs = [subprocess.Popen([sys.executable, "-m", "mnist_flow.cli", *args], env=_env(home), cwd=str(REPO),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    for proc, err in zip(procs, errors):
+        assert proc.returncode == 0, err[-3000:]
+        assert "database is locked" not in err.lower()
+    storage = f"sqlite:///{home / 'mnist-flow.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6 and all(t.user_attrs["run_key"] == "four" for t in finished)
+    assert len(trials) == 6, [t.state for t in trials]
+
+
+def _stale_storage(tmp_path: Path) -> optuna.storages.RDBStorage:
+    from mnist_flow.pipeline import study_storage
+
+    return study_storage(f"sqlite:///{tmp_path / 'stale.db'}", heartbeat_interval=1, heartbeat_grace=1)
+
+
+def test_a_run_whose_last_slot_runs_on_a_dead_worker_waits_then_retries_that_trial(tmp_path: Path) -> None:
+    storage = _stale_storage(tmp_path)
+    study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # a worker that then died
+    dead.set_user_attr("run_key", "k")
+    storage.record_heartbeat(dead._trial_id)
+    ran: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    started = time.monotonic()
+    run_study(study, objective, n_trials=1, run_key="k", poll_seconds=0.2)
+    trials = study.get_trials()
+    assert trials[dead.number].state == TrialState.FAIL
+    assert len(trials) == 2 and trials[1].state == TrialState.COMPLETE
+    assert trials[1].system_attrs["failed_trial"] == dead.number and trials[1].user_attrs["run_key"] == "k"
+    assert ran == [1] and time.monotonic() - started >= 1.0  # it waited for the grace period, then ran the retry
+
+
+def test_a_requeued_trial_of_another_run_keeps_its_run(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"run_key": "other"})
+    run_study(study, lambda t: t.suggest_float("x", 0, 1), n_trials=2, run_key="mine")
+    owners = Counter(t.user_attrs["run_key"] for t in study.get_trials(states=(TrialState.COMPLETE,)))
+    assert owners == {"other": 1, "mine": 2}
+
+
+def test_a_trial_popped_past_the_budget_ends_before_any_work_and_does_not_count() -> None:
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"x": 0.1})  # untagged (like the seed configuration), first in the queue
+    study.enqueue_trial({"x": 0.9}, user_attrs={"run_key": "k"})  # the run's re-queued trial
+    ran: list[float] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        ran.append(trial.suggest_float("x", 0, 1))
+        return ran[-1]
+
+    run_study(study, objective, n_trials=1, run_key="k")
+    trials = study.get_trials()
+    assert ran == [0.9]
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[SURPLUS_ATTR] == "k"
+    assert "run_key" not in trials[0].user_attrs
+    assert [t.state for t in trials[1:]] == [TrialState.COMPLETE]
+
+
+def test_the_budget_waits_while_the_free_slots_are_running_elsewhere() -> None:
+    study = optuna.create_study(direction="maximize")
+    running = study.ask()
+    running.set_user_attr("run_key", "k")
+    budget = TrialBudget(1, "k")
+    assert budget.begin(study) is Step.WAIT
+    study.tell(running, 1.0)
+    assert budget.begin(study) is Step.DONE
+
+
+def test_the_lock_follows_the_database(tmp_path: Path) -> None:
+    from mnist_flow.budget import AdvisoryLock, FileLock, ThreadLock
+
+    sqlite_lock = trial_lock(f"sqlite:///{tmp_path / 'a.db'}", "s")
+    assert isinstance(sqlite_lock, FileLock) and sqlite_lock.path.startswith(str(tmp_path / "a.db"))
+    assert isinstance(trial_lock("sqlite:///:memory:", "s"), ThreadLock)
+    assert isinstance(trial_lock("postgresql+psycopg://u:p@127.0.0.1:1/db", "s"), AdvisoryLock)

@@ -1,0 +1,103 @@
+"""Fixtures of the reliability tests, and the recorder behind docs/reliability.md.
+
+Each test calls ``reliability.record(case, expected, observed)``; at the end of the session the
+records (with the test's outcome and duration) are merged into ``test-output/reliability.json``,
+which ``scripts/reliability_table.py`` renders as the table in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from rel_helpers import PG_ADMIN_URL, REPO
+
+REPORT = REPO / "test-output" / "reliability.json"
+
+_records: dict[str, list[dict]] = {}
+_outcomes: dict[str, dict] = {}
+
+
+@dataclass
+class Recorder:
+    """Collects the (case, expected, observed) rows of one test."""
+
+    nodeid: str
+    rows: list[dict] = field(default_factory=list)
+
+    def record(self, case: str, expected: str, observed: str, *, group: str | None = None) -> None:
+        self.rows.append({"case": case, "expected": expected, "observed": observed, "group": group})
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Iterator[Recorder]:
+    """Record what a reliability test injected, what should happen and what did happen."""
+    recorder = Recorder(request.node.nodeid)
+    yield recorder
+    _records[request.node.nodeid] = recorder.rows
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    entry = _outcomes.setdefault(item.nodeid, {"outcome": "passed", "seconds": 0.0})
+    entry["seconds"] = round(entry["seconds"] + report.duration, 2)
+    if report.failed:
+        entry["outcome"] = "failed"
+    elif report.skipped and report.when in ("setup", "call"):
+        entry["outcome"] = "skipped"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _records:
+        return
+    try:
+        existing = json.loads(REPORT.read_text())["tests"]
+    except (OSError, ValueError, KeyError):
+        existing = {}
+    for nodeid, rows in _records.items():
+        existing[nodeid] = {**_outcomes.get(nodeid, {"outcome": "unknown", "seconds": None}), "rows": rows}
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "tests": existing}, indent=2))
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """An MNIST_FLOW_HOME that does not exist yet."""
+    return tmp_path / "home"
+
+
+def pg_connect():  # noqa: ANN201 - psycopg connection
+    """An autocommit admin connection to 127.0.0.1:5432 (the test is skipped if none answers)."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        return psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://"), autocommit=True,
+                               connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database ``mnist_flow_rel_<random>``, dropped afterwards (new connection each time,
+    so a test that restarts the server still cleans up)."""
+    name = f"mnist_flow_rel_{uuid.uuid4().hex[:12]}"
+    with pg_connect() as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        for _ in range(20):  # the server may still be coming back up after an outage test
+            try:
+                with pg_connect() as admin:
+                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                break
+            except Exception:  # noqa: BLE001
+                time.sleep(0.5)

@@ -1,0 +1,291 @@
+"""Bad input is refused before any work: one message naming the cause and the fix, exit 2, nothing written.
+
+Parameters go through every entry point (flows/mnist.py, `mnist-flow train/tune`, a Python call of the flow,
+the deployment's parameter schema); corrupt data goes through the CLI's user-facing path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import importlib.util
+import sys
+import threading
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from rel_helpers import REPO, clean_env, flow_script, mnist_flow, written_files
+
+from mnist_flow import data
+from mnist_flow.cli import main as cli_main
+from mnist_flow.errors import ConfigError
+from mnist_flow.idx import encode_idx
+
+
+@pytest.fixture(scope="module")
+def flow_module():  # noqa: ANN201 - the flows/mnist.py module
+    sys.path.insert(0, str(REPO / "flows"))
+    spec = importlib.util.spec_from_file_location("mnist_flow_script_under_test", REPO / "flows" / "mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def user_home(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for key in [k for k in __import__("os").environ if k.startswith("MNIST_FLOW_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(home))
+    return home
+
+
+# (flags, words the message must contain) -- each is refused by RunParams / TrainConfig before any work
+TUNE_CASES = {
+    "n_trials < 1": (["--n-trials", "0"], ["n_trials", "0"]),
+    "unknown dataset": (["--dataset", "cifar10"], ["dataset", "cifar10"]),
+    "unknown source": (["--source", "ftp"], ["source", "ftp"]),
+    "source dir without data_dir": (["--source", "dir"], ["data_dir"]),
+    "data_dir missing": (["--source", "dir", "--data-dir", "/nonexistent/idx"], ["/nonexistent/idx"]),
+    "inverted lr bounds": (["--lr-min", "0.5", "--lr-max", "0.1"], ["inverted", "lr_min=0.5"]),
+    "inverted hidden bounds": (["--hidden1-min", "512", "--hidden1-max", "128"], ["inverted", "hidden1"]),
+    "momentum bound 1.0": (["--momentum-max", "1.0"], ["momentum_max"]),
+    "hidden bound < 1": (["--hidden2-min", "0"], ["hidden2_min"]),
+    "lr bound <= 0": (["--lr-min", "0"], ["lr_min"]),
+}
+TRAIN_CASES = {
+    "lr <= 0": (["--lr", "0"], ["learning rate", "0"]),
+    "lr negative": (["--lr", "-0.1"], ["learning rate", "-0.1"]),
+    "momentum 1.0": (["--momentum", "1.0"], ["momentum", "[0, 1)"]),
+    "momentum < 0": (["--momentum", "-0.5"], ["momentum"]),
+    "hidden < 1": (["--hidden", "0,64"], ["hidden", "0"]),
+    "hidden not a number": (["--hidden", "wide"], ["--hidden", "wide"]),
+}
+
+
+def _refused(code: int, err: str, words: list[str]) -> str:
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert "Fix:" in err, err
+    for word in words:
+        assert word in err, (word, err)
+    return err.strip().splitlines()[0]
+
+
+def _argparse_or_config(capsys, call) -> tuple[int, str]:  # noqa: ANN001
+    """Run an entry point; argparse refusals (unknown choice) exit 2 with a usage message too."""
+    try:
+        code = call()
+    except SystemExit as exc:  # argparse: "invalid choice"
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", list(TUNE_CASES))
+def test_bad_flow_parameters_are_refused_by_every_command_line_before_any_work(
+        case: str, user_home: Path, flow_module, capsys: pytest.CaptureFixture, reliability) -> None:
+    flags, words = TUNE_CASES[case]
+    observed = []
+    for entry, call in (("flows/mnist.py", lambda: flow_module.main(flags)),
+                        ("mnist-flow tune", lambda: cli_main(["tune", *flags]))):
+        code, err = _argparse_or_config(capsys, call)
+        assert code == 2, err
+        assert "Traceback" not in err and all(w in err for w in words), err
+        if "invalid choice" not in err:
+            _refused(code, err, words)
+        assert written_files(user_home) == []
+        observed.append(f"{entry}: exit {code}")
+    reliability.record(f"parameter: {case} ({' '.join(flags)})", "refused: exit 2, one message + fix, nothing written",
+                       "; ".join(observed) + f" — “{err.strip().splitlines()[-1][:110]}”", group="bad input")
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_bad_training_parameters_of_mnist_flow_train_are_refused(case: str, user_home: Path,
+                                                                  capsys: pytest.CaptureFixture, reliability) -> None:
+    flags, words = TRAIN_CASES[case]
+    code = cli_main(["train", "--source", "sample", *flags])
+    line = _refused(code, capsys.readouterr().err, words)
+    assert written_files(user_home) == []
+    reliability.record(f"mnist-flow train {' '.join(flags)}", "refused: exit 2, message + fix, nothing written",
+                       f"exit 2 — “{line[:110]}”", group="bad input")
+
+
+def test_python_call_of_the_flow_raises_config_error_before_prefect_creates_a_run(
+        user_home: Path, flow_module, monkeypatch: pytest.MonkeyPatch, reliability) -> None:
+    import prefect.flows
+
+    started = []
+    monkeypatch.setattr(prefect.flows.Flow, "__call__", lambda *a, **k: started.append(a))  # the real run
+    for bad in ({"n_trials": 0}, {"lr_min": 0.5, "lr_max": 0.1}, {"source": "dir"}, {"dataset": "cifar10"}):
+        with pytest.raises(ConfigError) as caught:
+            flow_module.mnist(**bad)
+        assert caught.value.fix
+    assert started == [] and written_files(user_home) == []
+    reliability.record("Python call mnist(n_trials=0), inverted bounds, source=dir without data_dir, unknown dataset",
+                       "ConfigError before Prefect creates a flow run",
+                       f"4/4 raised ConfigError, 0 flow runs started — “{str(caught.value).splitlines()[0][:90]}”",
+                       group="bad input")
+
+
+def test_deployment_parameter_schema_rejects_out_of_range_values(flow_module, reliability) -> None:
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(flow_module.mnist).model_dump_for_openapi()
+    jsonschema.validate({"n_trials": 3, "source": "sample"}, schema)
+    bad = {"n_trials": 0, "max_epochs": 0, "lr_min": 0.0, "lr_max": -1.0, "momentum_min": -0.1, "momentum_max": 1.0,
+           "hidden1_min": 0, "hidden2_max": 0, "val_fraction": 1.0, "batch_size": 0, "dataset": "cifar10",
+           "source": "ftp", "seed": -1}
+    refused = []
+    for key, value in bad.items():
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({key: value}, schema)
+        refused.append(f"{key}={value}")
+    # inverted bounds cannot be said in JSON schema: the flow's own check refuses them when the run starts
+    with pytest.raises(ConfigError, match="inverted"):
+        flow_module.mnist.validate_parameters({"lr_min": 0.5, "lr_max": 0.1})
+    reliability.record("deployment parameter schema (`prefect deployment run --param`, enforced schema)",
+                       "out-of-range values rejected by the schema; inverted bounds by the flow before any work",
+                       f"{len(refused)}/{len(bad)} rejected by jsonschema ({', '.join(refused[:4])}, ...); "
+                       "inverted lr bounds: ConfigError in validate_parameters", group="bad input")
+
+
+@pytest.mark.slow
+def test_bad_input_in_a_fresh_process_prints_one_message_without_traceback(home: Path, reliability) -> None:
+    env = clean_env(home)
+    script = flow_script(["--n-trials", "0", "--source", "sample"], env, timeout=120)
+    cli = mnist_flow(["train", "--lr", "0"], env, timeout=120)
+    for proc in (script, cli):
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: ")
+        assert proc.stdout == ""
+    assert written_files(home) == []
+    reliability.record("`python flows/mnist.py --n-trials 0` and `mnist-flow train --lr 0` as real processes",
+                       "exit 2, one message, no traceback, nothing written",
+                       f"exit {script.returncode}/{cli.returncode}, stderr {len(script.stderr.splitlines())}+"
+                       f"{len(cli.stderr.splitlines())} lines, no traceback, home empty", group="bad input")
+
+
+# --- corrupt data through the CLI --------------------------------------------------------------------------------
+
+
+def _tiny(n_train: int = 30, n_test: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"train_images": torch.randint(0, 256, (n_train, 28, 28), generator=g, dtype=torch.uint8),
+            "train_labels": (torch.arange(n_train) % 10).to(torch.uint8),
+            "test_images": torch.randint(0, 256, (n_test, 28, 28), generator=g, dtype=torch.uint8),
+            "test_labels": (torch.arange(n_test) % 10).to(torch.uint8)}
+
+
+def _write(folder: Path, arrays: dict[str, torch.Tensor], gz: bool = True) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for field, base in data.FILES.items():
+        paths[field] = folder / (f"{base}.gz" if gz else base)
+        data.write_idx(paths[field], arrays[field])
+    return paths
+
+
+def _corrupt(kind: str, folder: Path) -> tuple[str, list[str]]:
+    """Write a dataset with one defect; return the damaged file's name and words the message must show."""
+    arrays = _tiny()
+    if kind == "truncated gzip":
+        paths = _write(folder, arrays)
+        raw = paths["train_images"].read_bytes()
+        paths["train_images"].write_bytes(raw[: len(raw) // 2])
+        return paths["train_images"].name, []
+    if kind == "wrong magic":
+        paths = _write(folder, arrays)
+        data.write_idx(paths["train_images"], arrays["train_labels"])  # a labels file under the images name
+        return paths["train_images"].name, ["expected 0x00000803", "found 0x00000801"]
+    if kind == "header disagrees with file size":
+        paths = _write(folder, arrays, gz=False)
+        raw = paths["test_images"].read_bytes()
+        paths["test_images"].write_bytes(raw[:-100])
+        return paths["test_images"].name, [f"should be {len(raw)} bytes", f"it is {len(raw) - 100} bytes"]
+    if kind == "image and label counts differ":
+        arrays["train_labels"] = arrays["train_labels"][:29]
+        paths = _write(folder, arrays)
+        return paths["train_labels"].name, ["30 images", "29 labels"]
+    if kind == "label outside 0-9":
+        arrays["test_labels"][3] = 12
+        paths = _write(folder, arrays)
+        return paths["test_labels"].name, ["expected 0..9", "found 12"]
+    if kind == "checksum mismatch (claims official counts)":
+        arrays["test_images"] = torch.zeros(10_000, 28, 28, dtype=torch.uint8)
+        arrays["test_labels"] = (torch.arange(10_000) % 10).to(torch.uint8)
+        paths = _write(folder, arrays)
+        expected = data._torchvision_resources("mnist")["t10k-images-idx3-ubyte.gz"]
+        actual = hashlib.md5(paths["test_images"].read_bytes()).hexdigest()
+        return paths["test_images"].name, [f"expected md5 {expected}", f"found {actual}"]
+    raise AssertionError(kind)
+
+
+DATA_CASES = ["truncated gzip", "wrong magic", "header disagrees with file size", "image and label counts differ",
+              "label outside 0-9", "checksum mismatch (claims official counts)"]
+
+
+@pytest.mark.parametrize("kind", DATA_CASES)
+def test_corrupt_data_is_one_cli_message_with_the_file_and_expected_and_found_values(
+        kind: str, tmp_path: Path, user_home: Path, capsys: pytest.CaptureFixture, reliability) -> None:
+    folder = tmp_path / "idx"
+    name, words = _corrupt(kind, folder)
+    code = cli_main(["train", "--source", "dir", "--data-dir", str(folder), "--epochs", "1"])
+    err = capsys.readouterr().err
+    line = _refused(code, err, [name, *words])
+    assert written_files(user_home) == []
+    reliability.record(f"data: {kind}", "exit 2; message names the file, expected and found values; no traceback",
+                       f"exit 2 — “{line.replace(str(folder) + '/', '')[:130]}”", group="bad input")
+
+
+@pytest.fixture
+def mirror(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """A loopback HTTP mirror serving a tiny MNIST; the loader is told its md5s and no other mirrors."""
+    files = {f"{base}.gz": gzip.compress(encode_idx(_tiny()[field]), mtime=0) for field, base in data.FILES.items()}
+    requests: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            requests.append(self.path)
+            body = files.get(self.path.rsplit("/", 1)[-1])
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setattr(data, "_torchvision_resources",
+                        lambda name: {n: hashlib.md5(b).hexdigest() for n, b in files.items()})
+    monkeypatch.setattr(data, "_torchvision_mirrors", lambda name: [])
+    monkeypatch.setenv("MNIST_FLOW_MIRRORS", f"http://127.0.0.1:{server.server_address[1]}/mnist/")
+    try:
+        yield files, requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_corrupt_file_in_the_cache_is_moved_aside_and_fetched_again_through_the_cli(
+        user_home: Path, mirror, capsys: pytest.CaptureFixture, reliability) -> None:
+    files, requests = mirror
+    args = ["train", "--source", "download", "--epochs", "1", "--hidden", "8", "--json"]
+    assert cli_main(args) == 0
+    cached = user_home / "data" / "mnist" / "raw" / "train-images-idx3-ubyte.gz"
+    cached.write_bytes(cached.read_bytes()[:-40])
+    capsys.readouterr()
+    assert cli_main(args) == 0, capsys.readouterr().err
+    assert cached.read_bytes() == files[cached.name]
+    assert (cached.parent / f"{cached.name}.corrupt").exists()
+    assert len(requests) == 5 and requests[-1].endswith(cached.name)
+    reliability.record("a truncated file in the download cache, then `mnist-flow train --source download`",
+                       "the corrupt file is moved aside and fetched again; the run succeeds",
+                       f"{cached.name} moved to {cached.name}.corrupt, re-fetched (1 extra request), exit 0",
+                       group="bad input")

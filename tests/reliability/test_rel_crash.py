@@ -1,0 +1,218 @@
+"""Crashes: a tuning process SIGKILLed mid-trial, a run killed while registering, a crashed flow run retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from rel_helpers import FAST_TUNE, REPO, clean_env, mnist_flow
+from optuna.trial import TrialState
+
+from mnist_flow import pipeline
+from mnist_flow.registry import Registry
+from mnist_flow.settings import Settings
+
+RUN_KEY = "nightly-0001"
+HEARTBEAT = {"MNIST_FLOW_HEARTBEAT_INTERVAL": "1", "MNIST_FLOW_HEARTBEAT_GRACE": "2"}
+
+
+def _running_mid_trial(db: Path) -> tuple[int, int] | None:
+    """(number of a RUNNING trial that has reported an epoch, finished trials) once there is one."""
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
+            rows = con.execute(
+                "SELECT t.number, t.state, (SELECT COUNT(*) FROM trial_intermediate_values v "
+                "WHERE v.trial_id = t.trial_id) FROM trials t").fetchall()
+    except sqlite3.Error:
+        return None
+    finished = sum(state in ("COMPLETE", "PRUNED") for _, state, _ in rows)
+    running = [number for number, state, epochs in rows if state == "RUNNING" and epochs >= 1]
+    return (running[0], finished) if running and finished >= 1 else None
+
+
+def _study(db: Path) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_trial_then_rerun_fails_the_trial_retries_its_config_and_redoes_nothing(
+        home: Path, reliability) -> None:
+    env = clean_env(home, **HEARTBEAT)
+    db = home / "mnist-flow.db"
+    args = ["tune", *FAST_TUNE, "--n-trials", "3", "--max-epochs", "3", "--run-key", RUN_KEY, "--json"]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_flow.cli", *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 150
+        while (found := _running_mid_trial(db)) is None:
+            assert proc.poll() is None, "the tune process ended before it could be killed mid-trial"
+            assert time.monotonic() < deadline, "no trial reached its first epoch in time"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed, finished_before = found
+    before = {t.number: t.datetime_complete for t in _study(db).trials if t.state.is_finished()}
+    assert _study(db).trials[killed].state == TrialState.RUNNING
+
+    time.sleep(2.5)  # let the killed trial's heartbeat go stale (grace 2 s)
+    rerun = mnist_flow(args, env)
+    assert rerun.returncode == 0, rerun.stderr
+
+    study = _study(db)
+    trials = study.trials
+    mine = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and t.user_attrs.get("run_key") == RUN_KEY]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed]
+    assert trials[killed].state == TrialState.FAIL
+    assert len(mine) == 3
+    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retries[0].params == trials[killed].params
+    # finished trials are untouched (same completion time) and the study holds exactly one extra trial
+    assert {t.number: t.datetime_complete for t in trials if t.number in before} == before
+    assert len(trials) == 3 + 1
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    reliability.record(
+        "SIGKILL of `mnist-flow tune` mid-trial, then the same command again (same --run-key)",
+        "killed trial FAIL, its configuration retried (failed_trial), 3/3 trials, none redone",
+        f"trial #{killed} FAIL, retried as #{retries[0].number} ({retries[0].state.name}); "
+        f"{finished_before} finished before the kill kept, {len(mine)}/3 finished, 0 lost, 0 RUNNING left",
+        group="faults")
+
+
+# --- killed while registering ------------------------------------------------------------------------------------
+
+_KILL_DURING_REGISTER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from mnist_flow import registry as reg_mod
+    from mnist_flow.model import MLP
+    from mnist_flow.registry import Registry
+
+    database_url, artifacts, key, kill = sys.argv[1:5]
+    reg = Registry(database_url, artifacts)
+    if kill == "after-artifacts":
+        # the artifacts are on disk, the row is not: die right where a crash hurts most
+        original = reg_mod.Registry._write
+        def dying_write(self, fn):
+            if fn.__name__ == "insert":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, fn)
+        reg_mod.Registry._write = dying_write
+    elif kill == "mid-artifact":
+        import mnist_flow.artifacts as art
+        original_replace = art.os.replace
+        def dying_replace(src, dst):
+            if str(dst).endswith("model.safetensors"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_replace(src, dst)
+        art.os.replace = dying_replace
+    torch.manual_seed(0)
+    version = reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
+                           metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
+                           study_name="s", trial_number=3, flow_run_id=None, idempotency_key=key)
+    print(version.version)
+""")
+
+
+def _register_in_child(database_url: str, artifacts: Path, key: str, kill: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _KILL_DURING_REGISTER, database_url, str(artifacts), key, kill],
+                          capture_output=True, text=True, timeout=120, env=clean_env(artifacts.parent))
+
+
+@pytest.mark.parametrize("kill", ["mid-artifact", "after-artifacts"])
+def test_killed_while_registering_leaves_no_broken_version_and_rerun_registers_once(
+        tmp_path: Path, kill: str, reliability) -> None:
+    database_url = f"sqlite:///{tmp_path / 'mnist-flow.db'}"
+    artifacts = tmp_path / "artifacts"
+    key = f"{RUN_KEY}:mnist-study:3"
+
+    crashed = _register_in_child(database_url, artifacts, key, kill)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    registry = Registry(database_url, str(artifacts))
+    try:
+        assert registry.list_versions() == []  # no row without its artifact
+        for attempt in range(2):  # the rerun, then a second (retried) rerun
+            again = _register_in_child(database_url, artifacts, key, "none")
+            assert again.returncode == 0, again.stderr
+            assert again.stdout.strip() == "1"
+        versions = registry.list_versions()
+        assert [v.version for v in versions] == [1]
+        model, _, loaded = registry.load("mnist", 1)  # checksum verified before loading
+        assert loaded.idempotency_key == key
+        temp_files = sorted(p.name for p in artifacts.rglob("*") if p.name.endswith(".tmp"))
+    finally:
+        registry.dispose()
+    # a temp file orphaned by SIGKILL is never referenced and never read: ignored, and a dot-file
+    assert all(name.startswith(".") for name in temp_files)
+    assert not [v for v in versions if v.artifact_uri.endswith(".tmp")]
+    reliability.record(
+        f"run SIGKILLed while registering ({'during the atomic artifact write' if kill == 'mid-artifact' else 'after the artifacts, before the row'}), then rerun twice",
+        "no version without artifact or with a wrong checksum; rerun registers exactly once",
+        f"0 versions after the crash; after 2 reruns: {len(versions)} version (v1, checksum OK); "
+        f"{len(temp_files)} orphaned temp file(s), never referenced", group="faults")
+
+
+# --- a crashed flow run retried ----------------------------------------------------------------------------------
+
+
+class _Crash(Exception):
+    """The injected crash (not a RuntimeError, which Optuna catches per trial: the run dies)."""
+
+
+def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting_over(
+        tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(home=tmp_path / "home")
+    params = pipeline.RunParams.parse(source="sample", n_trials=3, max_epochs=1, hidden1_min=64, hidden1_max=64,
+                                      hidden2_min=64, hidden2_max=64, batch_size=256)
+    bundle = pipeline.load_data(params, settings)
+    prepared = pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=0)
+    flow_run_id = "6b0c1f6e-0000-4000-8000-000000000001"  # a Prefect retry keeps the flow run id = run key
+    calls = {"n": 0}
+
+    from mnist_flow import tune as tune_lib
+    real_train = tune_lib.train_model
+
+    def crash_on_second_trial(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise _Crash("worker lost")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tune_lib, "train_model", crash_on_second_trial)
+    with pytest.raises(_Crash):
+        pipeline.tune(prepared, params, settings.resolved_database_url, run_key=flow_run_id,
+                      flow_run_id=flow_run_id, heartbeat_interval=1, heartbeat_grace=1)
+    monkeypatch.setattr(tune_lib, "train_model", real_train)
+    first = {t.number: t.datetime_complete for t in _study(settings.home_path / "mnist-flow.db").trials
+             if t.state.is_finished() and t.state != TrialState.FAIL}
+
+    study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=flow_run_id,
+                                flow_run_id=flow_run_id, heartbeat_interval=1, heartbeat_grace=1)
+    trials = study.trials
+    mine = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+            and t.user_attrs.get("run_key") == flow_run_id]
+    assert len(first) == 1
+    assert {n: d for n, d in ((t.number, t.datetime_complete) for t in trials) if n in first} == first
+    assert len(mine) == 3 and len(trials) == 4  # 1 kept + 1 crashed + 2 new, not 3 + 3
+    assert trials[1].state == TrialState.FAIL
+    assert study.user_attrs["dataset"] == "mnist" and len({t.number for t in trials}) == 4
+    reliability.record(
+        "flow run crashes in its 2nd trial; Prefect retries it (same flow run id = run key)",
+        "the study resumes: the finished trial is kept, only the missing trials run",
+        f"1 trial kept, crashed trial FAIL, 2 more run: {len(mine)}/3 finished in {len(trials)} trials "
+        "(not 3 new ones)", group="faults")

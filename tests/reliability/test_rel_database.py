@@ -1,0 +1,155 @@
+"""The database unreachable for a while: SQLite busy, PostgreSQL stopped and restarted, past the retry budget."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rel_helpers import dead_port
+
+from mnist_flow import db
+from mnist_flow.cli import main as cli_main
+from mnist_flow.errors import DatabaseUnavailableError
+from mnist_flow.model import MLP
+from mnist_flow.registry import Registry
+
+
+def _register(reg: Registry, key: str):  # noqa: ANN202
+    torch.manual_seed(0)
+    return reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
+                        metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
+                        idempotency_key=key)
+
+
+class _RecordingClock:
+    """Stands in for the ``time`` module inside mnist_flow.db: backoff sleeps are recorded, not slept."""
+
+    def __init__(self, delays: list[float]) -> None:
+        self.sleep = delays.append
+        self.monotonic, self.time = time.monotonic, time.time
+
+
+def _hold_exclusive_lock(path: Path, seconds: float, locked: threading.Event) -> None:
+    con = sqlite3.connect(path, timeout=5, isolation_level=None)
+    try:
+        con.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+def test_sqlite_locked_by_another_writer_for_2s_registration_waits_and_succeeds(tmp_path: Path,
+                                                                               reliability) -> None:
+    path = tmp_path / "mnist-flow.db"
+    reg = Registry(f"sqlite:///{path}", str(tmp_path / "artifacts"))
+    reg.migrate()
+    locked = threading.Event()
+    holder = threading.Thread(target=_hold_exclusive_lock, args=(path, 2.0, locked))
+    holder.start()
+    try:
+        assert locked.wait(5)
+        start = time.monotonic()
+        version = _register(reg, "busy-1")
+        waited = time.monotonic() - start
+    finally:
+        holder.join()
+        reg.dispose()
+    assert version.version == 1 and waited >= 1.5
+    reliability.record("SQLite database locked (BEGIN EXCLUSIVE) by another connection for 2 s during a registry write",
+                       "the write waits/retries and succeeds", f"registered v1 after {waited:.1f} s, no error",
+                       group="faults")
+
+
+def test_sqlite_busy_past_the_retry_budget_names_the_database_and_the_fix(tmp_path: Path, reliability,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_S", 0.05)
+    delays: list[float] = []
+    monkeypatch.setattr(db, "time", _RecordingClock(delays))
+    path = tmp_path / "mnist-flow.db"
+    reg = Registry(f"sqlite:///{path}", str(tmp_path / "artifacts"))
+    reg.migrate()
+    locked = threading.Event()
+    holder = threading.Thread(target=_hold_exclusive_lock, args=(path, 3.0, locked))
+    holder.start()
+    try:
+        assert locked.wait(5)
+        with pytest.raises(DatabaseUnavailableError) as caught:
+            _register(reg, "busy-2")
+    finally:
+        holder.join()
+        reg.dispose()
+    text = str(caught.value)
+    assert str(path) in text and "locked" in text and caught.value.fix and "MNIST_FLOW_DATABASE_URL" in text
+    assert len(delays) == 7 and delays[-1] > 4 * delays[0]  # 8 attempts with exponential backoff
+    assert Registry(f"sqlite:///{path}", str(tmp_path / "artifacts")).list_versions() == []
+    reliability.record("SQLite locked for longer than the retry budget",
+                       "DatabaseUnavailableError naming the database and the fix",
+                       f"{len(delays) + 1} attempts, backoff {delays[0]:.2f}..{delays[-1]:.2f} s, then: "
+                       f"{text.splitlines()[0][:90]}…", group="faults")
+
+
+def test_postgres_stopped_and_restarted_during_a_registry_write_retries_and_succeeds(pg_url: str, tmp_path: Path,
+                                                                                     reliability) -> None:
+    reg = Registry(pg_url, str(tmp_path / "artifacts"))
+    reg.migrate()
+    _register(reg, "before")  # a pooled connection exists and will be broken by the restart
+    outage: dict[str, float] = {}
+
+    def ctl(action: str) -> None:
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", action], check=True,
+                       capture_output=True, timeout=60)
+
+    ctl("stop")
+    outage["down"] = time.monotonic()
+    try:
+        restarter = threading.Timer(2.0, lambda: (ctl("start"), outage.setdefault("up", time.monotonic())))
+        restarter.start()
+        try:
+            start = time.monotonic()
+            version = _register(reg, "during-outage")
+            took = time.monotonic() - start
+        finally:
+            restarter.join()
+    finally:
+        # never leave the shared server down, whatever happened above
+        status = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "status"],
+                                capture_output=True)
+        if status.returncode != 0:
+            ctl("start")
+        reg.dispose()
+    assert version.version == 2
+    reliability.record("PostgreSQL stopped, restarted 2 s later, while a registry write runs",
+                       "the write retries with backoff and succeeds",
+                       f"server down {outage['up'] - outage['down']:.1f} s; registered v2 after {took:.1f} s",
+                       group="faults")
+
+
+def test_unreachable_postgres_past_the_budget_masks_the_password_and_says_what_to_do(
+        tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(db, "time", _RecordingClock([]))
+    url = f"postgresql+psycopg://mnist:s3cret-pw@127.0.0.1:{dead_port()}/registry"
+    reg = Registry(url, str(tmp_path / "artifacts"))
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        _register(reg, "x")
+    text = str(caught.value)
+    assert "s3cret-pw" not in text and "mnist:***@127.0.0.1" in text and "Fix:" in text
+
+    # the CLI in-process (backoff sleeps skipped): one message, exit 2
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MNIST_FLOW_DATABASE_URL", url)
+    code = cli_main(["registry", "list"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "s3cret-pw" not in out + err and "***" in err
+    assert "Traceback" not in err and err.startswith("error: Cannot use the database")
+    reliability.record("PostgreSQL unreachable (URL with a password) past the retry budget, library and "
+                       "`mnist-flow registry list`",
+                       "error names the masked URL and the fix; exit 2, no traceback",
+                       err.strip().replace("\n", " ")[:160], group="faults")

@@ -1,0 +1,119 @@
+"""Security: safetensors only, tampered artifacts refused, passwords masked, loopback binds, confined paths."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from rel_helpers import REPO
+
+from mnist_flow import artifacts, pipeline, registry as registry_lib
+from mnist_flow.cli import main as cli_main
+from mnist_flow.errors import ArtifactIntegrityError, ConfigError
+from mnist_flow.model import MLP
+from mnist_flow.registry import Registry
+
+UNSAFE = re.compile(r"\btorch\.load\b|\bimport pickle\b|\bpickle\.loads?\b|\bcloudpickle\b|\bdill\b|"
+                    r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|\bjoblib\.load\b|\btorch\.jit\.load\b")
+
+
+def _register(reg: Registry, key: str | None = None, name: str = "mnist"):  # noqa: ANN202
+    torch.manual_seed(0)
+    return reg.register(name, MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
+                        metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
+                        idempotency_key=key)
+
+
+def test_no_code_path_unpickles_weights(reliability) -> None:
+    sources = sorted((REPO / "src" / "mnist_flow").rglob("*.py")) + sorted((REPO / "flows").glob("*.py"))
+    hits = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sources
+            for n, line in enumerate(p.read_text().splitlines(), 1) if UNSAFE.search(line)]
+    assert hits == []
+    assert "safetensors" in inspect.getsource(MLP.from_safetensors)
+    reliability.record("grep src/ and flows/ for torch.load, pickle, weights_only=False, allow_pickle",
+                       "weights are only read with safetensors", f"{len(sources)} files, 0 hits",
+                       group="security")
+
+
+def test_tampered_artifact_is_refused_with_a_message_that_says_so(tmp_path: Path, reliability) -> None:
+    reg = Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "artifacts"))
+    version = _register(reg)
+    weights = Path(version.artifact_uri.removeprefix("file://"))
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactIntegrityError) as caught:
+        reg.load("mnist", 1)
+    reg.dispose()
+    text = str(caught.value)
+    assert "modified" in text and version.artifact_sha256 in text and "Fix:" in text
+    reliability.record("one byte of a registered model.safetensors flipped, then loaded",
+                       "refused before deserialising, message says the file was modified",
+                       f"ArtifactIntegrityError: “{text.split(':')[0][-40:]}: … the file was modified”",
+                       group="security")
+
+
+def test_database_passwords_are_masked_in_show_summary_logs_and_repr(
+        pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        caplog: pytest.LogCaptureFixture, reliability) -> None:
+    secret = "Sup3r-s3cret"
+    url = pg_url.replace("postgres@", f"postgres:{secret}@")  # trust auth: the password is accepted and unused
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MNIST_FLOW_DATABASE_URL", url)
+    reg = Registry(url, str(tmp_path / "artifacts"))
+    _register(reg)
+    caplog.set_level(logging.DEBUG)
+    seen = [repr(reg), pipeline.dashboard_command(url)]
+    for args in (["registry", "show", "1", "--json"], ["registry", "show", "1"], ["registry", "list"],
+                 ["registry", "history"]):
+        assert cli_main(args) == 0
+        out, err = capsys.readouterr()
+        seen += [out, err]
+    pipeline.study_storage(url, heartbeat_interval=5, heartbeat_grace=10)  # logs of opening the study storage
+    seen.append(caplog.text)
+    reg.dispose()
+    leaks = [text[max(0, text.find(secret) - 200):text.find(secret) + 50] for text in seen if secret in text]
+    assert leaks == []
+    assert "***" in seen[0] and "***" in seen[1]
+    reliability.record("PostgreSQL URL with a password: `registry show/list/history`, repr, dashboard command, logs",
+                       "password never shown (masked as ***)", f"{len(seen)} outputs checked, 0 contain the password",
+                       group="security")
+
+
+def test_servers_bind_loopback_by_default(reliability) -> None:
+    from mnist_flow import dashboard
+
+    makefile = (REPO / "Makefile").read_text()
+    assert dashboard.DEFAULT_HOST == "127.0.0.1"
+    assert inspect.signature(dashboard.make_dashboard_server).parameters["host"].default == "127.0.0.1"
+    assert "PREFECT_SERVER_HOST ?= 127.0.0.1" in makefile
+    wildcard = [str(p.relative_to(REPO)) for p in [*(REPO / "src").rglob("*.py"), *(REPO / "flows").glob("*.py")]
+                if re.search(r"[\"']0\.0\.0\.0[\"']", p.read_text())]
+    assert wildcard == []
+    reliability.record("default bind address of the dashboard server and the Prefect server (make run)",
+                       "127.0.0.1 unless the user chooses otherwise",
+                       "dashboard 127.0.0.1, PREFECT_SERVER_HOST 127.0.0.1, no 0.0.0.0 in src/ or flows/",
+                       group="security")
+
+
+@pytest.mark.parametrize("name", ["../escape", "/etc/passwd", "a/../../b", "..", ".hidden", "a\\b", "a b", ""])
+def test_names_aliases_and_paths_cannot_escape_the_artifact_root(name: str, tmp_path: Path, reliability) -> None:
+    reg = Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "root" / "artifacts"))
+    with pytest.raises(ConfigError):
+        _register(reg, name=name)
+    _register(reg)
+    with pytest.raises(ConfigError):
+        reg.set_alias("mnist", name, 1)
+    with pytest.raises(ConfigError):
+        artifacts.validate_relpath(f"mnist/{name}/model.safetensors" if name else "")
+    reg.dispose()
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and "artifacts" not in p.parts
+               and not p.name.startswith("db.sqlite")]
+    assert outside == []
+    assert registry_lib.NAME_PATTERN.match(name) is None
+    reliability.record(f"model name / alias / artifact path {name[:20]!r}", "refused (ConfigError), nothing written "
+                       "outside the artifact root", "refused x3, 0 files outside the root", group="security")

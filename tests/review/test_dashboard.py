@@ -1,0 +1,89 @@
+"""Dashboard notes on trials, and the dashboard server on the study database."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import optuna
+import pytest
+
+from mnist_flow import dashboard
+from mnist_flow.dashboard import annotate_finished_trial, annotate_trials, make_dashboard_server, read_note
+from mnist_flow.errors import ConfigError
+
+
+def _by_state(study: optuna.Study, state: str) -> list:
+    return [t for t in study.get_trials(deepcopy=False) if t.state.name == state]
+
+
+def test_every_completed_trial_got_a_note_with_its_per_epoch_curve_while_the_study_ran(world):
+    complete = _by_state(world.study, "COMPLETE")
+    assert len(complete) >= 2
+    for trial in complete:
+        note = read_note(world.study, trial)
+        assert note.startswith(f"## Trial {trial.number}\n")
+        for epoch, (acc, loss) in enumerate(zip(trial.user_attrs["val_accuracy"], trial.user_attrs["train_loss"]),
+                                            start=1):
+            assert f"| {epoch} | {acc:.4f} | {loss:.4f} |" in note
+        assert "`lr`=" in note and "`momentum`=" in note
+    assert all(read_note(world.study, t) == "" for t in _by_state(world.study, "PRUNED"))
+
+
+def test_annotating_with_the_registered_version_names_it_on_its_trial_once(world):
+    study, version = world.study, world.version
+    trial = next(t for t in study.trials if t.number == version.trial_number)
+
+    assert annotate_trials(study, {version.trial_number: version}) == 1
+    assert annotate_trials(study, {version.trial_number: version}) == 0  # unchanged notes are not rewritten
+
+    note = read_note(study, trial)
+    assert f"Registered model: **mnist v{version.version}** (champion)" in note
+    others = [t for t in _by_state(study, "COMPLETE") if t.number != trial.number]
+    assert all("Registered model: none" in read_note(study, t) for t in others)
+
+
+def test_a_note_that_cannot_be_written_does_not_stop_the_study(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(dashboard, "annotate_trials", broken)
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2, callbacks=[annotate_finished_trial])
+
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert "could not write the dashboard note of trial #1: database is locked" in caplog.text
+
+
+def test_the_dashboard_server_serves_the_study_with_its_user_attributes(world):
+    server = make_dashboard_server(world.database_url, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(f"{base}/api/studies", timeout=30) as response:
+            studies = json.load(response)["study_summaries"]
+        study = next(s for s in studies if s["study_name"] == world.study.study_name)
+        attrs = {a["key"]: a["value"] for a in study["user_attrs"]}
+        assert {"dataset", "fingerprint", "search_space"} <= set(attrs)
+        with urllib.request.urlopen(f"{base}/dashboard", timeout=30) as response:
+            assert response.status == 200 and b"<html" in response.read().lower()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_dashboard_refuses_a_sqlite_database_that_does_not_exist(tmp_path):
+    with pytest.raises(ConfigError, match="No study database at") as caught:
+        make_dashboard_server(f"sqlite:///{tmp_path / 'missing.db'}")
+    assert not (tmp_path / "missing.db").exists() and "Run the flow" in caught.value.fix
+
+
+def test_the_dashboard_reports_a_port_in_use(world):
+    first = make_dashboard_server(world.database_url, "127.0.0.1", 0)
+    try:
+        with pytest.raises(ConfigError, match=rf"Cannot listen on 127.0.0.1:{first.server_address[1]}"):
+            make_dashboard_server(world.database_url, "127.0.0.1", first.server_address[1])
+    finally:
+        first.server_close()

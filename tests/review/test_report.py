@@ -1,0 +1,111 @@
+"""`mnist-flow report`: trials.csv, summary.md and the PNG plots of a study; the run summary's Markdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mnist_flow import cli
+from mnist_flow.report import summary_markdown, table_records, trials_frame, write_report
+
+
+def _pngs(folder: Path) -> dict[str, tuple[int, int]]:
+    sizes = {}
+    for path in sorted(folder.glob("*.png")):
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            sizes[path.name] = image.size
+    return sizes
+
+
+def test_report_writes_the_trials_csv_the_summary_and_the_plots_with_the_champions_confusion_matrix(world, tmp_path):
+    registry = world.registry()
+    report = write_report(world.study, registry, tmp_path / "report")
+    registry.dispose()
+
+    frame = pd.read_csv(tmp_path / "report" / "trials.csv")
+    assert list(frame["number"]) == [t.number for t in world.study.trials]
+    assert {"state", "value", "params_lr", "params_momentum", "params_hidden1", "params_hidden2", "duration_s",
+            "worker", "run_key", "epochs"} <= set(frame.columns)
+    assert set(frame["state"]) == {"COMPLETE", "PRUNED"}
+    assert (frame["run_key"] == "review-tests").all() and frame["worker"].str.contains(":").all()
+    complete = frame[frame["state"] == "COMPLETE"]
+    assert complete["value"].notna().all() and (complete["epochs"] == 3).all()
+
+    sizes = _pngs(tmp_path / "report")
+    assert {"optimization_history.png", "param_importances.png", "validation_curves.png",
+            "confusion_matrix.png"} <= set(sizes)
+    assert len(sizes) >= 4 and all(w >= 300 and h >= 200 for w, h in sizes.values())
+    assert report.skipped == {}
+    # the champion, reloaded through the registry, scores on the sample's test set what it scored when registered
+    assert report.champion is not None and report.champion.accuracy == pytest.approx(world.test_accuracy, abs=1e-6)
+    assert int(report.champion.matrix.sum()) == 1000
+
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert world.study.study_name in summary and world.study.user_attrs["fingerprint"] in summary
+    assert f"`mnist` v{world.version.version}" in summary and "## Hyperparameter importances" in summary
+    assert "- lr:" in summary and "confusion_matrix.png" in summary
+
+
+def test_importances_fall_back_to_an_explanation_with_fewer_than_two_complete_trials(tmp_path):
+    study = optuna.create_study(direction="maximize", study_name="lonely")
+    study.enqueue_trial({"lr": 0.1, "momentum": 0.9})
+    study.optimize(lambda t: t.suggest_float("lr", 1e-3, 0.3) + t.suggest_float("momentum", 0.5, 0.98), n_trials=1)
+
+    report = write_report(study, None, tmp_path)
+
+    assert (tmp_path / "param_importances.png").is_file() and len(report.plots) == 4
+    summary = (tmp_path / "summary.md").read_text()
+    assert "importances need at least 2 complete trials; the study has 1" in summary
+    assert "confusion_matrix.png: skipped (the study has no 'dataset' attribute" in summary
+
+
+def test_report_command_writes_the_files_of_the_only_study(world_env, tmp_path, capsys):
+    out = tmp_path / "cli-report"
+
+    assert cli.main(["report", "--out", str(out)]) == 0
+
+    assert {"trials.csv", "summary.md", "confusion_matrix.png"} <= {p.name for p in out.iterdir()}
+    assert world_env.study.study_name in capsys.readouterr().out
+
+
+def test_report_command_names_the_studies_when_the_one_asked_for_does_not_exist(world_env, tmp_path, capsys):
+    assert cli.main(["report", "--study", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "No study named 'nope'" in err and world_env.study.study_name in err
+
+
+def test_trials_table_records_are_json_ready(world):
+    records = table_records(trials_frame(world.study))
+    assert len(records) == len(world.study.trials)
+    pruned = [r for r in records if r["state"] == "PRUNED"]
+    assert pruned and all(isinstance(r["value"], float) and r["epochs"] < 3 for r in pruned)  # stopped early
+    assert all(isinstance(r["number"], int) and isinstance(r["epochs"], int) for r in records)
+
+
+def test_run_summary_markdown_has_params_accuracies_comparison_stage_times_and_fingerprint():
+    summary = {
+        "data": {"name": "mnist", "source": "sample", "origin": "/x", "fingerprint": "ab" * 32,
+                 "train_samples": 3600, "val_samples": 400, "test_samples": 1000},
+        "study": "mnist-abababababab",
+        "trials": {"finished": 3, "complete": 2, "pruned": 1, "in_study": 7},
+        "best": {"trial": 4, "params": {"lr": 0.0123, "momentum": 0.9, "hidden1": 256, "hidden2": 128},
+                 "val_accuracy": 0.931},
+        "metrics": {"val_accuracy": 0.94, "test_accuracy": 0.9375, "test_loss": 0.2},
+        "model": {"name": "mnist", "version": 3, "champion": False, "artifact": "/a"},
+        "decision": {"outcome": "kept", "reason": "not significantly better (p=0.41)", "p_value": 0.41},
+        "seconds": {"data": 1.0, "tune": 12.5, "train": 3.25, "evaluate": 0.1, "register": 0.4},
+        "database": "postgresql+psycopg://mnist:s3cret@db/mnist",
+        "dashboard_command": "mnist-flow dashboard   # optuna-dashboard on postgresql+psycopg://mnist:s3cret@db/mnist",
+    }
+
+    text = summary_markdown(summary)
+
+    for expected in ("`lr` = 0.0123", "`hidden1` = 256", "0.9400", "0.9375", "challenger (not promoted)", "**kept**",
+                     "not significantly better (p=0.41)", "| tune | 12.5 |", "ab" * 32, "mnist:***@db"):
+        assert expected in text, expected
+    assert "s3cret" not in text
