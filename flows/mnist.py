@@ -30,7 +30,7 @@ from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
 
 try:
-    from reporting import publish_decision, publish_review  # flows/ is on sys.path: run as a script, or Prefect's loader
+    from reporting import publish_decision, publish_review  # flows/ on sys.path: a script, or Prefect's loader
 except ModuleNotFoundError:
     from flows.reporting import publish_decision, publish_review  # imported as the namespace package `flows`
 try:
@@ -120,9 +120,9 @@ Momentum = Annotated[float, Field(ge=0, lt=1)]
 class CheckedFlow(Flow):
     """A flow whose parameters are checked by RunParams before Prefect creates a run (ConfigError)."""
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
         pipeline.RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
-        return super().__call__(*args, **kwargs)
+        return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
         # deployment runs: one ConfigError message instead of a pydantic dump

@@ -15,7 +15,6 @@ nothing here imports Prefect.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_flow import data as data_lib
 from mnist_flow.db import mask_url
 from mnist_flow.errors import ConfigError, DataError
-
-logger = logging.getLogger(__name__)
 
 TOP_TRIALS = 5
 PLOT_DPI = 110
@@ -154,7 +151,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for stage, seconds in (summary.get("seconds") or {}).items():
         lines.append(f"| {stage} | {seconds:.1f} |")
     lines += ["", "## Data", "",
-              f"- dataset: {data.get('name', '-')} from {data.get('source', '-')} ({mask_url(str(data.get('origin', '-')))})",
+              f"- dataset: {data.get('name', '-')} from {data.get('source', '-')} "
+              f"({mask_url(str(data.get('origin', '-')))})",
               f"- samples: {data.get('train_samples', '-')} train / {data.get('val_samples', '-')} validation / "
               f"{data.get('test_samples', '-')} test",
               f"- fingerprint: `{data.get('fingerprint', '-')}`", ""]
@@ -341,13 +339,16 @@ def load_test_data(dataset: str, fingerprint: str, *, source: str | None = None,
                    cache_dir: Path | None = None, mirrors: Sequence[str] = ()) -> data_lib.DataBundle:
     """The dataset the champion was trained on (same fingerprint), for its test set.
 
-    With ``source=None`` the bundled sample is tried first (MNIST, cheap), then the cache or a
-    download (``cache_dir``); a dataset whose fingerprint differs is refused with a DataError.
+    With ``source=None`` the bundled sample is tried first (MNIST, cheap), then the download cache
+    under ``cache_dir`` if it holds the four files (a report never starts a download by itself); a
+    dataset whose fingerprint differs is refused with a DataError.
     """
     if source is not None:
         candidates = [source]
     else:
-        candidates = (["sample"] if dataset == "mnist" else []) + (["download"] if cache_dir is not None else [])
+        cached = cache_dir is not None and all(
+            (Path(cache_dir) / dataset / "raw" / f"{base}.gz").is_file() for base in data_lib.FILES.values())
+        candidates = (["sample"] if dataset == "mnist" else []) + (["download"] if cached else [])
     found: list[str] = []
     for candidate in candidates:
         bundle = data_lib.load_dataset(dataset, candidate, data_dir=data_dir if candidate == "dir" else None,
@@ -477,7 +478,8 @@ def report_markdown(study: optuna.Study, frame: pd.DataFrame, report: Report,
         lines += [f"- `{v.name}` v{v.version}, from study `{v.study_name}` trial #{v.trial_number}",
                   f"- test accuracy now: {report.champion.accuracy:.4f} on the {report.champion.data_source} test "
                   f"set (recorded at registration: {_fmt(recorded)})",
-                  f"- parameters: {_params_text({k: v.params[k] for k in ('lr', 'momentum', 'hidden') if k in v.params})}"]
+                  "- parameters: " + _params_text({k: v.params[k] for k in ("lr", "momentum", "hidden")
+                                                   if k in v.params})]
     else:
         lines.append(f"Not evaluated: {report.skipped.get('confusion_matrix.png', 'no champion')}.")
     lines += ["", "## Files", "", f"- [{report.csv.name}]({report.csv.name})"]

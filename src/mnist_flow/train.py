@@ -79,6 +79,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EpochStats:
+    """One epoch's training loss, validation loss and accuracy, and the seconds its training pass took."""
+
     epoch: int
     train_loss: float
     val_loss: float
@@ -88,6 +90,8 @@ class EpochStats:
 
 @dataclass
 class History:
+    """The epochs of a fit, in order."""
+
     epochs: list[EpochStats] = field(default_factory=list)
 
     @property
@@ -100,6 +104,8 @@ class History:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Mean cross-entropy, accuracy and the predicted class of every sample."""
+
     loss: float
     accuracy: float
     predictions: torch.Tensor  # int64 [N] on the CPU

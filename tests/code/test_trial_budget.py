@@ -41,7 +41,7 @@ _GATE_WORKER = textwrap.dedent("""
         time.sleep(0.01)
     def objective(trial):
         trial.set_user_attr("worker", str(os.getpid()))
-        time.sleep(random.uniform(0.05, 0.3))
+        time.sleep(random.uniform(0.0, 0.05))
         return trial.suggest_float("x", 0, 1)
     run_study(study, objective, n_trials=n, run_key=run_key, lock=trial_lock(url, name), poll_seconds=0.1)
 """)
@@ -83,8 +83,8 @@ def _assert_exact_budget(study: optuna.Study, n_trials: int, processes: int) -> 
 @pytest.mark.slow
 def test_four_processes_on_one_sqlite_study_finish_exactly_n_trials(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    study = _run_gate_workers(url, processes=4, n_trials=24, tmp_path=tmp_path)
-    _assert_exact_budget(study, 24, 4)
+    study = _run_gate_workers(url, processes=4, n_trials=30, tmp_path=tmp_path)
+    _assert_exact_budget(study, 30, 4)
 
 
 @pytest.mark.slow
@@ -98,8 +98,8 @@ def test_four_processes_on_one_postgresql_study_finish_exactly_n_trials(tmp_path
     admin.execute(f'CREATE DATABASE "{db}"')
     try:
         url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + db
-        study = _run_gate_workers(url, processes=4, n_trials=24, tmp_path=tmp_path)
-        _assert_exact_budget(study, 24, 4)
+        study = _run_gate_workers(url, processes=4, n_trials=30, tmp_path=tmp_path)
+        _assert_exact_budget(study, 30, 4)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         admin.close()
@@ -195,3 +195,71 @@ def test_the_lock_follows_the_database(tmp_path: Path) -> None:
     assert isinstance(sqlite_lock, FileLock) and sqlite_lock.path.startswith(str(tmp_path / "a.db"))
     assert isinstance(trial_lock("sqlite:///:memory:", "s"), ThreadLock)
     assert isinstance(trial_lock("postgresql+psycopg://u:p@127.0.0.1:1/db", "s"), AdvisoryLock)
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from mnist_flow.budget import trial_lock
+    lock = trial_lock(sys.argv[1], "s")
+    lock.acquire()
+    print(time.time(), flush=True)
+    lock.release()
+""")
+
+
+def _assert_excludes_another_process(url: str, tmp_path: Path) -> None:
+    lock = trial_lock(url, "s")
+    lock.acquire()
+    try:
+        other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, url], env=_env(tmp_path / "home"), cwd=str(REPO),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0)  # time enough for the other interpreter to start and try
+        assert other.poll() is None, other.communicate()[1][-2000:]
+        released = time.time()
+    finally:
+        lock.release()
+    out, err = other.communicate(timeout=60)
+    assert other.returncode == 0, err[-2000:]
+    assert float(out.strip()) >= released
+
+
+def test_the_sqlite_lock_excludes_another_process(tmp_path: Path) -> None:
+    _assert_excludes_another_process(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
+
+
+def test_the_postgresql_lock_excludes_another_process(tmp_path: Path) -> None:
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable: {exc}")
+    _assert_excludes_another_process(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), tmp_path)
+
+
+class _RecordingLock:
+    """Records, at each release, whether the newest trial already carried the run key."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study, self.held, self.tagged_at_release = study, False, []
+
+    def acquire(self) -> None:
+        assert not self.held
+        self.held = True
+
+    def release(self) -> None:
+        self.held = False
+        trials = self.study.get_trials(deepcopy=False)
+        if trials and trials[-1].state == TrialState.RUNNING:
+            self.tagged_at_release.append(trials[-1].user_attrs.get("run_key"))
+
+
+def test_a_new_trial_is_tagged_with_its_run_before_the_lock_is_released() -> None:
+    study = optuna.create_study(direction="maximize")
+    lock = _RecordingLock(study)
+
+    def objective(trial: optuna.Trial) -> float:
+        assert not lock.held  # the training itself runs without the lock
+        return trial.suggest_float("x", 0, 1)
+
+    run_study(study, objective, n_trials=3, run_key="k", lock=lock)
+    assert lock.tagged_at_release == ["k", "k", "k"]

@@ -9,6 +9,7 @@ started with the commands of tests/e2e/commands.py, the ones docker/compose.yaml
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -64,7 +65,9 @@ def test_a_train_run_with_two_workers_finishes_exactly_n_trials_on_postgresql(tm
         out = procs.run(_bin(["prefect", *RUN]), env=env, timeout=300).stdout
         assert "Completed" in out, out[-4000:]
 
-        (parent,) = _flow_runs(api_url, "mnist/train")
+        parent_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)  # (the nightly schedule adds runs too)
+        (parent,) = [r for r in _flow_runs(api_url, "mnist/train") if r["id"] == parent_id]
+        assert parent["state"]["type"] == "COMPLETED"
         children = _flow_runs(api_url, "mnist-trials/worker")
         assert len(children) == 2 and all(c["state"]["type"] == "COMPLETED" for c in children)
         storage = optuna.storages.RDBStorage(study_db)
@@ -85,7 +88,9 @@ def test_a_train_run_with_two_workers_finishes_exactly_n_trials_on_postgresql(tm
         dashboard = procs.start("dashboard", _bin(commands.dashboard("127.0.0.1", dashboard_port)), env=env,
                                 log_dir=logs)
         started.append(dashboard)
-        procs.wait_http(f"http://127.0.0.1:{dashboard_port}/", proc=dashboard, timeout=60)
+        studies_url = f"http://127.0.0.1:{dashboard_port}/api/studies"
+        procs.wait_http(studies_url, proc=dashboard, timeout=60)
+        assert summary.study_name in httpx.get(studies_url, timeout=10).text
     except BaseException:
         for proc in started:
             print(f"--- {proc.name} log ---\n" + procs.tail(proc.log, 6000))

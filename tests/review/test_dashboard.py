@@ -87,3 +87,40 @@ def test_the_dashboard_reports_a_port_in_use(world):
             make_dashboard_server(world.database_url, "127.0.0.1", first.server_address[1])
     finally:
         first.server_close()
+
+
+def test_a_study_keeps_writing_trials_and_notes_while_the_dashboard_polls_it(tmp_path):
+    from mnist_flow.db import optuna_storage
+
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    study = optuna.create_study(storage=optuna_storage(url), study_name="busy", direction="maximize")
+    server = make_dashboard_server(url, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/api/studies"
+    stop, polls, errors = threading.Event(), [], []
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"{base}/{study._study_id}?after=0", timeout=30) as response:
+                    polls.append(len(json.load(response)["trials"]))
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("val_accuracy", [0.5, 0.6])
+        return trial.suggest_float("lr", 1e-3, 0.3, log=True)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        study.optimize(objective, n_trials=30, callbacks=[annotate_finished_trial])
+    finally:
+        stop.set()
+        poller.join(timeout=30)
+        server.shutdown()
+        server.server_close()
+
+    assert not errors and len(polls) >= 3
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 30
+    assert all(read_note(study, t).startswith(f"## Trial {t.number}") for t in study.trials)

@@ -109,3 +109,13 @@ def test_run_summary_markdown_has_params_accuracies_comparison_stage_times_and_f
                      "not significantly better (p=0.41)", "| tune | 12.5 |", "ab" * 32, "mnist:***@db"):
         assert expected in text, expected
     assert "s3cret" not in text
+
+
+def test_test_data_of_another_fingerprint_is_refused_without_starting_a_download(tmp_path):
+    from mnist_flow.errors import DataError
+    from mnist_flow.report import load_test_data
+
+    with pytest.raises(DataError, match=r"No mnist data with the champion's fingerprint 0000000000000000") as caught:
+        load_test_data("mnist", "0" * 64, cache_dir=tmp_path)  # empty cache: only the sample is tried
+    assert "sample: " in caught.value.message and "--source dir --data-dir" in caught.value.fix
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,259 @@
+"""Run every benchmark (each in a fresh process) and rewrite docs/benchmarks.md from their results.
+
+    python benchmarks/run_all.py              # profile, training, evaluation, threads, orchestration, memory
+    python benchmarks/run_all.py --search     # also the pruner comparison (about 10 CPU minutes more)
+    python benchmarks/run_all.py --only train eval   # a subset; the others' sections say "not run"
+
+Every figure is a median of at least 3 runs measured side by side in one process (or in alternating
+child processes), so ratios stay meaningful on a shared machine; the load average is printed with each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import common
+
+HERE = Path(__file__).resolve().parent
+DOC = common.ROOT / "docs" / "benchmarks.md"
+
+BENCHES: dict[str, list[str]] = {
+    "profile1": ["profile_train.py", "--threads", "1", "--steps", "300"],
+    "profile2": ["profile_train.py", "--threads", "2", "--steps", "100"],
+    "train": ["bench_train.py", "--threads", "1", "--repeats", "3"],
+    "eval": ["bench_eval.py", "--threads", "1", "--repeats", "5"],
+    "threads": ["bench_threads.py", "--repeats", "3"],
+    "orchestration": ["bench_orchestration.py", "--repeats", "3"],
+    "memory": ["bench_memory.py", "--repeats", "3"],
+    "compile": ["bench_compile.py", "--threads", "1", "--repeats", "3"],
+    "search": ["bench_search.py", "--n-trials", "12", "--max-epochs", "6"],
+}
+
+
+def run_bench(name: str, outdir: Path) -> dict[str, Any] | None:
+    out = outdir / f"{name}.json"
+    cmd = [common.PYTHON, str(HERE / BENCHES[name][0]), *BENCHES[name][1:], "--out", str(out)]
+    print(f"== {name}: {' '.join(cmd[1:])} (load {common.load_average()})", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=HERE, stdout=subprocess.DEVNULL, text=True)
+    print(f"   {name} took {time.perf_counter() - start:.0f}s, exit {proc.returncode}", flush=True)
+    if proc.returncode != 0 or not out.exists():
+        return None
+    return json.loads(out.read_text())
+
+
+def f(value: float, digits: int = 2) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def section_profile(r1: dict | None, r2: dict | None) -> list[str]:
+    lines = ["## Profile", ""]
+    if r1 is None:
+        return lines + ["Not run.", ""]
+    lines += [f"`{r1['command']}` (load {r1['load']}): torch.profiler over {r1['steps']} batch-64 steps of "
+              f"`train_epoch` (784-500-256-10, SGD momentum) on the first {r1['steps'] * 64:,} samples of the "
+              f"54,000-sample Fashion-MNIST training split. Unprofiled: {f(r1['ms_per_step_wall'])} ms per step "
+              f"wall, {f(r1['ms_per_step_cpu'])} ms CPU.", "",
+              "| where the operators' self time goes (1 thread) | ms per step | share |", "|---|---:|---:|"]
+    for group, ms in r1["group_ms_per_step"].items():
+        lines.append(f"| {group} | {f(ms, 3)} | {r1['group_share_percent'][group]} % |")
+    lines += ["", "<details><summary>torch.profiler table (1 thread)</summary>", "", "```", r1["table"].rstrip(),
+              "```", "</details>", ""]
+    if r2 is not None:
+        lines += [f"The same at 2 threads (`{r2['command']}`, load {r2['load']}): {f(r2['ms_per_step_wall'])} ms "
+                  f"per step wall, {f(r2['ms_per_step_cpu'])} ms CPU (both threads); matmul "
+                  f"{r2['group_share_percent']['matmul (mm, addmm)']} % of operator time.", "",
+                  "<details><summary>torch.profiler table (2 threads)</summary>", "", "```", r2["table"].rstrip(),
+                  "```", "</details>", ""]
+    return lines
+
+
+def section_train(r: dict | None) -> list[str]:
+    lines = ["## Training throughput", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    lines += [f"`{r['command']}` ({r['threads']} intra-op thread(s); load {r['load_before']} before, "
+              f"{r['load_after']} after). Fashion-MNIST, {r['samples']:,} training samples (the pipeline's "
+              f"stratified 10% validation split of the 60,000), batch {r['batch']}, 784-500-256-10, SGD lr 0.01 "
+              f"momentum 0.9, one epoch per run, median of {r['repeats']} rounds, variants alternating.", "",
+              f"FLOP floor: 3 x 2 x {r['multiply_adds_per_sample']:,} multiply-adds x {r['samples']:,} samples = "
+              f"{f(r['flops_per_epoch'] / 1e9, 1)} GFLOP per epoch, at the sustained rate of the GEMMs a batch-64 "
+              f"step performs (forward, input-gradient and weight-gradient of each layer, `torch.mm` into "
+              f"preallocated outputs): {f(r['step_gemm_gflops'], 1)} GFLOP/s wall, "
+              f"{f(r['step_gemm_gflops_cpu'], 1)} GFLOP/s CPU, so the floor is {f(r['floor_s_per_epoch'])} s "
+              f"wall ({f(r['floor_cpu_s_per_epoch'])} s CPU) per epoch. Large-GEMM peak (2048^3): "
+              f"{f(r['big_gemm_gflops'], 1)} GFLOP/s wall, {f(r['big_gemm_gflops_cpu'], 1)} GFLOP/s CPU.", "",
+              "| variant | s/epoch (wall) | s/epoch (CPU) | samples/s | speedup vs seed (wall / CPU) "
+              "| x floor (wall / CPU) | final train loss |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        speed = (f"{f(row['speedup_vs_seed'])} / {f(row['cpu_speedup_vs_seed'])}" if "speedup_vs_seed" in row
+                 else "n/a")
+        lines.append(f"| {row['variant']} | {f(row['s_per_epoch'])} | {f(row['cpu_s_per_epoch'])} | "
+                     f"{row['samples_per_s']:,.0f} | {speed} | {f(row['ratio_to_floor'])} / "
+                     f"{f(row['cpu_ratio_to_floor'])} | {row['final_loss']:.4f} |")
+    lines += ["", "Runs (wall s): " + "; ".join(f"{row['variant']} {row['runs_wall']}" for row in r["rows"]), ""]
+    return lines
+
+
+def section_eval(r: dict | None) -> list[str]:
+    lines = ["## Evaluation", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    lines += [f"`{r['command']}` ({r['threads']} thread(s); load {r['load_before']} before, {r['load_after']} "
+              f"after). The {r['samples']:,} Fashion-MNIST test images, the same weights in both; accuracies agree: "
+              f"{r['accuracy_agrees']}.", "",
+              "| variant | s per pass (wall) | s (CPU) | samples/s | speedup vs seed (wall / CPU) | accuracy |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['variant']} | {f(row['s_per_pass'], 3)} | {f(row['cpu_s_per_pass'], 3)} | "
+                     f"{row['samples_per_s']:,.0f} | {f(row['speedup_vs_seed'], 1)} / "
+                     f"{f(row['cpu_speedup_vs_seed'], 1)} | {row['accuracy']:.4f} |")
+    return lines + [""]
+
+
+def section_compile(r: dict | None) -> list[str]:
+    lines = ["## torch.compile", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    ms, cpu = r["ms_per_step"], r["cpu_ms_per_step"]
+    even = r["break_even_steps"]
+    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}). Compilation (first "
+              f"call, forward and backward graphs): {f(r['compile_s'], 1)} s. Per batch-64 step: eager "
+              f"{f(ms['eager'])} ms wall ({f(cpu['eager'])} CPU), compiled {f(ms['compiled'])} ms wall "
+              f"({f(cpu['compiled'])} CPU). "
+              + (f"Break-even after {even:,.0f} steps." if even else "The compiled model is not faster, so it "
+                 "never pays back its compile time."), ""]
+    return lines
+
+
+def section_threads(r: dict | None) -> list[str]:
+    lines = ["## Intra-op threads", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    lines += [f"`{r['command']}` (load after: {r['load_after']}). 100 batch-64 steps of `train_epoch`, each "
+              "configuration in its own process, rounds alternating.", "",
+              "| configuration | ms per step (wall) | ms per step (CPU) | runs (wall s) |", "|---|---:|---:|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['config']} | {f(row['ms_per_step'])}"
+                     f" | {f(row['cpu_ms_per_step'])} | {row['runs_wall']} |")
+    return lines + [""]
+
+
+def section_orchestration(r: dict | None) -> list[str]:
+    lines = ["## Orchestration overhead", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    med = r["median"]
+    lines += [f"`{r['command']}` ({r['env']}; load after: {r['load_after']}).", ""]
+    for name, cmd in r["commands"].items():
+        lines.append(f"- {name}: `{cmd}`")
+    lines += ["", "| | tune stage s (median) | whole command s (median) |", "|---|---:|---:|",
+              f"| bare Optuna (`mnist-flow tune`) | {f(med['mnist-flow tune']['stage'])} | "
+              f"{f(med['mnist-flow tune']['wall'])} |",
+              f"| Prefect flow (`flows/mnist.py`) | {f(med['flows/mnist.py']['stage'])} | "
+              f"{f(med['flows/mnist.py']['wall'])} |",
+              f"| temporary Prefect server start-up alone | {f(med['server start']['stage'])} | "
+              f"{f(med['server start']['wall'])} |", "",
+              f"Tune stage through Prefect: {r['tune_overhead_percent']:+.1f} % against bare Optuna.", "",
+              "Runs: " + json.dumps({k: [round(e['stage'], 2) for e in v] for k, v in r["runs"].items()}), ""]
+    return lines
+
+
+def section_memory(r: dict | None) -> list[str]:
+    lines = ["## Memory", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    lines += [f"`{r['command']}` ({r['env']}; load after: {r['load_after']}). Peak RSS in MB, median of "
+              f"{r['repeats']}.", "",
+              "| command | largest process peak (wait4) | process tree peak (sampled) | wall s |",
+              "|---|---:|---:|---:|"]
+    for row in r["rows"]:
+        lines.append(f"| `{row['shell']}` | {row['process_peak_mb']:,.0f} | {row['tree_peak_mb']:,.0f} | "
+                     f"{f(row['wall_s'], 1)} |")
+    return lines + [""]
+
+
+def section_search(r: dict | None) -> list[str]:
+    lines = ["## Search efficiency", ""]
+    if r is None:
+        return lines + ["Not run in this rewrite (`python benchmarks/run_all.py --search` runs it; about 10 CPU "
+                        "minutes).", ""]
+    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}). One run of each "
+              "study (a study is itself many trainings; it is not repeated).", "",
+              f"| pruner | epochs trained | wall s | epochs / s until best val acc >= {r['target']} "
+              "| complete / pruned | best val acc | test acc of best config |", "|---|---:|---:|---|---|---:|---:|"]
+    for row in r["rows"]:
+        reached = row["reached_target"]
+        until = (f"{reached['epochs']} / {f(reached['seconds'], 0)} (trial {reached['trial']})" if reached
+                 else "not reached")
+        lines.append(f"| {row['pruner']} | {row['epochs']} | {f(row['wall_s'], 0)} | {until} | {row['complete']} / "
+                     f"{row['pruned']} | {row['best_val_accuracy']:.4f} | {row['test_accuracy']:.4f} |")
+    lines += ["", f"Epochs saved by the pruner: {100 * r['epochs_saved_fraction']:.0f} %.", ""]
+    return lines
+
+
+def render(results: dict[str, dict | None], info: dict[str, Any], started: str, load: str, notes: str) -> str:
+    lines = ["# Benchmarks", "",
+             f"Generated by `make bench` (`python benchmarks/run_all.py`) on {started}; load average at the start: "
+             f"{load}. Each benchmark is a script under `benchmarks/` and can be run alone (commands below).", "",
+             "## Machine", "", "| | |", "|---|---|"]
+    for key, value in info.items():
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "The machine is shared: wall-clock figures depend on the load, so every comparison is made "
+              "side by side and CPU seconds (`time.process_time`) are given next to wall seconds; with one "
+              "intra-op thread the CPU seconds are the work done. No GPU was available: the CUDA path "
+              "(data kept on the device by `pipeline.prepare`, fused SGD) was not measured.", ""]
+    lines += section_profile(results.get("profile1"), results.get("profile2"))
+    lines += section_train(results.get("train"))
+    lines += section_eval(results.get("eval"))
+    lines += section_threads(results.get("threads"))
+    lines += section_compile(results.get("compile"))
+    lines += section_search(results.get("search"))
+    lines += section_orchestration(results.get("orchestration"))
+    lines += section_memory(results.get("memory"))
+    if notes:
+        lines += ["## Findings", "", notes.strip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+NOTES_FILE = HERE / "findings.md"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--search", action="store_true", help="also run the pruner comparison (~10 CPU minutes)")
+    parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    parser.add_argument("--doc", type=Path, default=DOC)
+    parser.add_argument("--keep", type=Path, default=None, help="also keep the JSON results in this folder")
+    parser.add_argument("--from-results", type=Path, default=None,
+                        help="render the page from JSON results kept earlier (with --keep) instead of running")
+    args = parser.parse_args()
+    names = args.only or [n for n in BENCHES if n != "search" or args.search]
+    started, load = time.strftime("%Y-%m-%d %H:%M %Z"), common.load_average()
+    if args.from_results:
+        results = {name: json.loads(p.read_text()) for name in BENCHES
+                   if (p := args.from_results / f"{name}.json").exists()}
+        load = "see each section (re-rendered from kept results)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
+            results = {name: run_bench(name, Path(tmp)) for name in names}
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                for out in Path(tmp).glob("*.json"):
+                    (args.keep / out.name).write_text(out.read_text())
+    failed = [n for n, r in results.items() if r is None]
+    notes = NOTES_FILE.read_text() if NOTES_FILE.exists() else ""
+    args.doc.write_text(render(results, common.machine(), started, load, notes))
+    print(f"wrote {args.doc}" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
