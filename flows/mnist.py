@@ -26,6 +26,7 @@ from mnist_flow.data import DataBundle
 from mnist_flow.errors import ConfigError
 from mnist_flow.progress import LogProgress
 from mnist_flow.registry import Registry
+from mnist_flow.scale import apply_threads
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
 
@@ -161,6 +162,7 @@ def mnist(
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
     params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
     settings = load_settings()
+    apply_threads(settings.threads)
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)
     run_key = str(flow_run.id or pipeline.new_run_key())

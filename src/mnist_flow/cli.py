@@ -16,6 +16,7 @@ import click
 import typer
 
 from mnist_flow.errors import ConfigError, MnistFlowError
+from mnist_flow.scale import apply_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Tune, train, evaluate and register MNIST classifiers.")
@@ -60,7 +61,7 @@ def train(
     config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed).validate()
     settings = load_settings(device=device)
-    _apply_threads(settings)
+    apply_threads(settings.threads)
     params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
                                       val_fraction=val_fraction)
     bundle = pipeline.load_data(params, settings)
@@ -104,7 +105,7 @@ def tune(ctx: typer.Context) -> None:
     as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
     params = pipeline.RunParams.parse(**args)
     settings = load_settings()
-    _apply_threads(settings)
+    apply_threads(settings.threads)
     watch = pipeline.Stopwatch()
     with watch("data"):
         bundle = pipeline.load_data(params, settings)
@@ -125,13 +126,6 @@ def tune(ctx: typer.Context) -> None:
               "seconds": watch.seconds}
     print(json.dumps(result, indent=2) if as_json else
           f"best trial #{best.number}: val_accuracy {best.value:.4f} {best.params} ({study.study_name})")
-
-
-def _apply_threads(settings) -> None:
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
 
 
 def _mount_subcommands() -> None:

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from mnist_flow.errors import RegistryError
+from mnist_flow.scale import apply_threads
 
 COMMANDS = ("dashboard", "report", "predict")
 
@@ -52,7 +53,7 @@ def report(
     from mnist_flow.settings import load_settings
 
     settings = load_settings()
-    _apply_threads(settings.threads)
+    apply_threads(settings.threads)
     url = settings.resolved_database_url
     check_database_exists(url)
     storage = optuna_storage(url)
@@ -84,7 +85,7 @@ def predict(
     from mnist_flow.settings import load_settings
 
     settings = load_settings()
-    _apply_threads(settings.threads)
+    apply_threads(settings.threads)
     registry = Registry.from_settings(settings)
     try:
         resolved = _resolve_name(registry, name)
@@ -100,13 +101,6 @@ def predict(
                                                                if version.aliases else ""), err=True)
     for row in results:
         typer.echo(f"{row['path']}: {row['digit']} (probability {row['probability']:.3f})")
-
-
-def _apply_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 def _resolve_name(registry, name: str | None) -> str:  # noqa: ANN001 - Registry

@@ -122,10 +122,10 @@ def prepare(bundle: data_lib.DataBundle, *, val_fraction: float, seed: int,
     """Carve the stratified validation split and move features to ``device`` once."""
     device = torch.device(device)
     train_idx, val_idx = data_lib.stratified_split(bundle.train_labels, val_fraction, seed)
-    features = data_lib.to_features(bundle.train_images, device)
-    labels = bundle.train_labels.to(device)
-    train_idx, val_idx = train_idx.to(device), val_idx.to(device)
-    splits = Splits(features[train_idx], labels[train_idx], features[val_idx], labels[val_idx])
+    images, labels = bundle.train_images, bundle.train_labels
+    # Split the uint8 images before converting: the float32 copy of the full set never exists.
+    splits = Splits(data_lib.to_features(images[train_idx], device), labels[train_idx].to(device),
+                    data_lib.to_features(images[val_idx], device), labels[val_idx].to(device))
     test_x = data_lib.to_features(bundle.test_images, device)
     return Prepared(bundle, splits, test_x, bundle.test_labels.to(device), device)
 

@@ -65,3 +65,11 @@ def available_cpus() -> int:
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:
     """Each of ``workers`` trial processes on one machine gets an equal share of the CPUs (at least 1)."""
     return max(1, (cpus if cpus is not None else available_cpus()) // max(1, workers))
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads when the user chose a number (MNIST_FLOW_THREADS); else keep torch's."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
