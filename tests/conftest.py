@@ -49,3 +49,55 @@ def require_fashion_mnist() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return FASHION_DIR
+
+
+# PostgreSQL 15 on 127.0.0.1:5432 (trust auth); .ci/run starts it. Not an MNIST_FLOW_* variable: those are settings.
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_admin():  # noqa: ANN201 - a psycopg connection
+    """A fresh autocommit admin connection: a failure in CI (which starts the server), a skip elsewhere."""
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture
+def pg_database():
+    """A factory of fresh databases, ``create(purpose) -> driver-less URL``; all dropped afterwards.
+
+    Each drop uses a new connection and retries, so a test that restarted the server still cleans up.
+    """
+    import time
+    import uuid
+
+    created: list[str] = []
+
+    def create(purpose: str) -> str:
+        name = f"mnist_flow_{purpose}_{uuid.uuid4().hex[:10]}"
+        with pg_admin() as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+    yield create
+    for name in created:
+        for _ in range(20):
+            try:
+                with pg_admin() as admin:
+                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                break
+            except Exception:  # noqa: BLE001 - the server may still be coming back up after an outage test
+                time.sleep(0.5)
+
+
+@pytest.fixture
+def pg_url(pg_database) -> str:
+    """One fresh PostgreSQL database as an SQLAlchemy (psycopg 3) URL."""
+    return pg_database("test").replace("postgresql://", "postgresql+psycopg://")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +21,6 @@ from mnist_flow.budget import SURPLUS_ATTR, Step, TrialBudget, trial_lock
 from mnist_flow.tune import run_study
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN = os.environ.get("MNIST_FLOW_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres").replace(
-    "postgresql+psycopg://", "postgresql://")
 
 # One process of the gate test: a trivial objective (no training), so the test measures the budget only.
 _GATE_WORKER = textwrap.dedent("""
@@ -88,21 +85,9 @@ def test_four_processes_on_one_sqlite_study_finish_exactly_n_trials(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_four_processes_on_one_postgresql_study_finish_exactly_n_trials(tmp_path: Path) -> None:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    db = f"mnist_flow_scale_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{db}"')
-    try:
-        url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + db
-        study = _run_gate_workers(url, processes=4, n_trials=30, tmp_path=tmp_path)
-        _assert_exact_budget(study, 30, 4)
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        admin.close()
+def test_four_processes_on_one_postgresql_study_finish_exactly_n_trials(tmp_path: Path, pg_url: str) -> None:
+    study = _run_gate_workers(pg_url, processes=4, n_trials=30, tmp_path=tmp_path)
+    _assert_exact_budget(study, 30, 4)
 
 
 @pytest.mark.slow
@@ -227,13 +212,8 @@ def test_the_sqlite_lock_excludes_another_process(tmp_path: Path) -> None:
     _assert_excludes_another_process(f"sqlite:///{tmp_path / 'study.db'}", tmp_path)
 
 
-def test_the_postgresql_lock_excludes_another_process(tmp_path: Path) -> None:
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        psycopg.connect(PG_ADMIN, connect_timeout=3).close()
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
-    _assert_excludes_another_process(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://"), tmp_path)
+def test_the_postgresql_lock_excludes_another_process(tmp_path: Path, pg_url: str) -> None:
+    _assert_excludes_another_process(pg_url, tmp_path)
 
 
 class _RecordingLock:

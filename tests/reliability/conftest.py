@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rel_helpers import PG_ADMIN_URL, REPO
+from conftest import pg_admin
+from rel_helpers import REPO
 
 REPORT = REPO / "test-output" / "reliability.json"
 
@@ -75,29 +76,7 @@ def home(tmp_path: Path) -> Path:
 
 
 def pg_connect():  # noqa: ANN201 - psycopg connection
-    """An autocommit admin connection to 127.0.0.1:5432 (the test is skipped if none answers)."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        return psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://"), autocommit=True,
-                               connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432: {exc}")
+    """An autocommit admin connection to 127.0.0.1:5432."""
+    return pg_admin()
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database ``mnist_flow_rel_<random>``, dropped afterwards (new connection each time,
-    so a test that restarts the server still cleans up)."""
-    name = f"mnist_flow_rel_{uuid.uuid4().hex[:12]}"
-    with pg_connect() as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        for _ in range(20):  # the server may still be coming back up after an outage test
-            try:
-                with pg_connect() as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                break
-            except Exception:  # noqa: BLE001
-                time.sleep(0.5)

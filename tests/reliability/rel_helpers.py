@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PG_ADMIN_URL = os.environ.get("MNIST_FLOW_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 #: A tiny, fast search: the bundled sample, narrow layers, big batches.
 FAST_TUNE = ["--source", "sample", "--hidden1-min", "64", "--hidden1-max", "64", "--hidden2-min", "64",
