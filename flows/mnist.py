@@ -69,12 +69,15 @@ def split_data(bundle: DataBundle, params: pipeline.RunParams, device: str) -> p
 
 
 @task(cache_policy=NO_CACHE)
-def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, database_url: str, run_key: str,
-         heartbeat: tuple[int, int] = (pipeline.HEARTBEAT_INTERVAL_S, pipeline.HEARTBEAT_GRACE_S)) -> tuple:
-    """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it)."""
-    return pipeline.tune(prepared, params, database_url, run_key=run_key, flow_run_id=flow_run.id,
-                         progress=LogProgress(get_run_logger()), heartbeat_interval=heartbeat[0],
-                         heartbeat_grace=heartbeat[1])
+def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Settings, run_key: str) -> tuple:
+    """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
+
+    A new study (new data) starts from the seed configuration and the current champion's parameters.
+    """
+    warm_start = pipeline.champion_warm_start(Registry.from_settings(settings), params.dataset)
+    return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
+                         progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
+                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
 
 
 @task(cache_policy=NO_CACHE)
@@ -173,8 +176,7 @@ def mnist(
     with watch("tune"):
         if params.workers > 1:  # trial workers run the study; the task below then only finds it done
             run_trial_workers(prepared, params, run_key, settings)
-        study, best = tune(prepared, params, settings.resolved_database_url, run_key,
-                           (settings.heartbeat_interval, settings.heartbeat_grace))
+        study, best = tune(prepared, params, settings, run_key)
     with watch("train"):
         fitted = train_best(prepared, best, params)
     with watch("evaluate"):

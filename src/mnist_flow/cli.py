@@ -95,6 +95,7 @@ def tune(ctx: typer.Context) -> None:
     """Run the flow's Optuna study without Prefect (same options as flows/mnist.py; --help lists them)."""
     from mnist_flow import pipeline
     from mnist_flow.cli_flow import build_parser
+    from mnist_flow.registry import Registry
     from mnist_flow.settings import load_settings
     from mnist_flow.train import select_device
 
@@ -118,7 +119,9 @@ def tune(ctx: typer.Context) -> None:
         with watch("tune"):
             study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
                                         progress=progress, heartbeat_interval=settings.heartbeat_interval,
-                                        heartbeat_grace=settings.heartbeat_grace)
+                                        heartbeat_grace=settings.heartbeat_grace,
+                                        warm_start=pipeline.champion_warm_start(Registry.from_settings(settings),
+                                                                                params.dataset))
     finally:
         progress.close()
     result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +20,8 @@ from optuna.trial import FrozenTrial
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mnist_flow import data as data_lib
+from mnist_flow.budget import fail_stale_trials, trial_lock
 from mnist_flow.dashboard import annotate_finished_trial
-from mnist_flow.budget import trial_lock
 from mnist_flow.db import mask_url, optuna_storage
 from mnist_flow.errors import ConfigError
 from mnist_flow.progress import NullProgress, Progress
@@ -160,7 +161,8 @@ def study_storage(storage_url: str, *, heartbeat_interval: int = HEARTBEAT_INTER
 def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: str,
          flow_run_id: str | None = None, progress: Progress | None = None,
          storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
-         heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0) -> tuple[optuna.Study, FrozenTrial]:
+         heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0,
+         warm_start: Sequence[dict[str, Any]] = ()) -> tuple[optuna.Study, FrozenTrial]:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -169,15 +171,11 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
     Trials left RUNNING by a killed process (no heartbeat for ``heartbeat_grace`` seconds) are failed
     first and their configurations re-queued, so a resumed run retries them instead of losing them.
     """
-    import warnings
-
     progress = progress or NullProgress()
     storage = storage or study_storage(storage_url, heartbeat_interval=heartbeat_interval,
                                        heartbeat_grace=heartbeat_grace)
-    study = open_run_study(prepared, params, storage, worker_index=worker_index)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
+    fail_stale_trials(study)
     objective = Objective(prepared.splits, params.search_space(), params.base_config(), device=prepared.device,
                           run_key=run_key, flow_run_id=flow_run_id)
     progress.start_trials(params.n_trials)
@@ -206,22 +204,25 @@ WORKER_SEED_STRIDE = 10_007
 
 
 def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.storages.BaseStorage, *,
-                   worker_index: int = 0) -> optuna.Study:
+                   worker_index: int = 0, warm_start: Sequence[dict[str, Any]] = ()) -> optuna.Study:
     """Create or load the dataset's study (the seed configuration is queued first in a new one)."""
     bundle = prepared.bundle
     return open_study(storage, study_name_for(bundle.name, bundle.fingerprint),
                       seed=params.seed + WORKER_SEED_STRIDE * worker_index, max_epochs=params.max_epochs,
                       user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
                                   "search_space": params.search_space().to_dict(),
-                                  "recipe": params.base_config().to_dict()})
+                                  "recipe": params.base_config().to_dict()},
+                      warm_start=warm_start)
 
 
-@dataclass(frozen=True)
-class FitResult:
-    model: torch.nn.Module
-    config: TrainConfig
-    history: History
-    test: EvalResult
+def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
+    """The champion's searched parameters, to queue first in a new study of ``dataset`` (else nothing)."""
+    champion = registry.champion(model_name(dataset))
+    if champion is None or len(champion.params.get("hidden", ())) != 2:
+        return []
+    hidden1, hidden2 = champion.params["hidden"]
+    return [{"lr": champion.params["lr"], "momentum": champion.params["momentum"], "hidden1": hidden1,
+             "hidden2": hidden2}]
 
 
 def fit_best(prepared: Prepared, config: TrainConfig, *, progress: Progress | None = None,

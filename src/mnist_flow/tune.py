@@ -157,8 +157,13 @@ def make_pruner(max_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, seed: int, max_epochs: int,
-               user_attrs: dict[str, Any] | None = None, enqueue_seed: bool = True) -> optuna.Study:
-    """Create or resume (``load_if_exists``) the study; a seeded TPE sampler and a Hyperband pruner."""
+               user_attrs: dict[str, Any] | None = None, enqueue_seed: bool = True,
+               warm_start: Sequence[dict[str, Any]] = ()) -> optuna.Study:
+    """Create or resume (``load_if_exists``) the study; a seeded TPE sampler and a Hyperband pruner.
+
+    A new study first runs the seed configuration, then the ``warm_start`` points (e.g. the champion
+    of an earlier study, whose data changed), so what earlier runs learnt is not thrown away.
+    """
     probe = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
                                 load_if_exists=True)
     # Offset the sampler's seed by the trials already there, so a resumed study does not replay
@@ -168,8 +173,12 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
                               pruner=make_pruner(max_epochs))
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
-    if enqueue_seed and not study.trials:
-        study.enqueue_trial(SEED_PARAMS, user_attrs={"baseline": "seed tutorial configuration"})
+    if not study.trials:
+        if enqueue_seed:
+            study.enqueue_trial(SEED_PARAMS, user_attrs={"baseline": "seed tutorial configuration"})
+        for point in warm_start:
+            study.enqueue_trial(point, user_attrs={"warm_start": "champion of an earlier study"},
+                                skip_if_exists=True)
     return study
 
 

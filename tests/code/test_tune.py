@@ -107,3 +107,29 @@ def test_run_study_refuses_a_budget_below_one():
 
 def test_the_study_name_follows_the_dataset_and_its_fingerprint():
     assert study_name_for("fashion-mnist", "ab" * 32) == "fashion-mnist-" + ("ab" * 6)
+
+
+def test_a_new_study_queues_the_warm_start_points_after_the_seed_configuration(tmp_path):
+    champion = {"lr": 0.05, "momentum": 0.8, "hidden1": 256, "hidden2": 128}
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "new", seed=0, max_epochs=2, warm_start=[champion])
+    queued = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert queued == [SEED_PARAMS, champion]
+
+
+def test_the_champion_of_a_dataset_becomes_the_warm_start_point():
+    from types import SimpleNamespace
+
+    from mnist_flow.pipeline import champion_warm_start
+
+    class FakeRegistry:
+        def __init__(self, champion):
+            self._champion = champion
+
+        def champion(self, name):
+            return self._champion
+
+    params = {"lr": 0.1, "momentum": 0.9, "hidden": [512, 256], "epochs": 30}
+    assert champion_warm_start(FakeRegistry(SimpleNamespace(params=params)), "mnist") == [
+        {"lr": 0.1, "momentum": 0.9, "hidden1": 512, "hidden2": 256}]
+    assert champion_warm_start(FakeRegistry(None), "mnist") == []
+    assert champion_warm_start(FakeRegistry(SimpleNamespace(params={**params, "hidden": [64]})), "mnist") == []
