@@ -24,7 +24,7 @@ from pydantic import Field
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
 from mnist_flow.errors import ConfigError
-from mnist_flow.progress import LogProgress
+from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
 from mnist_flow.scale import apply_threads
 from mnist_flow.settings import Settings, load_settings
@@ -166,6 +166,7 @@ def mnist(
     params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
     settings = load_settings()
     apply_threads(settings.threads)
+    quiet_optuna()
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)
     run_key = str(flow_run.id or pipeline.new_run_key())

@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from mnist_flow import pipeline
 from mnist_flow.db import mask_url
 from mnist_flow.errors import ConfigError
-from mnist_flow.progress import LogProgress
+from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.scale import apply_threads, check_shared_state, threads_per_worker
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
@@ -48,6 +48,7 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
     # On one machine the trial processes share the CPUs; on many each one has its machine's.
     threads = settings.threads or (None if settings.multi_host else threads_per_worker(run_params.workers))
     apply_threads(threads)
+    quiet_optuna()
     bundle = pipeline.load_data(run_params, settings)
     if study_name_for(bundle.name, bundle.fingerprint) != study_name:
         raise ConfigError(f"This worker's data ({bundle.name}, fingerprint {bundle.fingerprint[:12]}) is not the "

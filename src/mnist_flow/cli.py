@@ -16,6 +16,7 @@ import click
 import typer
 
 from mnist_flow.errors import ConfigError, MnistFlowError
+from mnist_flow.progress import quiet_optuna
 from mnist_flow.scale import apply_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -143,6 +144,7 @@ def _mount_subcommands() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one message on stderr and exit code 2, without a traceback."""
     _mount_subcommands()
+    quiet_optuna()
     try:
         app(args=argv, standalone_mode=False)
     except MnistFlowError as exc:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from mnist_flow.train import EpochStats
+if TYPE_CHECKING:
+    from mnist_flow.train import EpochStats
 
 
 class Progress(Protocol):
@@ -104,3 +105,10 @@ class RichProgress:
 
     def close(self) -> None:
         self.bars.stop()
+
+
+def quiet_optuna() -> None:
+    """Optuna's own INFO line per trial repeats what the Progress reports; keep its warnings."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
