@@ -6,13 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+from testlib import PG_ADMIN_URL, pg_admin
 
 # Nothing a test runs may call home or touch the developer's own state.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MNIST_FLOW_HOME", "/nonexistent/set-the-home-fixture")
-
-IN_CI = bool(os.environ.get("CI"))
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 @pytest.fixture
@@ -39,33 +37,6 @@ def sample_prepared(sample_bundle):
     from mnist_flow.pipeline import prepare
 
     return prepare(sample_bundle, val_fraction=0.1, seed=0, device="cpu")
-
-
-def require_fashion_mnist() -> Path:
-    """The Debian package's Fashion-MNIST: a failure in CI (which installs it), a skip elsewhere."""
-    if not FASHION_DIR.is_dir():
-        message = "Fashion-MNIST is missing: apt-get install dataset-fashion-mnist"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return FASHION_DIR
-
-
-# PostgreSQL 15 on 127.0.0.1:5432 (trust auth); .ci/run starts it. Not an MNIST_FLOW_* variable: those are settings.
-PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def pg_admin():  # noqa: ANN201 - a psycopg connection
-    """A fresh autocommit admin connection: a failure in CI (which starts the server), a skip elsewhere."""
-    import psycopg
-
-    try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {exc}"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @pytest.fixture

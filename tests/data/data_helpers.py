@@ -12,7 +12,6 @@ import torch
 from mnist_flow import data
 from mnist_flow.idx import encode_idx
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def tiny_arrays(n_train: int = 30, n_test: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import re
 import shutil
 import time
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_helpers import FASHION_DIR, tiny_arrays, write_dataset
+from data_helpers import tiny_arrays, write_dataset
+from testlib import require_fashion_mnist
 from mnist_flow import data
 from mnist_flow.data import load_dataset, to_features, validate_source
 from mnist_flow.errors import ConfigError, DataError
@@ -168,17 +168,9 @@ def test_sample_has_400_and_100_digits_per_class_and_matching_checksums() -> Non
     assert "Sebastian Raschka" in readme and "LeCun" in readme
 
 
-def _fashion_dir() -> Path:
-    if not FASHION_DIR.is_dir():
-        if os.environ.get("CI"):
-            pytest.fail(f"{FASHION_DIR} is missing: install Debian's dataset-fashion-mnist")
-        pytest.skip(f"{FASHION_DIR} is missing (Debian package dataset-fashion-mnist)")
-    return FASHION_DIR
-
-
 @pytest.mark.realdata
 def test_full_fashion_mnist_from_debian_gz_is_accepted_as_official_and_loads_fast() -> None:
-    folder = _fashion_dir()
+    folder = require_fashion_mnist()
     start = time.perf_counter()
     bundle = _load_dir(folder, "fashion-mnist")
     elapsed = time.perf_counter() - start
@@ -190,7 +182,7 @@ def test_full_fashion_mnist_from_debian_gz_is_accepted_as_official_and_loads_fas
 
 @pytest.mark.realdata
 def test_full_fashion_mnist_raw_files_are_accepted_with_the_same_fingerprint(tmp_path: Path) -> None:
-    folder = _fashion_dir()
+    folder = require_fashion_mnist()
     for path in folder.glob("*.gz"):
         with gzip.open(path) as src, open(tmp_path / path.stem, "wb") as dst:
             shutil.copyfileobj(src, dst)

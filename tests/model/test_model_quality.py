@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_fashion_mnist
+from testlib import require_fashion_mnist
 
 pytestmark = pytest.mark.realdata
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pg_admin
+from testlib import pg_admin
 from rel_helpers import REPO
 
 REPORT = REPO / "test-output" / "reliability.json"
