@@ -23,7 +23,7 @@ from pydantic import Field
 
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
-from mnist_flow.errors import ConfigError
+from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
 from mnist_flow.scale import apply_threads
@@ -39,21 +39,23 @@ try:
 except ModuleNotFoundError:
     from flows.trials import check_trial_workers, run_trial_workers
 
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15]}
-
-
-def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry I/O failures; a bad parameter or corrupt file will not fix itself."""
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry outages (network, database) and unexpected I/O errors; bad input or corrupt data will not fix itself."""
     try:
         state.result()
-    except ConfigError:
+    except TRANSIENT_ERRORS:
+        return True
+    except MnistFlowError:
         return False
     except Exception:
         return True
     return False
 
 
-@task(cache_policy=NO_CACHE, retry_condition_fn=_retry_unless_user_error, **IO_RETRIES)
+IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": _retry_transient}
+
+
+@task(cache_policy=NO_CACHE, **IO_RETRIES)
 def fetch_data(params: pipeline.RunParams, settings: Settings) -> DataBundle:
     """Fetch (or read) and verify the dataset; the fingerprint joins the lineage."""
     bundle = pipeline.load_data(params, settings)
@@ -99,16 +101,32 @@ def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
 
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
 def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: str, trial_number: int,
-             run_key: str, settings: Settings) -> tuple:
-    """Register the model with its lineage, then run the champion/challenger gate."""
+             run_key: str, settings: Settings) -> Any:
+    """Register the model with its lineage (idempotent: a retry registers it once)."""
     model, config, history = fitted
     registry = Registry.from_settings(settings)
-    registry.migrate()
-    version, decision = pipeline.register_and_decide(
-        registry, prepared, model, config, history, test, study_name=study_name, trial_number=trial_number,
-        run_key=run_key, flow_run_id=flow_run.id, margin=settings.promotion_margin, alpha=settings.promotion_alpha)
-    get_run_logger().info("registered %s v%d%s", version.name, version.version,
-                          f"; decision: {decision.outcome}: {decision.reason}" if decision else "")
+    try:
+        version = pipeline.register_challenger(registry, prepared, model, config, history, test,
+                                               study_name=study_name, trial_number=trial_number, run_key=run_key,
+                                               flow_run_id=flow_run.id)
+    finally:
+        registry.dispose()
+    get_run_logger().info("registered %s v%d", version.name, version.version)
+    return version
+
+
+@task(cache_policy=NO_CACHE)
+def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Settings) -> tuple:
+    """Champion/challenger gate: paired comparison on the same test set, decision recorded once."""
+    registry = Registry.from_settings(settings)
+    try:
+        version, decision = pipeline.decide_promotion(registry, prepared, version, test, flow_run_id=flow_run.id,
+                                                      margin=settings.promotion_margin,
+                                                      alpha=settings.promotion_alpha)
+    finally:
+        registry.dispose()
+    if decision is not None:
+        get_run_logger().info("decision on v%d: %s: %s", version.version, decision.outcome, decision.reason)
     return version, decision
 
 
@@ -183,7 +201,8 @@ def mnist(
     with watch("evaluate"):
         test = evaluate(fitted[0], prepared)
     with watch("register"):
-        version, decision = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
+        version = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
+        version, decision = gate(prepared, version, test, settings)
         publish_decision(decision, version, settings.resolved_database_url)
     summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted[2],
                                      watch.seconds, settings.resolved_database_url)

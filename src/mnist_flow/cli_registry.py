@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mnist_flow.errors import RegistryError
 from mnist_flow.registry import ModelVersion, Registry
 from mnist_flow.settings import load_settings
 
@@ -24,19 +23,8 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
 
 
 def _registry() -> Registry:
+    """The settings' registry; use it in a ``with`` block so its connections are closed."""
     return Registry.from_settings(load_settings())
-
-
-def _resolve_name(registry: Registry, name: str | None) -> str:
-    if name is not None:
-        return name
-    names = registry.names()
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise RegistryError("No model is registered yet.", fix="Train and register a model first.")
-    raise RegistryError(f"Several models are registered: {', '.join(names)}.",
-                        fix="Choose one with --name NAME.")
 
 
 def _echo_json(value: Any) -> None:
@@ -67,7 +55,8 @@ def _versions_table(versions: list[ModelVersion]) -> Table:
 @registry_app.command("list")
 def list_command(name: NameOption = None, as_json: JsonOption = False) -> None:
     """List registered versions (of --name, or of every model)."""
-    versions = _registry().list_versions(name)
+    with _registry() as registry:
+        versions = registry.list_versions(name)
     if as_json:
         _echo_json([v.to_dict() for v in versions])
     elif not versions:
@@ -80,8 +69,8 @@ def list_command(name: NameOption = None, as_json: JsonOption = False) -> None:
 def show_command(ref: Annotated[str, typer.Argument(help="Version number or alias, e.g. champion.")],
                  name: NameOption = None, as_json: JsonOption = False) -> None:
     """Show one version with its metrics, dataset, artifact and lineage."""
-    registry = _registry()
-    version = registry.get(_resolve_name(registry, name), ref)
+    with _registry() as registry:
+        version = registry.get(registry.resolve_name(name), ref)
     data = version.to_dict()
     if as_json:
         _echo_json(data)
@@ -99,9 +88,9 @@ def promote_command(version: Annotated[int, typer.Argument(help="Version to make
                     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")],
                     name: NameOption = None) -> None:
     """Make VERSION the champion by hand (recorded in the history)."""
-    registry = _registry()
-    model = _resolve_name(registry, name)
-    registry.promote(model, version, reason=reason)
+    with _registry() as registry:
+        model = registry.resolve_name(name)
+        registry.promote(model, version, reason=reason)
     Console().print(f"{model} v{version} is now champion.")
 
 
@@ -109,16 +98,17 @@ def promote_command(version: Annotated[int, typer.Argument(help="Version to make
 def rollback_command(reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")],
                      name: NameOption = None) -> None:
     """Give the champion alias back to the previous champion."""
-    registry = _registry()
-    model = _resolve_name(registry, name)
-    restored = registry.rollback(model, reason=reason)
+    with _registry() as registry:
+        model = registry.resolve_name(name)
+        restored = registry.rollback(model, reason=reason)
     Console().print(f"{model} v{restored.version} is champion again.")
 
 
 @registry_app.command("history")
 def history_command(name: NameOption = None, as_json: JsonOption = False) -> None:
     """Show promotion decisions (of --name, or of every model), oldest first."""
-    entries = _registry().history(name)
+    with _registry() as registry:
+        entries = registry.history(name)
     if as_json:
         _echo_json(entries)
         return

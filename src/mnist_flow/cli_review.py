@@ -16,7 +16,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from mnist_flow.errors import RegistryError
 from mnist_flow.scale import apply_threads
 
 COMMANDS = ("dashboard", "report", "predict")
@@ -47,7 +46,7 @@ def report(
     import optuna
 
     from mnist_flow.dashboard import check_database_exists
-    from mnist_flow.db import optuna_storage
+    from mnist_flow.db import dispose_storage, optuna_storage
     from mnist_flow.registry import Registry
     from mnist_flow.report import resolve_study_name, write_report
     from mnist_flow.settings import load_settings
@@ -57,13 +56,14 @@ def report(
     url = settings.resolved_database_url
     check_database_exists(url)
     storage = optuna_storage(url)
-    name = resolve_study_name(storage, study)
-    registry = Registry.from_settings(settings)
     try:
-        result = write_report(optuna.load_study(study_name=name, storage=storage), registry, out, source=source,
-                              data_dir=data_dir, cache_dir=settings.cache_dir, mirrors=settings.mirrors, top=top)
+        name = resolve_study_name(storage, study)
+        with Registry.from_settings(settings) as registry:
+            result = write_report(optuna.load_study(study_name=name, storage=storage), registry, out,
+                                  source=source, data_dir=data_dir, cache_dir=settings.cache_dir,
+                                  mirrors=settings.mirrors, top=top)
     finally:
-        registry.dispose()
+        dispose_storage(storage)
     typer.echo(f"report of study {name} in {result.out_dir}: {result.csv.name}, {result.summary.name}, "
                + ", ".join(p.name for p in result.plots))
     for file, reason in result.skipped.items():
@@ -86,12 +86,8 @@ def predict(
 
     settings = load_settings()
     apply_threads(settings.threads)
-    registry = Registry.from_settings(settings)
-    try:
-        resolved = _resolve_name(registry, name)
-        network, sidecar, version = registry.load(resolved, model)
-    finally:
-        registry.dispose()
+    with Registry.from_settings(settings) as registry:
+        network, sidecar, version = registry.load(registry.resolve_name(name), model)
     # str arguments, not Path: the output names each file exactly as it was given
     results = predict_images(images, network, sidecar, max_pixels=settings.max_image_pixels)
     if as_json:
@@ -101,17 +97,6 @@ def predict(
                                                                if version.aliases else ""), err=True)
     for row in results:
         typer.echo(f"{row['path']}: {row['digit']} (probability {row['probability']:.3f})")
-
-
-def _resolve_name(registry, name: str | None) -> str:  # noqa: ANN001 - Registry
-    if name is not None:
-        return name
-    names = registry.names()
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise RegistryError("No model is registered yet.", fix="Run the flow (`make run`) to register one first.")
-    raise RegistryError(f"Several models are registered: {', '.join(names)}.", fix="Choose one with --name NAME.")
 
 
 def mount(app: typer.Typer) -> None:

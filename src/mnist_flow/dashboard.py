@@ -157,13 +157,15 @@ def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int
     """A threaded WSGI server bound to ``host:port`` serving optuna-dashboard on ``database_url``."""
     from optuna_dashboard import wsgi
 
-    from mnist_flow.db import optuna_storage
+    from mnist_flow.db import dispose_storage, optuna_storage
 
     check_database_exists(database_url)
-    app = wsgi(optuna_storage(database_url))
+    storage = optuna_storage(database_url)
+    app = wsgi(storage)
     try:
         return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
     except OSError as exc:
+        dispose_storage(storage)
         raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
                           fix="Pick a free port with --port, or stop what is using it.") from None
 

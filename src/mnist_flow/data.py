@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torchvision.datasets
 
-from mnist_flow.errors import ConfigError, DataError
+from mnist_flow.errors import ConfigError, DataError, DownloadError
 from mnist_flow.idx import (
     MAGIC_IMAGES,
     MAGIC_LABELS,
@@ -373,7 +373,7 @@ def _download_file(filename: str, md5: str, target: Path, mirrors: Sequence[str]
             continue
         logger.info("downloaded %s", url)
         return url
-    raise DataError(
+    raise DownloadError(
         f"Could not download {filename}; tried: " + ("; ".join(tried) or "no mirrors") + ".",
         fix=_DOWNLOAD_FIX,
     )

@@ -209,3 +209,17 @@ def optuna_storage(url: str, *, heartbeat_interval: int | None = None, grace_per
         event.listen(storage.engine, "connect", _sqlite_on_connect)
         storage.engine.dispose()  # connections opened before the listener lacked the pragmas
     return storage
+
+
+def dispose_storage(storage: Any) -> None:
+    """Close an Optuna RDBStorage's session and pooled connections (other storages: nothing to do).
+
+    SQLAlchemy replaces a disposed pool with an empty one, so a study on ``storage`` stays readable:
+    a later read opens a fresh connection.
+    """
+    remove_session = getattr(storage, "remove_session", None)
+    if callable(remove_session):
+        remove_session()
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()

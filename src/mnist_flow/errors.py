@@ -28,6 +28,10 @@ class DataError(MnistFlowError):
     """A data file is missing, corrupt, or does not match its checksum."""
 
 
+class DownloadError(DataError):
+    """No mirror delivered a file: possibly transient (network), so worth retrying."""
+
+
 class RegistryError(MnistFlowError):
     """The model registry was asked for something it does not hold or cannot do."""
 
@@ -42,3 +46,7 @@ class DatabaseUnavailableError(MnistFlowError):
 
 class ImageError(MnistFlowError):
     """An image given for prediction cannot be used."""
+
+
+#: User-caused errors that may go away on their own (a network or database outage): worth retrying.
+TRANSIENT_ERRORS: tuple[type[MnistFlowError], ...] = (DownloadError, DatabaseUnavailableError)

@@ -56,7 +56,9 @@ class MLP(nn.Module):
     def from_safetensors(cls, data: bytes, architecture: dict[str, Any]) -> "MLP":
         """Rebuild a model from its sidecar architecture and safetensors weights."""
         if architecture.get("type") != "mlp":
-            raise ConfigError(f"Unknown model type {architecture.get('type')!r} in the artifact sidecar.")
+            raise ConfigError(f"Unknown model type {architecture.get('type')!r} in the artifact sidecar.",
+                              fix="Only 'mlp' artifacts can be loaded: restore the sidecar from a backup, or "
+                                  "register the model again with this version of mnist-flow.")
         model = cls(architecture["hidden"], architecture.get("in_features", IN_FEATURES),
                     architecture.get("num_classes", NUM_CLASSES))
         model.load_state_dict(load_safetensors(data))

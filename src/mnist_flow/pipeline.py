@@ -27,7 +27,7 @@ from mnist_flow.errors import ConfigError
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
 from mnist_flow.train import EvalResult, History, TrainConfig, evaluate, select_device, train_model
-from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, open_study,
+from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, open_study, recipe_of,
                              run_study, study_name_for)
 
 DatasetName = Literal["mnist", "fashion-mnist"]
@@ -135,10 +135,10 @@ def new_run_key() -> str:
     return uuid.uuid4().hex[:12]
 
 
-#: Defaults of Settings.heartbeat_interval / heartbeat_grace: a killed worker's trial is failed and
+#: Settings.heartbeat_interval / heartbeat_grace defaults: a killed worker's trial is failed and
 #: re-queued (same configuration) by the next process that opens the study a minute later.
-HEARTBEAT_INTERVAL_S = 10
-HEARTBEAT_GRACE_S = 60
+HEARTBEAT_INTERVAL_S: int = Settings.model_fields["heartbeat_interval"].default
+HEARTBEAT_GRACE_S: int = Settings.model_fields["heartbeat_grace"].default
 STALE_TRIAL_RETRIES = 3
 
 
@@ -196,7 +196,7 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
     run_study(study, objective, n_trials=params.n_trials, run_key=run_key,
               callbacks=[on_trial, annotate_finished_trial],
               lock=trial_lock(storage_url, study.study_name))
-    return study, best_trial(study)
+    return study, best_trial(study, recipe_of(params.base_config()))
 
 
 #: Sampler seeds of trial workers are this far apart, so parallel workers do not draw the same points.
@@ -303,41 +303,61 @@ def dashboard_command(database_url: str) -> str:
     return f"mnist-flow dashboard   # optuna-dashboard on {mask_url(database_url)}"
 
 
-def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
+def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
-                        run_key: str, flow_run_id: str | None, margin: float,
-                        alpha: float | None) -> tuple[Any, Any]:
-    """Register the model as a challenger, compare it with the champion on the same test set, decide.
-
-    Returns ``(model_version, decision)``. Registration is idempotent per run and trial, so a
-    retried run registers exactly once.
-    """
-    from mnist_flow.promotion import decide
-
+                        run_key: str, flow_run_id: str | None) -> Any:
+    """Register the model with its lineage; idempotent per run and trial, so a retry registers once."""
     bundle = prepared.bundle
-    name = model_name(bundle.name)
     metrics = {"val_accuracy": history.last.val_accuracy, "val_loss": history.last.val_loss,
                "test_accuracy": test.accuracy, "test_loss": test.loss, "train_loss": history.last.train_loss,
                "epochs": len(history.epochs), "train_seconds": round(sum(history.column("seconds")), 3)}
+    return registry.register(
+        model_name(bundle.name), model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics,
+        dataset_name=bundle.name, dataset_fingerprint=bundle.fingerprint, study_name=study_name,
+        trial_number=trial_number, flow_run_id=flow_run_id, seed=config.seed,
+        idempotency_key=f"{flow_run_id or run_key}:{study_name}:{trial_number}")
+
+
+def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: EvalResult, *,
+                     flow_run_id: str | None, margin: float, alpha: float | None) -> tuple[Any, Any]:
+    """Compare the challenger with the champion on the same test set, record the decision, move the alias.
+
+    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run)
+    gets its recorded decision back instead of a second one.
+    """
+    from mnist_flow.promotion import Decision, decide
+
+    name = version.name
+    earlier = [d for d in registry.history(name) if d["challenger_version"] == version.version and d["actor"] == "gate"]
+    if earlier:
+        fields = Decision.__dataclass_fields__
+        return registry.get(name, version.version), Decision(**{k: earlier[-1][k] for k in fields})
     champion = registry.champion(name)
-    version = registry.register(
-        name, model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics, dataset_name=bundle.name,
-        dataset_fingerprint=bundle.fingerprint, study_name=study_name, trial_number=trial_number,
-        flow_run_id=flow_run_id, seed=config.seed, idempotency_key=f"{flow_run_id or run_key}:{study_name}:{trial_number}")
     if champion is not None and champion.version == version.version:
-        return version, None  # a retried run whose model is already the champion: nothing left to decide
-    challenger_correct = (test.predictions == prepared.test_y.cpu())
+        return version, None  # made champion by hand in the meantime: nothing to decide
+    fingerprint = prepared.bundle.fingerprint
+    challenger_correct = test.predictions == prepared.test_y.cpu()
     champion_correct = None
-    if champion is not None and champion.dataset_fingerprint == bundle.fingerprint:
+    if champion is not None and champion.dataset_fingerprint == fingerprint:
         champion_model, _, _ = registry.load(name, champion.version)
         champion_model.to(prepared.device)
         champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
-    decision = decide(challenger_correct, champion_correct, challenger_fingerprint=bundle.fingerprint,
+    decision = decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
                       champion_fingerprint=champion.dataset_fingerprint if champion else None,
                       margin=margin, alpha=alpha)
     registry.record_decision(name, decision, challenger_version=version.version,
                              champion_version=champion.version if champion else None, flow_run_id=flow_run_id)
     return registry.get(name, version.version), decision
+
+
+def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
+                        history: History, test: EvalResult, *, study_name: str, trial_number: int,
+                        run_key: str, flow_run_id: str | None, margin: float,
+                        alpha: float | None) -> tuple[Any, Any]:
+    """:func:`register_challenger`, then :func:`decide_promotion`."""
+    version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
+                                  trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id)
+    return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
 
 
 def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, best: FrozenTrial, run_key: str,

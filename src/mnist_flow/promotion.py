@@ -75,17 +75,21 @@ def decide(challenger_correct: torch.Tensor, champion_correct: torch.Tensor | No
                           fix="Use margin >= 0 and 0 < alpha <= 1 (or no alpha).")
     challenger = _as_bool(challenger_correct, "challenger")
     challenger_acc = _accuracy(challenger)
-    if champion_correct is None:
+    if champion_fingerprint is None:
         return Decision("first", "no champion yet: the first model becomes champion", challenger_acc,
                         None, None, None, None, margin, alpha)
-    champion = _as_bool(champion_correct, "champion")
-    champion_acc = _accuracy(champion)
     if challenger_fingerprint != champion_fingerprint:
+        # Checked before any paired comparison: the caller does not score the champion on other data.
         return Decision(
             "blocked",
             f"dataset fingerprints differ (challenger {challenger_fingerprint}, champion {champion_fingerprint}): "
             "the accuracies are not comparable, nothing was promoted automatically; promote by hand if intended",
-            challenger_acc, champion_acc, None, None, None, margin, alpha)
+            challenger_acc, None, None, None, None, margin, alpha)
+    if champion_correct is None:
+        raise ConfigError("The champion has the challenger's data fingerprint but was not scored on its test set.",
+                          fix="Pass the champion's per-sample results (champion_correct).")
+    champion = _as_bool(champion_correct, "champion")
+    champion_acc = _accuracy(champion)
     if challenger.shape != champion.shape:
         raise ConfigError(
             f"Challenger and champion were scored on different numbers of samples "

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKeyConstraint, Integer, String, Text,
                         UniqueConstraint, delete, func, select)
 from sqlalchemy.engine import Engine
@@ -210,6 +211,12 @@ class Registry:
     def __repr__(self) -> str:
         return f"Registry({db.mask_url(self.database_url)!r}, {db.mask_url(self.artifacts_url)!r})"
 
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
     # -- plumbing ---------------------------------------------------------------------------
 
     @property
@@ -309,6 +316,18 @@ class Registry:
     def names(self) -> list[str]:
         """Registered model names, sorted."""
         return self._read(self._names)
+
+    def resolve_name(self, name: str | None) -> str:
+        """``name`` itself, or the only registered name when ``name`` is None (else RegistryError)."""
+        if name is not None:
+            return name
+        names = self.names()
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise RegistryError("No model is registered yet.",
+                                fix="Run the flow (`make run`) or `mnist-flow tune` and register a model first.")
+        raise RegistryError(f"Several models are registered: {', '.join(names)}.", fix="Choose one with --name NAME.")
 
     def list_versions(self, name: str | None = None) -> list[ModelVersion]:
         """All versions (of ``name``, or of every model), ordered by name then version."""
@@ -509,7 +528,21 @@ class Registry:
             raise ArtifactIntegrityError(
                 f"artifact sidecar {version.sidecar_uri} is not valid JSON with an 'architecture' entry",
                 fix="Restore the original file from a backup, or register the model again.") from None
-        return MLP.from_safetensors(data, architecture), sidecar, version
+        try:
+            model = MLP.from_safetensors(data, architecture)
+        except (RuntimeError, SafetensorError, ConfigError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            # load_state_dict raises RuntimeError on shape or key mismatches, safetensors SafetensorError on bad bytes
+            raise ArtifactIntegrityError(
+                f"artifact {version.artifact_uri} does not match the architecture in its sidecar "
+                f"{version.sidecar_uri} ({architecture!r}): {_brief(exc)}",
+                fix="Restore both files of this version from a backup, or register the model again.") from None
+        return model, sidecar, version
+
+
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters (load_state_dict lists every mismatched tensor)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _as_version_number(ref: str | int) -> int | None:

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_flow import data as data_lib
 from mnist_flow.db import mask_url
 from mnist_flow.errors import ConfigError, DataError
+from mnist_flow.tune import last_value
 
 TOP_TRIALS = 5
 PLOT_DPI = 110
@@ -39,14 +40,6 @@ PLOT_DPI = 110
 
 def _duration(trial: FrozenTrial) -> float | None:
     return round(trial.duration.total_seconds(), 3) if trial.duration else None
-
-
-def _last_value(trial: FrozenTrial) -> float | None:
-    if trial.value is not None:
-        return trial.value
-    if trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return None
 
 
 def _epochs(trial: FrozenTrial) -> int:
@@ -183,7 +176,7 @@ def plot_optimization_history(study: optuna.Study, path: Path) -> Path:
     ax = fig.add_subplot()
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    pruned = [t for t in trials if t.state == TrialState.PRUNED and _last_value(t) is not None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and last_value(t) is not None]
     if complete:
         ax.scatter([t.number for t in complete], [t.value for t in complete], label="complete", color="tab:blue")
         best, xs, ys = -math.inf, [], []
@@ -193,7 +186,7 @@ def plot_optimization_history(study: optuna.Study, path: Path) -> Path:
             ys.append(best)
         ax.step(xs, ys, where="post", color="tab:red", label="best so far")
     if pruned:
-        ax.scatter([t.number for t in pruned], [_last_value(t) for t in pruned], marker="x", color="tab:gray",
+        ax.scatter([t.number for t in pruned], [last_value(t) for t in pruned], marker="x", color="tab:gray",
                    label="pruned (last epoch)")
     if not complete and not pruned:
         ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
@@ -225,8 +218,12 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str
         return None, f"importances could not be computed: {exc}"
 
 
-def plot_param_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[str, float] | None]:
-    """A bar chart of hyperparameter importances, or a figure saying why there is none."""
+def plot_param_importances(study: optuna.Study,
+                           path: Path) -> tuple[Path, dict[str, float] | None, str | None]:
+    """A bar chart of hyperparameter importances, or a figure saying why there is none.
+
+    Returns the plot's path, the importances and, when there are none, the reason.
+    """
     importances, reason = param_importances(study)
     fig = _figure(6.0, 3.5)
     ax = fig.add_subplot()
@@ -238,7 +235,7 @@ def plot_param_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[
         ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
         ax.set_axis_off()
     ax.set_title("Hyperparameter importances")
-    return _save(fig, path), importances
+    return _save(fig, path), importances, reason
 
 
 def _curve(trial: FrozenTrial) -> list[float]:
@@ -410,7 +407,8 @@ def write_report(study: optuna.Study, registry: Any, out_dir: Path, *, source: s
     frame.to_csv(csv_path, index=False)
     report = Report(out_dir, csv_path, out_dir / "summary.md")
     report.plots.append(plot_optimization_history(study, out_dir / "optimization_history.png"))
-    importance_path, importances = plot_param_importances(study, out_dir / "param_importances.png")
+    importance_path, importances, no_importances = plot_param_importances(study,
+                                                                          out_dir / "param_importances.png")
     report.plots.append(importance_path)
     report.plots.append(plot_validation_curves(study, out_dir / "validation_curves.png", top))
     report.plots.append(plot_param_scatter(study, out_dir / "param_scatter.png"))
@@ -436,13 +434,18 @@ def write_report(study: optuna.Study, registry: Any, out_dir: Path, *, source: s
                          f"accuracy {report.champion.accuracy:.4f}")
                 report.plots.append(plot_confusion_matrix(report.champion.matrix, bundle.classes,
                                                           out_dir / "confusion_matrix.png", title))
-    report.summary.write_text(report_markdown(study, frame, report, importances, top))
+    report.summary.write_text(report_markdown(study, frame, report, importances, top,
+                                              importances_reason=no_importances))
     return report
 
 
 def report_markdown(study: optuna.Study, frame: pd.DataFrame, report: Report,
-                    importances: dict[str, float] | None, top: int = TOP_TRIALS) -> str:
-    """summary.md: the study, its trials by state, the best trials, importances, the champion, the files."""
+                    importances: dict[str, float] | None, top: int = TOP_TRIALS, *,
+                    importances_reason: str | None = None) -> str:
+    """summary.md: the study, its trials by state, the best trials, importances, the champion, the files.
+
+    ``importances_reason`` says why ``importances`` is None (as :func:`param_importances` returns it).
+    """
     attrs = study.user_attrs
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
     lines = [f"# Study `{study.study_name}`", "",
@@ -470,7 +473,7 @@ def report_markdown(study: optuna.Study, frame: pd.DataFrame, report: Report,
     if importances:
         lines += [f"- {name}: {value:.3f}" for name, value in importances.items()]
     else:
-        lines.append(f"Not available ({param_importances(study)[1]}).")
+        lines.append(f"Not available ({importances_reason or 'no importances were computed'}).")
     lines += ["", "## Champion", ""]
     if report.champion is not None:
         v = report.champion.version

@@ -120,6 +120,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
         trial.set_user_attr("worker", worker_id())
+        trial.set_user_attr("recipe", recipe_of(self.base))
         if self.run_key is not None and "run_key" not in trial.user_attrs:  # a re-queued trial keeps its run
             trial.set_user_attr("run_key", self.run_key)
         if self.flow_run_id is not None:
@@ -163,7 +164,10 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
 
     A new study first runs the seed configuration, then the ``warm_start`` points (e.g. the champion
     of an earlier study, whose data changed), so what earlier runs learnt is not thrown away.
+    A URL string becomes one storage, shared by the probe and the returned study.
     """
+    if isinstance(storage, str):
+        storage = optuna.storages.get_storage(storage)
     probe = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
                                 load_if_exists=True)
     # Offset the sampler's seed by the trials already there, so a resumed study does not replay
@@ -175,11 +179,23 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
         study.set_user_attr(key, value)
     if not study.trials:
         if enqueue_seed:
-            study.enqueue_trial(SEED_PARAMS, user_attrs={"baseline": "seed tutorial configuration"})
+            # skip_if_exists: two processes opening a new study at once both get here; the later one finds
+            # the seed trial already queued (Optuna checks existing trials' params) and adds none
+            study.enqueue_trial(SEED_PARAMS, user_attrs={"baseline": "seed tutorial configuration"},
+                                skip_if_exists=True)
         for point in warm_start:
             study.enqueue_trial(point, user_attrs={"warm_start": "champion of an earlier study"},
                                 skip_if_exists=True)
     return study
+
+
+def last_value(trial: FrozenTrial) -> float | None:
+    """The trial's value, else its last reported intermediate value (a pruned trial), else None."""
+    if trial.value is not None:
+        return trial.value
+    if trial.intermediate_values:
+        return trial.intermediate_values[max(trial.intermediate_values)]
+    return None
 
 
 def finished_trials(study: optuna.Study, run_key: str | None = None) -> list[FrozenTrial]:
@@ -236,9 +252,19 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
     return finished_trials(study, run_key)
 
 
-def best_trial(study: optuna.Study, run_key: str | None = None) -> FrozenTrial:
-    """The best COMPLETE trial (of the whole study: knowledge from earlier runs is kept)."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+def recipe_of(config: TrainConfig) -> dict[str, Any]:
+    """The fixed (not searched) part of a configuration; trials are only comparable within one recipe."""
+    return {"batch_size": config.batch_size, "weight_decay": config.weight_decay, "schedule": config.schedule,
+            "epochs": config.epochs}
+
+
+def best_trial(study: optuna.Study, recipe: dict[str, Any] | None = None) -> FrozenTrial:
+    """The best COMPLETE trial of the whole study (earlier runs count), trained with ``recipe`` if given.
+
+    A run with another batch size or schedule must not retrain the best point of a different recipe.
+    """
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if recipe is None or t.user_attrs.get("recipe") == recipe]
     if not complete:
         raise ConfigError("No trial of the study completed, so there is no configuration to train.",
                           fix="Run more trials (--n-trials) or more epochs (--max-epochs) so some finish unpruned.")

@@ -63,3 +63,31 @@ def test_changed_fingerprint_is_blocked():
     decision = gate(torch.ones(10, dtype=torch.bool), torch.zeros(10, dtype=torch.bool), fp="new", champ_fp="old")
     assert decision.outcome == "blocked" and not decision.promotes
     assert "fingerprints differ" in decision.reason
+
+
+def test_a_champion_on_other_data_blocks_promotion_even_without_its_per_sample_results():
+    # The pipeline never scores a champion on data with another fingerprint, so it passes None.
+    decision = gate(torch.ones(10, dtype=torch.bool), None, fp="sample", champ_fp="full-mnist")
+    assert decision.outcome == "blocked" and not decision.promotes
+
+
+def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sample_prepared):
+    from dataclasses import replace
+
+    from mnist_flow.pipeline import evaluate_test, register_and_decide
+    from mnist_flow.registry import Registry
+    from mnist_flow.train import TrainConfig, train_model
+
+    registry = Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "artifacts"))
+    config = TrainConfig(hidden=(32,), epochs=1)
+    s = sample_prepared.splits
+    model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y)
+    test = evaluate_test(model, sample_prepared)
+    kwargs = dict(study_name="s", trial_number=0, flow_run_id=None, margin=0.0, alpha=None)
+    first, _ = register_and_decide(registry, sample_prepared, model, config, history, test, run_key="a", **kwargs)
+    other_data = replace(sample_prepared, bundle=replace(sample_prepared.bundle, fingerprint="f" * 64))
+    second, decision = register_and_decide(registry, other_data, model, config, history, test, run_key="b",
+                                           **kwargs)
+    assert decision.outcome == "blocked"
+    assert registry.champion("mnist").version == first.version != second.version
+    registry.dispose()

@@ -133,3 +133,19 @@ def test_the_champion_of_a_dataset_becomes_the_warm_start_point():
         {"lr": 0.1, "momentum": 0.9, "hidden1": 512, "hidden2": 256}]
     assert champion_warm_start(FakeRegistry(None), "mnist") == []
     assert champion_warm_start(FakeRegistry(SimpleNamespace(params={**params, "hidden": [64]})), "mnist") == []
+
+
+def test_the_best_trial_is_taken_among_trials_of_the_same_recipe(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    space = SearchSpace(hidden1_min=64, hidden1_max=128, hidden2_min=64, hidden2_max=64)
+    onecycle, constant = TrainConfig(epochs=1, schedule="onecycle"), TrainConfig(epochs=1, schedule="constant")
+    study = open_study(url, "s", seed=0, max_epochs=1, enqueue_seed=False)
+    run_study(study, Objective(_splits(), space, onecycle, run_key="a"), n_trials=2, run_key="a")
+    run_study(study, Objective(_splits(), space, constant, run_key="b"), n_trials=2, run_key="b")
+    from mnist_flow.tune import recipe_of
+
+    for config in (onecycle, constant):
+        best = best_trial(study, recipe_of(config))
+        assert best.user_attrs["recipe"]["schedule"] == config.schedule
+    with pytest.raises(ConfigError, match="No trial"):
+        best_trial(study, recipe_of(TrainConfig(batch_size=7)))
