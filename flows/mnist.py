@@ -76,7 +76,8 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
     """
-    warm_start = pipeline.champion_warm_start(Registry.from_settings(settings), params.dataset)
+    with Registry.from_settings(settings) as registry:
+        warm_start = pipeline.champion_warm_start(registry, params.dataset)
     return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
                          progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
                          heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)

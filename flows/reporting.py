@@ -13,16 +13,13 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from mnist_flow.db import mask_url
+from mnist_flow.formatting import format_value
 
 DECISION_KEY = "promotion-decision"
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
-    return str(value)
+    return format_value(value, digits, small=1e-3)  # p-values below 0.001 keep their digits
 
 
 def decision_markdown(decision: Any, version: Any, database_url: str) -> str:

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
-from mnist_flow.db import mask_url
+from mnist_flow.db import dispose_storage, mask_url
 from mnist_flow.errors import ConfigError
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.scale import apply_threads, check_shared_state, threads_per_worker
@@ -60,17 +60,21 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
     storage = pipeline.study_storage(url, heartbeat_interval=settings.heartbeat_interval,
                                      heartbeat_grace=settings.heartbeat_grace)
     try:
-        storage.get_study_id_from_name(study_name)
-    except KeyError:
-        raise ConfigError(f"The study {study_name!r} is not in this worker's database "
-                          f"({mask_url(url)}).",
-                          fix="Point MNIST_FLOW_DATABASE_URL of every worker to the flow's study database.") from None
-    logger.info("trial worker %d of %d (%s, %s torch threads) on run %s", worker_index, run_params.workers,
-                worker_id(), torch.get_num_threads(), run_key)
-    study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run.id, storage=storage,
-                             worker_index=worker_index, progress=LogProgress(logger))
-    mine = [t.number for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()]
+        try:
+            storage.get_study_id_from_name(study_name)
+        except KeyError:
+            raise ConfigError(f"The study {study_name!r} is not in this worker's database "
+                              f"({mask_url(url)}).",
+                              fix="Point MNIST_FLOW_DATABASE_URL of every worker to the flow's study "
+                                  "database.") from None
+        logger.info("trial worker %d of %d (%s, %s torch threads) on run %s", worker_index, run_params.workers,
+                    worker_id(), torch.get_num_threads(), run_key)
+        study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run.id,
+                                 storage=storage, worker_index=worker_index, progress=LogProgress(logger))
+        mine = [t.number for t in study.get_trials(deepcopy=False)
+                if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()]
+    finally:
+        dispose_storage(storage)
     logger.info("trial worker %d ran trial(s) %s", worker_index, mine)
     return {"worker": worker_id(), "flow_run_id": str(flow_run.id), "trials": mine}
 
@@ -113,7 +117,10 @@ def run_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunParams, r
     logger = get_run_logger()
     storage = pipeline.study_storage(settings.resolved_database_url, heartbeat_interval=settings.heartbeat_interval,
                                      heartbeat_grace=settings.heartbeat_grace)
-    study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
+    try:
+        study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
+    finally:
+        dispose_storage(storage)
     parameters = {"params": params.model_dump(mode="json"), "run_key": run_key, "study_name": study.study_name}
     runs = [run_deployment(WORKER_DEPLOYMENT, parameters={**parameters, "worker_index": index}, timeout=0,
                            flow_run_name=f"trials-{run_key[:8]}-{index}", idempotency_key=f"{run_key}:trials:{index}")

@@ -7,15 +7,14 @@ moved into place, so a reader never sees a half-written file.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import uuid
-from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from mnist_flow.errors import ConfigError, RegistryError
+from mnist_flow.fsutil import atomic_write
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -60,11 +59,11 @@ class ArtifactStore:
     def write(self, relpath: str, data: bytes) -> str:
         """Write ``data`` atomically at ``relpath`` (replacing any previous file) and return its URI."""
         path = self._path(relpath)
-        folder, name = path.rsplit("/", 1)
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
         if self._local:
-            _write_local(Path(folder), Path(tmp), Path(path), data)
+            atomic_write(path, data, suffix=".tmp", sync_folder=True)
         else:
+            folder, name = path.rsplit("/", 1)
+            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
             self._fs.makedirs(folder, exist_ok=True)
             self._fs.pipe_file(tmp, data)
             try:
@@ -84,22 +83,3 @@ class ArtifactStore:
                 f"Artifact {uri} does not exist.",
                 fix="Restore the artifacts folder (MNIST_FLOW_ARTIFACTS_URL) or re-register the model.",
             ) from None
-
-
-def _write_local(folder: Path, tmp: Path, path: Path, data: bytes) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -115,14 +115,14 @@ def tune(ctx: typer.Context) -> None:
                                     device=select_device(settings.device))
     if not as_json:
         print(f"run key {run_key} (resume with --run-key {run_key})", file=sys.stderr)
+    with Registry.from_settings(settings) as registry:
+        warm_start = pipeline.champion_warm_start(registry, params.dataset)
     progress = _progress(not as_json)
     try:
         with watch("tune"):
             study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
                                         progress=progress, heartbeat_interval=settings.heartbeat_interval,
-                                        heartbeat_grace=settings.heartbeat_grace,
-                                        warm_start=pipeline.champion_warm_start(Registry.from_settings(settings),
-                                                                                params.dataset))
+                                        heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
     finally:
         progress.close()
     result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,
@@ -133,9 +133,11 @@ def tune(ctx: typer.Context) -> None:
 
 
 def _mount_subcommands() -> None:
+    """Add the registry group and the review commands to ``app`` (once, however often main() runs)."""
     from mnist_flow.cli_registry import registry_app
 
-    app.add_typer(registry_app, name="registry", help="List, show, promote and roll back registered models.")
+    if not any(group.typer_instance is registry_app for group in app.registered_groups):
+        app.add_typer(registry_app, name="registry", help="List, show, promote and roll back registered models.")
     from mnist_flow.cli_review import mount as mount_review
 
     mount_review(app)  # dashboard, report, predict

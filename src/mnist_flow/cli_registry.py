@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mnist_flow.formatting import format_value as _fmt
 from mnist_flow.registry import ModelVersion, Registry
 from mnist_flow.settings import load_settings
 
@@ -29,14 +30,6 @@ def _registry() -> Registry:
 
 def _echo_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2, sort_keys=False))
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _versions_table(versions: list[ModelVersion]) -> Table:

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_flow.db import is_sqlite, mask_url, sqlite_path
 from mnist_flow.errors import ConfigError
+from mnist_flow.formatting import format_params, format_value
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +57,13 @@ class _TrialRef:
 def trial_note(trial: FrozenTrial, model_version: Any | None = None) -> str:
     """The Markdown note of a finished trial: value, params, per-epoch curve, registered model (if any)."""
     lines = [f"## Trial {trial.number}", ""]
-    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    value = format_value(trial.value)
     seconds = trial.duration.total_seconds() if trial.duration else None
     lines.append(f"**{trial.state.name.lower()}**, validation accuracy **{value}**"
                  + (f", {seconds:.1f} s" if seconds is not None else "")
                  + (f", worker `{trial.user_attrs['worker']}`" if "worker" in trial.user_attrs else ""))
     if trial.params:
-        lines += ["", "Parameters: " + ", ".join(
-            f"`{k}`={v:.4g}" if isinstance(v, float) else f"`{k}`={v}" for k, v in trial.params.items())]
+        lines += ["", "Parameters: " + format_params(trial.params, code=True)]
     curve = {key: list(trial.user_attrs.get(key) or []) for key in CURVE_KEYS}
     epochs = max((len(values) for values in curve.values()), default=0)
     if epochs:

@@ -19,7 +19,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -32,6 +31,7 @@ import torch
 import torchvision.datasets
 
 from mnist_flow.errors import ConfigError, DataError, DownloadError
+from mnist_flow.fsutil import atomic_file
 from mnist_flow.idx import (
     MAGIC_IMAGES,
     MAGIC_LABELS,
@@ -385,23 +385,15 @@ class _BadContent(Exception):
 
 def _fetch(url: str, md5: str, target: Path, timeout: float) -> None:
     """Stream ``url`` into a temp file next to ``target``, check its md5, then rename it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     digest = hashlib.md5(usedforsecurity=False)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.fchmod(fd, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    # raising inside the block (a bad md5 included) leaves ``target`` untouched and removes the temp file
+    with atomic_file(target) as out, urllib.request.urlopen(request, timeout=timeout) as response:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
         if digest.hexdigest() != md5:
             raise _BadContent(f"md5 mismatch: expected {md5}, found {digest.hexdigest()}")
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _load_cache_or_download(name: str, cache_dir: Path, mirrors: Sequence[str], timeout: float) -> DataBundle:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from mnist_flow.errors import DataError
+from mnist_flow.fsutil import atomic_write
 
 UBYTE = 0x08
 MAGIC_IMAGES = 0x00000803
@@ -131,19 +130,3 @@ def write_idx(path: Path, tensor: torch.Tensor) -> None:
     if str(path).endswith(".gz"):
         data = gzip.compress(data, compresslevel=9, mtime=0)
     atomic_write(Path(path), data)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync it, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; the file is data, not a secret
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

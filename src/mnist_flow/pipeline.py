@@ -22,13 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mnist_flow import data as data_lib
 from mnist_flow.budget import fail_stale_trials, trial_lock
 from mnist_flow.dashboard import annotate_finished_trial
-from mnist_flow.db import mask_url, optuna_storage
+from mnist_flow.db import dispose_storage, mask_url, optuna_storage
 from mnist_flow.errors import ConfigError
+from mnist_flow.formatting import format_params
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
 from mnist_flow.train import EvalResult, History, TrainConfig, evaluate, select_device, train_model
-from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, open_study, recipe_of,
-                             run_study, study_name_for)
+from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, last_value,
+                             open_study, recipe_of, run_study, study_name_for)
 
 DatasetName = Literal["mnist", "fashion-mnist"]
 SourceName = Literal["auto", "download", "dir", "sample"]
@@ -170,33 +171,39 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
 
     Trials left RUNNING by a killed process (no heartbeat for ``heartbeat_grace`` seconds) are failed
     first and their configurations re-queued, so a resumed run retries them instead of losing them.
+
+    Without ``storage``, the study's storage is made here and its connections are closed on return
+    (the returned study stays usable); a ``storage`` passed in is left open for its caller to dispose.
     """
     progress = progress or NullProgress()
+    owned = storage is None  # a storage made here is closed here; a caller's storage is the caller's to close
     storage = storage or study_storage(storage_url, heartbeat_interval=heartbeat_interval,
                                        heartbeat_grace=heartbeat_grace)
-    study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
-    fail_stale_trials(study)
-    objective = Objective(prepared.splits, params.search_space(), params.base_config(), device=prepared.device,
-                          run_key=run_key, flow_run_id=flow_run_id)
-    progress.start_trials(params.n_trials)
+    try:
+        study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
+        fail_stale_trials(study)
+        objective = Objective(prepared.splits, params.search_space(), params.base_config(),
+                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id)
+        progress.start_trials(params.n_trials)
 
-    def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get("run_key") != run_key:
-            return
-        try:
-            best = study.best_value
-        except ValueError:
-            best = None
-        seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
-        progress.trial_done(trial.number, trial.state.name, trial.value if trial.value is not None else
-                            (trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values
-                             else None), best, trial.params, seconds)
+        def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+            if trial.user_attrs.get("run_key") != run_key:
+                return
+            try:
+                best = study.best_value
+            except ValueError:
+                best = None
+            seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
+            progress.trial_done(trial.number, trial.state.name, last_value(trial), best, trial.params, seconds)
 
-    # annotate_finished_trial writes each completed trial's dashboard note; it logs instead of raising
-    run_study(study, objective, n_trials=params.n_trials, run_key=run_key,
-              callbacks=[on_trial, annotate_finished_trial],
-              lock=trial_lock(storage_url, study.study_name))
-    return study, best_trial(study, recipe_of(params.base_config()))
+        # annotate_finished_trial writes each completed trial's dashboard note; it logs instead of raising
+        run_study(study, objective, n_trials=params.n_trials, run_key=run_key,
+                  callbacks=[on_trial, annotate_finished_trial],
+                  lock=trial_lock(storage_url, study.study_name))
+        return study, best_trial(study, recipe_of(params.base_config()))
+    finally:
+        if owned:  # the returned study stays readable: a later read opens a fresh connection
+            dispose_storage(storage)
 
 
 #: Sampler seeds of trial workers are this far apart, so parallel workers do not draw the same points.
@@ -265,8 +272,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"{summary['data']['test_samples']} test), fingerprint {summary['data']['fingerprint'][:16]}",
         f"study:       {summary['study']} ({summary['trials']['finished']} trials this run: "
         f"{summary['trials']['complete']} complete, {summary['trials']['pruned']} pruned)",
-        f"best params: trial #{best['trial']}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                             for k, v in best["params"].items()),
+        f"best params: trial #{best['trial']}: " + format_params(best["params"]),
         f"accuracy:    best trial val {best['val_accuracy']:.4f}; final model val "
         f"{summary['metrics']['val_accuracy']:.4f}, test {summary['metrics']['test_accuracy']:.4f}",
         f"registered:  {summary['model']['name']} v{summary['model']['version']} "

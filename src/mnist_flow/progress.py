@@ -10,6 +10,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from mnist_flow.formatting import format_params, format_value
+
 if TYPE_CHECKING:
     from mnist_flow.train import EpochStats
 
@@ -21,14 +23,6 @@ class Progress(Protocol):
     def start_epochs(self, label: str, total: int) -> None: ...
     def epoch_done(self, stats: EpochStats, total: int) -> None: ...
     def close(self) -> None: ...
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _fmt_params(params: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 class LogProgress:
@@ -50,7 +44,7 @@ class LogProgress:
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * max(0, self.total - self.done)
         self.logger.info("trial %d/%d (#%d) %s value=%s best=%s in %.1fs, eta %.0fs: %s", self.done, self.total,
-                         number, state, _fmt(value), _fmt(best), seconds, eta, _fmt_params(params))
+                         number, state, format_value(value), format_value(best), seconds, eta, format_params(params))
 
     def start_epochs(self, label: str, total: int) -> None:
         self.label = label
@@ -91,7 +85,8 @@ class RichProgress:
     def trial_done(self, number: int, state: str, value: float | None, best: float | None,
                    params: dict, seconds: float) -> None:
         if self.trials is not None:
-            self.bars.update(self.trials, advance=1, info=f"best {_fmt(best)} (last #{number} {state} {_fmt(value)})")
+            self.bars.update(self.trials, advance=1,
+                             info=f"best {format_value(best)} (last #{number} {state} {format_value(value)})")
 
     def start_epochs(self, label: str, total: int) -> None:
         if self.epochs is not None:

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 from mnist_flow import data as data_lib
 from mnist_flow.db import mask_url
 from mnist_flow.errors import ConfigError, DataError
+from mnist_flow.formatting import format_value
 from mnist_flow.tune import last_value
 
 TOP_TRIALS = 5
@@ -97,11 +98,7 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-2 and value != 0 else f"{value:.{digits}f}"
-    return str(value)
+    return format_value(value, digits, small=1e-2)  # learning rates below 0.01 keep their digits
 
 
 def _params_text(params: dict[str, Any]) -> str:

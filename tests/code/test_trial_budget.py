@@ -6,9 +6,11 @@ The processes here are real (``python -c`` and ``mnist-flow tune``), started tog
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,16 +33,22 @@ _GATE_WORKER = textwrap.dedent("""
     from mnist_flow.pipeline import study_storage
     from mnist_flow.budget import trial_lock
     from mnist_flow.tune import run_study
-    url, name, run_key, n, start_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+    url, name, run_key, n, barrier, processes = sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5], int(sys.argv[6])]
     storage = study_storage(url, heartbeat_interval=1, heartbeat_grace=30)
     study = optuna.load_study(study_name=name, storage=storage)
-    while time.time() < start_at:  # start together, after every interpreter has imported torch
-        time.sleep(0.01)
+    lock = trial_lock(url, name)
     def objective(trial):
         trial.set_user_attr("worker", str(os.getpid()))
         time.sleep(random.uniform(0.0, 0.05))
         return trial.suggest_float("x", 0, 1)
-    run_study(study, objective, n_trials=n, run_key=run_key, lock=trial_lock(url, name), poll_seconds=0.1)
+    # A file barrier: start together, once every interpreter has imported everything, however long that took.
+    open(os.path.join(barrier, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120
+    while len(os.listdir(barrier)) < processes:
+        if time.monotonic() > deadline:
+            sys.exit(f"barrier: only {len(os.listdir(barrier))} of {processes} processes arrived in 120 s")
+        time.sleep(0.005)
+    run_study(study, objective, n_trials=n, run_key=run_key, lock=lock, poll_seconds=0.1)
 """)
 
 
@@ -53,8 +61,10 @@ def _env(home: Path) -> dict[str, str]:
 def _run_gate_workers(url: str, processes: int, n_trials: int, tmp_path: Path) -> optuna.Study:
     name = "budget"
     optuna.create_study(storage=url, study_name=name, direction="maximize")
-    start_at = time.time() + 15
-    procs = [subprocess.Popen([sys.executable, "-c", _GATE_WORKER, url, name, "run-a", str(n_trials), str(start_at)],
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    args = [url, name, "run-a", str(n_trials), str(barrier), str(processes)]
+    procs = [subprocess.Popen([sys.executable, "-c", _GATE_WORKER, *args],
                               env=_env(tmp_path / "home"), cwd=str(REPO), stderr=subprocess.PIPE, text=True)
              for _ in range(processes)]
     errors = [p.communicate(timeout=240)[1] for p in procs]
@@ -74,6 +84,7 @@ def _assert_exact_budget(study: optuna.Study, n_trials: int, processes: int) -> 
     # no surplus trial was needed: the lock is held from the count to the tag
     assert not [t for t in trials if SURPLUS_ATTR in t.user_attrs]
     assert states[TrialState.FAIL] == 0
+    # all processes passed the barrier together, so the trials really were shared (not run by the first one alone)
     assert len({t.user_attrs["worker"] for t in mine}) >= min(2, processes)
 
 
@@ -186,10 +197,27 @@ _HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from mnist_flow.budget import trial_lock
     lock = trial_lock(sys.argv[1], "s")
+    print("ready", flush=True)
     lock.acquire()
     print(time.time(), flush=True)
     lock.release()
 """)
+
+#: How long the other process must stay blocked once it is about to acquire: a broken lock lets it through in ms.
+_BLOCKED_FOR_S = 1.5
+
+
+def _stdout_lines(proc: subprocess.Popen) -> queue.Queue:
+    """The process's stdout lines as they come (None at the end), read by a thread so waits can time out."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put(line.strip())
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
 
 
 def _assert_excludes_another_process(url: str, tmp_path: Path) -> None:
@@ -198,14 +226,36 @@ def _assert_excludes_another_process(url: str, tmp_path: Path) -> None:
     try:
         other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, url], env=_env(tmp_path / "home"), cwd=str(REPO),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3.0)  # time enough for the other interpreter to start and try
-        assert other.poll() is None, other.communicate()[1][-2000:]
-        released = time.time()
-    finally:
+    except BaseException:
         lock.release()
-    out, err = other.communicate(timeout=60)
-    assert other.returncode == 0, err[-2000:]
-    assert float(out.strip()) >= released
+        raise
+    try:
+        try:
+            lines = _stdout_lines(other)
+            try:
+                first = lines.get(timeout=120)  # however long the interpreter takes to import
+            except queue.Empty:
+                pytest.fail("the other process did not get ready to acquire the lock in 120 s")
+            assert first == "ready", other.stderr.read()[-2000:] if first is None else first
+            early: list[str | None] = []
+            try:  # it is now in acquire(): it must stay blocked there while the lock is held here
+                early.append(lines.get(timeout=_BLOCKED_FOR_S))
+            except queue.Empty:
+                pass
+            assert not early and other.poll() is None, f"got past acquire() while the lock was held: {early}"
+            released = time.time()
+        finally:
+            lock.release()
+        try:  # released here, it goes on
+            acquired_at = lines.get(timeout=60)
+        except queue.Empty:
+            pytest.fail("the other process did not acquire the lock within 60 s of its release")
+        assert other.wait(timeout=60) == 0, other.stderr.read()[-2000:]
+        assert acquired_at is not None and float(acquired_at) >= released
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
 
 
 def test_the_sqlite_lock_excludes_another_process(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import optuna
 import pytest
 import torch
@@ -11,7 +13,14 @@ from mnist_flow.train import TrainConfig
 from mnist_flow.tune import (SEED_PARAMS, Objective, SearchSpace, Splits, best_trial, finished_trials,
                              open_study, run_study, study_name_for, suggest_config)
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna at WARNING for these tests only: the previous verbosity comes back afterwards."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(previous)
 
 
 def _splits(n: int = 200, seed: int = 0) -> Splits:

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -169,15 +168,13 @@ def test_sample_has_400_and_100_digits_per_class_and_matching_checksums() -> Non
 
 
 @pytest.mark.realdata
-def test_full_fashion_mnist_from_debian_gz_is_accepted_as_official_and_loads_fast() -> None:
+def test_full_fashion_mnist_from_debian_gz_is_accepted_as_official() -> None:
+    # How fast it loads is a benchmark's business (a wall-clock bound flakes on a busy machine).
     folder = require_fashion_mnist()
-    start = time.perf_counter()
     bundle = _load_dir(folder, "fashion-mnist")
-    elapsed = time.perf_counter() - start
     assert bundle.train_images.shape == (60_000, 28, 28) and bundle.test_images.shape == (10_000, 28, 28)
     assert torch.bincount(bundle.test_labels).tolist() == [1000] * 10
     assert bundle.classes[0] == "T-shirt/top"
-    assert elapsed < 6.0, f"loading took {elapsed:.2f}s"  # ~0.5 s here; generous for a loaded machine
 
 
 @pytest.mark.realdata

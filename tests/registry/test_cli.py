@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from registry_helpers import register
@@ -15,16 +16,15 @@ from mnist_flow.settings import load_settings
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch):
-    for key in list(__import__("os").environ):
-        if key.startswith("MNIST_FLOW_"):
+def registry_home(home, monkeypatch):
+    """The shared fresh ``home`` (no other MNIST_FLOW_* set) holding mnist v1 (0.91) and v2 (0.92)."""
+    for key in list(os.environ):
+        if key.startswith("MNIST_FLOW_") and key != "MNIST_FLOW_HOME":
             monkeypatch.delenv(key)
-    monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
-    reg = Registry.from_settings(load_settings())
-    for seed in (1, 2):
-        register(reg, seed=seed, accuracy=0.9 + seed / 100)
-    reg.dispose()
-    return tmp_path / "home"
+    with Registry.from_settings(load_settings()) as reg:
+        for seed in (1, 2):
+            register(reg, seed=seed, accuracy=0.9 + seed / 100)
+    return home
 
 
 def invoke(*args: str):
@@ -32,7 +32,7 @@ def invoke(*args: str):
     return result
 
 
-def test_list_json_prints_versions_only(home):
+def test_list_json_prints_versions_only(registry_home):
     result = invoke("list", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
@@ -40,12 +40,12 @@ def test_list_json_prints_versions_only(home):
     assert {"name", "aliases", "params", "metrics", "dataset", "artifact", "lineage", "created_at"} <= set(data[0])
 
 
-def test_list_human_output_is_a_table(home):
+def test_list_human_output_is_a_table(registry_home):
     result = invoke("list")
     assert result.exit_code == 0 and "mnist" in result.output and "0.9100" in result.output
 
 
-def test_promote_show_champion_rollback_history(home):
+def test_promote_show_champion_rollback_history(registry_home):
     assert invoke("promote", "1", "--reason", "baseline").exit_code == 0
     assert invoke("promote", "2", "--reason", "better").exit_code == 0
     shown = json.loads(invoke("show", "champion", "--json").output)
@@ -59,16 +59,15 @@ def test_promote_show_champion_rollback_history(home):
     assert "rolled_back" in invoke("history").output
 
 
-def test_show_unknown_version_raises_registry_error(home):
+def test_show_unknown_version_raises_registry_error(registry_home):
     result = invoke("show", "9")
     assert isinstance(result.exception, RegistryError)
     assert "versions: 1, 2" in str(result.exception)
 
 
-def test_name_is_required_when_several_models_exist(home):
-    reg = Registry.from_settings(load_settings())
-    register(reg, "fashion")
-    reg.dispose()
+def test_name_is_required_when_several_models_exist(registry_home):
+    with Registry.from_settings(load_settings()) as reg:
+        register(reg, "fashion")
     result = invoke("show", "1")
     assert isinstance(result.exception, RegistryError)
     assert "fashion, mnist" in str(result.exception)

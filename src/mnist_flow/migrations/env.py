@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 
-VERSION_TABLE = "mnist_flow_alembic_version"
+from mnist_flow.migrations import VERSION_TABLE
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=None, version_table=VERSION_TABLE,
