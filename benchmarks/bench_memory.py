@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def main() -> None:
             runs[name].append(res)
             print(f"  round {r + 1} {name}: {res.wall:.1f}s, process peak {res.maxrss_mb:.0f} MB, "
                   f"tree peak {res.tree_peak_mb:.0f} MB (load {common.load_average()})", flush=True)
-    rows = [{"command": name, "shell": " ".join(cmds[name]).replace(str(common.ROOT) + "/", ""),
+    rows = [{"command": name, "shell": shlex.join(cmds[name]).replace(str(common.ROOT) + "/", ""),
              "process_peak_mb": common.median([r.maxrss_mb for r in v]),
              "tree_peak_mb": common.median([r.tree_peak_mb for r in v]),
              "wall_s": common.median([r.wall for r in v]),

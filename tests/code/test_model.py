@@ -38,3 +38,10 @@ def test_safetensors_round_trip_gives_identical_outputs():
 
 def test_multiply_adds_count_every_layer():
     assert multiply_adds_per_sample((500, 256)) == 784 * 500 + 500 * 256 + 256 * 10
+
+
+def test_unknown_model_type_in_a_sidecar_is_a_config_error_with_a_fix():
+    data = MLP((8,)).to_safetensors()
+    with pytest.raises(ConfigError, match="Unknown model type 'cnn'") as caught:
+        MLP.from_safetensors(data, {"type": "cnn", "hidden": [8]})
+    assert caught.value.fix and "register the model again" in caught.value.fix

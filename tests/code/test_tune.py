@@ -118,6 +118,27 @@ def test_the_study_name_follows_the_dataset_and_its_fingerprint():
     assert study_name_for("fashion-mnist", "ab" * 32) == "fashion-mnist-" + ("ab" * 6)
 
 
+def test_two_processes_opening_a_new_study_at_once_queue_the_seed_configuration_once(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    real_trials = optuna.Study.trials
+    open_study(url, "s", seed=0, max_epochs=2)
+    # the second process looked at the study before the first one's seed trial was written
+    monkeypatch.setattr(optuna.Study, "trials", property(lambda self: []))
+    study = open_study(url, "s", seed=0, max_epochs=2)
+    monkeypatch.setattr(optuna.Study, "trials", real_trials)
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [SEED_PARAMS]
+
+
+def test_open_study_builds_one_storage_from_a_url(tmp_path, monkeypatch):
+    built = []
+    real = optuna.storages.get_storage
+    monkeypatch.setattr(optuna.storages, "get_storage", lambda storage: built.append(storage) or real(storage))
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", seed=0, max_epochs=2)
+    assert len([s for s in built if isinstance(s, str)]) == 1
+    assert len({id(s) for s in built if not isinstance(s, str)} | {id(study._storage)}) == 1
+
+
 def test_a_new_study_queues_the_warm_start_points_after_the_seed_configuration(tmp_path):
     champion = {"lr": 0.05, "momentum": 0.8, "hidden1": 256, "hidden2": 128}
     study = open_study(f"sqlite:///{tmp_path / 's.db'}", "new", seed=0, max_epochs=2, warm_start=[champion])

@@ -167,3 +167,59 @@ def test_concurrent_registrations_get_distinct_versions_postgres(pg_url, tmp_pat
     reg = Registry(pg_url, str(tmp_path / "art"))
     assert [v.version for v in reg.list_versions()] == versions
     reg.dispose()
+
+
+def _edit_sidecar(version, **architecture: object) -> None:
+    import json
+
+    path = Path(version.sidecar_uri.removeprefix("file://"))
+    sidecar = json.loads(path.read_text())
+    sidecar["architecture"].update(architecture)
+    path.write_text(json.dumps(sidecar))
+
+
+@pytest.mark.parametrize("architecture", [{"hidden": [16]}, {"hidden": [8, 8]}, {"num_classes": 3},
+                                          {"type": "cnn"}], ids=["wider", "deeper", "classes", "type"])
+def test_sidecar_disagreeing_with_the_weights_raises_integrity_error(registry, architecture):
+    version = register(registry)  # MLP((8,)): the checksum covers the weights, not the sidecar
+    _edit_sidecar(version, **architecture)
+    with pytest.raises(ArtifactIntegrityError) as caught:
+        registry.load("mnist", 1)
+    assert "does not match the architecture in its sidecar" in caught.value.message
+    assert version.artifact_uri in caught.value.message and caught.value.fix
+
+
+def test_unreadable_weights_with_a_matching_checksum_raise_integrity_error(registry):
+    from sqlalchemy import update
+
+    from mnist_flow.artifacts import sha256
+    from mnist_flow.registry import ModelVersionRow
+
+    version = register(registry)
+    garbage = b"not a safetensors file"
+    Path(version.artifact_uri.removeprefix("file://")).write_bytes(garbage)
+    with registry.engine.begin() as connection:  # as if the registry had recorded the bad bytes
+        connection.execute(update(ModelVersionRow).values(artifact_sha256=sha256(garbage)))
+    with pytest.raises(ArtifactIntegrityError, match="does not match the architecture"):
+        registry.load("mnist", 1)
+
+
+def test_registry_as_context_manager_disposes_its_engine(sqlite_url, tmp_path):
+    with Registry(sqlite_url, str(tmp_path / "artifacts")) as reg:
+        register(reg)
+        assert reg._engine is not None
+    assert reg._engine is None
+    assert [v.version for v in reg.list_versions()] == [1]  # still usable: a new engine on demand
+    reg.dispose()
+
+
+def test_resolve_name_picks_the_only_model_and_refuses_none_or_several(registry):
+    with pytest.raises(RegistryError, match="No model is registered"):
+        registry.resolve_name(None)
+    register(registry)
+    assert registry.resolve_name(None) == "mnist"
+    assert registry.resolve_name("other") == "other"
+    register(registry, "fashion")
+    with pytest.raises(RegistryError, match="Several models are registered: fashion, mnist") as caught:
+        registry.resolve_name(None)
+    assert "--name" in caught.value.fix

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from rel_helpers import FAST_TUNE, REPO, clean_env, mnist_flow
+from rel_helpers import REPO, clean_env, mnist_flow
 from optuna.trial import TrialState
 
 from mnist_flow import pipeline
@@ -24,8 +24,19 @@ RUN_KEY = "nightly-0001"
 HEARTBEAT = {"MNIST_FLOW_HEARTBEAT_INTERVAL": "1", "MNIST_FLOW_HEARTBEAT_GRACE": "2"}
 
 
+#: The run that gets killed: the seed trial (512-256, enqueued first) finishes in about a second, then every
+#: sampled trial is a 4096-1024 MLP whose epochs last a second or more each. Three epochs: Hyperband's rungs
+#: are at epochs 1 and 3, so once epoch 2 is reported nothing can prune or end the trial for a whole epoch.
+KILL_RUN = ["--source", "sample", "--hidden1-min", "4096", "--hidden1-max", "4096", "--hidden2-min", "1024",
+            "--hidden2-max", "1024", "--batch-size", "256", "--n-trials", "3", "--max-epochs", "3"]
+KILL_AT_EPOCH = 2
+
+
 def _running_mid_trial(db: Path) -> tuple[int, int] | None:
-    """(number of a RUNNING trial that has reported an epoch, finished trials) once there is one."""
+    """(number of a RUNNING trial that has just reported epoch 2, finished trials) once there is one.
+
+    Read through the study storage itself (the trials' state and their reported intermediate values).
+    """
     if not db.exists():
         return None
     try:
@@ -36,7 +47,7 @@ def _running_mid_trial(db: Path) -> tuple[int, int] | None:
     except sqlite3.Error:
         return None
     finished = sum(state in ("COMPLETE", "PRUNED") for _, state, _ in rows)
-    running = [number for number, state, epochs in rows if state == "RUNNING" and epochs >= 1]
+    running = [number for number, state, epochs in rows if state == "RUNNING" and epochs == KILL_AT_EPOCH]
     return (running[0], finished) if running and finished >= 1 else None
 
 
@@ -51,14 +62,14 @@ def test_sigkill_mid_trial_then_rerun_fails_the_trial_retries_its_config_and_red
         home: Path, reliability) -> None:
     env = clean_env(home, **HEARTBEAT)
     db = home / "mnist-flow.db"
-    args = ["tune", *FAST_TUNE, "--n-trials", "3", "--max-epochs", "3", "--run-key", RUN_KEY, "--json"]
+    args = ["tune", *KILL_RUN, "--run-key", RUN_KEY, "--json"]
     proc = subprocess.Popen([sys.executable, "-m", "mnist_flow.cli", *args], env=env, cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 150
         while (found := _running_mid_trial(db)) is None:
             assert proc.poll() is None, "the tune process ended before it could be killed mid-trial"
-            assert time.monotonic() < deadline, "no trial reached its first epoch in time"
+            assert time.monotonic() < deadline, f"no trial reached epoch {KILL_AT_EPOCH} in time"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
