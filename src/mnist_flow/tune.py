@@ -151,10 +151,13 @@ def study_name_for(dataset: str, fingerprint: str) -> str:
 
 
 def make_pruner(max_epochs: int) -> optuna.pruners.BasePruner:
-    # Hyperband compares trials at equal epochs; with one epoch there is nothing to prune on.
+    # Hyperband compares trials at equal epochs; with one epoch there is nothing to prune on. The first
+    # rung is at epoch 2, not 1: under the one-cycle warm-up, epoch-1 accuracy says little about the
+    # end, and the search benchmark saw a rung at 1 prune the eventual winner.
     if max_epochs < 2:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    return optuna.pruners.HyperbandPruner(min_resource=2 if max_epochs >= 4 else 1, max_resource=max_epochs,
+                                          reduction_factor=3)
 
 
 def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, seed: int, max_epochs: int,
