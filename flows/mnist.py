@@ -12,7 +12,6 @@ composes functions of the `mnist_flow` library; only I/O tasks (data, registry) 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import Flow, flow, get_run_logger, task
@@ -105,13 +104,10 @@ def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: 
              run_key: str, settings: Settings) -> Any:
     """Register the model with its lineage (idempotent: a retry registers it once)."""
     model, config, history = fitted
-    registry = Registry.from_settings(settings)
-    try:
+    with Registry.from_settings(settings) as registry:
         version = pipeline.register_challenger(registry, prepared, model, config, history, test,
                                                study_name=study_name, trial_number=trial_number, run_key=run_key,
                                                flow_run_id=flow_run.id)
-    finally:
-        registry.dispose()
     get_run_logger().info("registered %s v%d", version.name, version.version)
     return version
 
@@ -119,13 +115,10 @@ def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: 
 @task(cache_policy=NO_CACHE)
 def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Settings) -> tuple:
     """Champion/challenger gate: paired comparison on the same test set, decision recorded once."""
-    registry = Registry.from_settings(settings)
-    try:
+    with Registry.from_settings(settings) as registry:
         version, decision = pipeline.decide_promotion(registry, prepared, version, test, flow_run_id=flow_run.id,
                                                       margin=settings.promotion_margin,
                                                       alpha=settings.promotion_alpha)
-    finally:
-        registry.dispose()
     if decision is not None:
         get_run_logger().info("decision on v%d: %s: %s", version.version, decision.outcome, decision.reason)
     return version, decision

@@ -125,13 +125,13 @@ _KILL_DURING_REGISTER = textwrap.dedent("""
             return original(self, fn)
         reg_mod.Registry._write = dying_write
     elif kill == "mid-artifact":
-        import mnist_flow.artifacts as art
-        original_replace = art.os.replace
+        import mnist_flow.fsutil as fsutil  # the local artifact store's atomic write renames here
+        original_replace = fsutil.os.replace
         def dying_replace(src, dst):
             if str(dst).endswith("model.safetensors"):
                 os.kill(os.getpid(), signal.SIGKILL)
             return original_replace(src, dst)
-        art.os.replace = dying_replace
+        fsutil.os.replace = dying_replace
     torch.manual_seed(0)
     version = reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
                            metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
