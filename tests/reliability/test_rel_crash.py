@@ -25,17 +25,19 @@ HEARTBEAT = {"MNIST_FLOW_HEARTBEAT_INTERVAL": "1", "MNIST_FLOW_HEARTBEAT_GRACE":
 
 
 #: The run that gets killed: the seed trial (512-256, enqueued first) finishes in about a second, then every
-#: sampled trial is a 4096-1024 MLP whose epochs last a second or more each. Three epochs: Hyperband's rungs
-#: are at epochs 1 and 3, so once epoch 2 is reported nothing can prune or end the trial for a whole epoch.
+#: sampled trial is a 4096-1024 MLP whose epochs last a second or more each: seconds to catch one mid-trial.
 KILL_RUN = ["--source", "sample", "--hidden1-min", "4096", "--hidden1-max", "4096", "--hidden2-min", "1024",
             "--hidden2-max", "1024", "--batch-size", "256", "--n-trials", "3", "--max-epochs", "3"]
-KILL_AT_EPOCH = 2
+MAX_EPOCHS = 3
+#: A trial seen at the same epoch this long after is past that epoch's pruning decision, training the next one.
+SETTLED_S = 0.3
 
 
-def _running_mid_trial(db: Path) -> tuple[int, int] | None:
-    """(number of a RUNNING trial that has just reported epoch 2, finished trials) once there is one.
+def _running_mid_trial(db: Path) -> tuple[int, int, int] | None:
+    """(number, reported epochs, finished trials) of a RUNNING trial with 1 to MAX_EPOCHS - 1 epochs reported.
 
-    Read through the study storage itself (the trials' state and their reported intermediate values).
+    Read through the study storage itself (the trials' state and their reported intermediate values);
+    None until such a trial runs after at least one trial has finished.
     """
     if not db.exists():
         return None
@@ -47,8 +49,30 @@ def _running_mid_trial(db: Path) -> tuple[int, int] | None:
     except sqlite3.Error:
         return None
     finished = sum(state in ("COMPLETE", "PRUNED") for _, state, _ in rows)
-    running = [number for number, state, epochs in rows if state == "RUNNING" and epochs == KILL_AT_EPOCH]
-    return (running[0], finished) if running and finished >= 1 else None
+    running = [(number, epochs) for number, state, epochs in rows
+               if state == "RUNNING" and 1 <= epochs < MAX_EPOCHS]
+    return (*running[0], finished) if running and finished >= 1 else None
+
+
+def _wait_until_mid_epoch(db: Path, proc: subprocess.Popen, timeout: float = 150) -> tuple[int, int]:
+    """(trial number, finished trials) once a trial has stayed RUNNING at one epoch for SETTLED_S.
+
+    Right after reporting an epoch a trial may still be pruned; seen again at that epoch a moment later,
+    it survived the pruner and is busy with an epoch of a second or more: a safe moment to kill it,
+    whatever the pruner's rungs are.
+    """
+    deadline = time.monotonic() + timeout
+    candidate: tuple[int, int] | None = None
+    since = 0.0
+    while True:
+        assert proc.poll() is None, "the tune process ended before it could be killed mid-trial"
+        assert time.monotonic() < deadline, "no trial was caught between two epochs in time"
+        found = _running_mid_trial(db)
+        if found is not None and found[:2] == candidate and time.monotonic() - since >= SETTLED_S:
+            return found[0], found[2]
+        if found is not None and found[:2] != candidate:
+            candidate, since = found[:2], time.monotonic()
+        time.sleep(0.02)
 
 
 def _study(db: Path) -> optuna.Study:
@@ -66,17 +90,13 @@ def test_sigkill_mid_trial_then_rerun_fails_the_trial_retries_its_config_and_red
     proc = subprocess.Popen([sys.executable, "-m", "mnist_flow.cli", *args], env=env, cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 150
-        while (found := _running_mid_trial(db)) is None:
-            assert proc.poll() is None, "the tune process ended before it could be killed mid-trial"
-            assert time.monotonic() < deadline, f"no trial reached epoch {KILL_AT_EPOCH} in time"
-            time.sleep(0.02)
+        killed, finished_before = _wait_until_mid_epoch(db, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-    killed, finished_before = found
+            proc.wait(timeout=10)
     before = {t.number: t.datetime_complete for t in _study(db).trials if t.state.is_finished()}
     assert _study(db).trials[killed].state == TrialState.RUNNING
 
