@@ -90,13 +90,14 @@ def test_servers_bind_loopback_by_default(reliability) -> None:
     makefile = (REPO / "Makefile").read_text()
     assert dashboard.DEFAULT_HOST == "127.0.0.1"
     assert inspect.signature(dashboard.make_dashboard_server).parameters["host"].default == "127.0.0.1"
-    assert "PREFECT_SERVER_HOST ?= 127.0.0.1" in makefile
+    assert "PREFECT_SERVER_API_HOST ?= 127.0.0.1" in makefile  # Prefect's setting, also for the temporary API
+    assert "prefect server start --host 127.0.0.1" in makefile  # make server
     wildcard = [str(p.relative_to(REPO)) for p in [*(REPO / "src").rglob("*.py"), *(REPO / "flows").glob("*.py")]
                 if re.search(r"[\"']0\.0\.0\.0[\"']", p.read_text())]
     assert wildcard == []
     reliability.record("default bind address of the dashboard server and the Prefect server (make run)",
                        "127.0.0.1 unless the user chooses otherwise",
-                       "dashboard 127.0.0.1, PREFECT_SERVER_HOST 127.0.0.1, no 0.0.0.0 in src/ or flows/",
+                       "dashboard 127.0.0.1, PREFECT_SERVER_API_HOST 127.0.0.1, make server --host 127.0.0.1, no 0.0.0.0 in src/ or flows/",
                        group="security")
 
 
