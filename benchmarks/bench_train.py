@@ -52,14 +52,14 @@ def main() -> None:
 
         losses: dict[str, list[float]] = {}
 
-        def ours(name: str, impl: dict[str, bool]):
+        def ours(name: str, impl: dict[str, bool], precision: str = "fp32"):
             def run() -> common.Timing:
                 model = build_model(config)
                 optimizer = (make_optimizer(model, config) if not impl else
                              torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **impl))
                 generator = torch.Generator().manual_seed(0)
                 with common.timed() as t:
-                    loss = train_epoch(model, x, y, optimizer, BATCH, generator)
+                    loss = train_epoch(model, x, y, optimizer, BATCH, generator, precision=precision)
                 losses.setdefault(name, []).append(loss)
                 return t
             return run
@@ -91,6 +91,7 @@ def main() -> None:
         variants = {"floor": floor, "mnist-flow": ours("mnist-flow", {})}
         if not args.no_seed:
             variants["seed"] = seed
+        variants["mnist-flow, bf16 autocast"] = ours("mnist-flow, bf16 autocast", {}, "bf16")
         for name, impl in (("mnist-flow, for-loop SGD", {"foreach": False}), ("mnist-flow, fused SGD", {"fused": True})):
             variants[name] = ours(name, impl)
         load_before = common.load_average()

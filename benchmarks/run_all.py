@@ -27,8 +27,8 @@ DOC = common.ROOT / "docs" / "benchmarks.md"
 BENCHES: dict[str, list[str]] = {
     "profile1": ["profile_train.py", "--threads", "1", "--steps", "300"],
     "profile2": ["profile_train.py", "--threads", "2", "--steps", "100"],
-    "train": ["bench_train.py", "--threads", "1", "--repeats", "3"],
-    "eval": ["bench_eval.py", "--threads", "1", "--repeats", "5"],
+    "train": ["bench_train.py", "--threads", "0", "--repeats", "3"],
+    "eval": ["bench_eval.py", "--threads", "0", "--repeats", "5"],
     "threads": ["bench_threads.py", "--repeats", "3"],
     "orchestration": ["bench_orchestration.py", "--repeats", "3"],
     "memory": ["bench_memory.py", "--repeats", "3"],

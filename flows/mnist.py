@@ -165,6 +165,7 @@ def mnist(
     batch_size: AtLeast1 = 128,
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4,
     schedule: Literal["constant", "onecycle"] = "onecycle",
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
     lr_min: Positive = 1e-3,
     lr_max: Positive = 0.3,
     momentum_min: Momentum = 0.5,

@@ -49,6 +49,7 @@ def train(
     epochs: int = 10,
     weight_decay: float = 0.0,
     schedule: Annotated[str, typer.Option(help="constant or onecycle")] = "constant",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (auto: bf16 where the CPU/GPU has it)")] = "auto",
     val_fraction: float = 0.1,
     seed: int = 0,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: settings)")] = None,
@@ -57,10 +58,11 @@ def train(
     """Train one configuration (the seed's by default) and evaluate it; no Prefect, no registry."""
     from mnist_flow import pipeline
     from mnist_flow.settings import load_settings
-    from mnist_flow.train import TrainConfig, select_device
+    from mnist_flow.train import TrainConfig, default_precision, select_device
 
     config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
-                         epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed).validate()
+                         epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
+                         precision=default_precision() if precision == "auto" else precision).validate()
     settings = load_settings(device=device)
     apply_threads(settings.threads)
     params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,

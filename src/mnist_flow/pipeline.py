@@ -27,7 +27,8 @@ from mnist_flow.errors import ConfigError
 from mnist_flow.formatting import format_params
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
-from mnist_flow.train import EvalResult, History, TrainConfig, evaluate, select_device, train_model
+from mnist_flow.train import (EvalResult, History, TrainConfig, default_precision, evaluate, select_device,
+                              train_model)
 from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, last_value,
                              open_study, recipe_of, run_study, study_name_for)
 
@@ -52,6 +53,8 @@ class RunParams(BaseModel):
     batch_size: int = Field(128, ge=1, description="Mini-batch size.")
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
     schedule: Literal["constant", "onecycle"] = Field("onecycle", description="Learning-rate schedule.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training arithmetic: bf16 (autocast) where the hardware has it natively, else fp32.")
     lr_min: float = Field(1e-3, gt=0.0, description="Lower bound of the learning rate (log scale).")
     lr_max: float = Field(0.3, gt=0.0, description="Upper bound of the learning rate.")
     momentum_min: float = Field(0.5, ge=0.0, lt=1.0, description="Lower bound of the momentum.")
@@ -87,8 +90,9 @@ class RunParams(BaseModel):
 
     def base_config(self) -> TrainConfig:
         """The fixed part of the recipe; the search fills in lr, momentum and hidden sizes."""
+        precision = default_precision() if self.precision == "auto" else self.precision
         return TrainConfig(batch_size=self.batch_size, epochs=self.max_epochs, weight_decay=self.weight_decay,
-                           schedule=self.schedule, seed=self.seed)
+                           schedule=self.schedule, seed=self.seed, precision=precision)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -24,6 +24,27 @@ from mnist_flow.model import MLP
 
 Schedule = Literal["constant", "onecycle"]
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+
+def default_precision() -> Precision:
+    """bf16 where the hardware does bfloat16 matmuls natively (CUDA with bf16, AVX512-BF16/AMX CPUs), else fp32."""
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return "fp32"
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context for ``precision`` (disabled for fp32). Enter it per step: autocast caches
+    the bfloat16 copies of the weights for as long as it is active, so a context spanning several
+    optimizer steps would keep computing with stale weights."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass(frozen=True)
@@ -38,6 +59,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: Schedule = "constant"
     seed: int = 0
+    #: Arithmetic of the forward and backward passes. Weights, optimizer state and loss stay float32;
+    #: "bf16" runs the matmuls in bfloat16 (autocast), about 1.5x faster on CPUs with AVX512-BF16.
+    precision: Precision = "fp32"
 
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad value; return self so calls chain."""
@@ -56,6 +80,8 @@ class TrainConfig:
             problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:
             raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
                               fix="Correct the parameter and run again.")
@@ -157,7 +183,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
 
 def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
                 batch_size: int, generator: torch.Generator,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, precision: str = "fp32") -> float:
     """One pass over (x, y) in a seeded random order; returns the mean training loss.
 
     The order comes from ``generator`` (a CPU generator, so the batches are the same on every
@@ -176,7 +202,9 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: t
             inputs, targets = torch.index_select(x, 0, idx, out=xb), torch.index_select(y, 0, idx, out=yb)
         else:  # the last, shorter batch
             inputs, targets = x.index_select(0, idx), y.index_select(0, idx)
-        loss = F.cross_entropy(model(inputs), targets)
+        with autocast(x.device, precision):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -187,15 +215,17 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: t
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192) -> EvalResult:
-    """Loss, accuracy and predictions in large batches, with autograd off."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192,
+             precision: str = "fp32") -> EvalResult:
+    """Loss, accuracy and predictions in large batches, with autograd off (fp32 unless told otherwise)."""
     model.eval()
     if x.shape[0] == 0:
         return EvalResult(float("nan"), float("nan"), torch.empty(0, dtype=torch.long))
     loss = torch.zeros((), device=x.device)
     preds = []
     for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start:start + batch_size])
+        with autocast(x.device, precision):
+            logits = model(x[start:start + batch_size]).float()
         yb = y[start:start + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum")
         preds.append(logits.argmax(dim=1))
@@ -218,9 +248,10 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
     history = History()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(model, train_x, train_y, optimizer, config.batch_size, generator, scheduler)
+        train_loss = train_epoch(model, train_x, train_y, optimizer, config.batch_size, generator, scheduler,
+                                 config.precision)
         seconds = time.perf_counter() - start
-        val = evaluate(model, val_x, val_y)
+        val = evaluate(model, val_x, val_y, precision=config.precision)
         stats = EpochStats(epoch, train_loss, val.loss, val.accuracy, seconds)
         history.epochs.append(stats)
         if on_epoch is not None:

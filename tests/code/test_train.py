@@ -165,3 +165,28 @@ def test_an_absent_device_is_a_config_error_naming_it(monkeypatch, name):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=name):
         select_device(name)
+
+
+def test_bf16_training_learns_like_fp32_and_stays_deterministic():
+    from mnist_flow.train import TrainConfig, train_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 784, generator=g)
+    y = x[:, :10].argmax(dim=1)
+    results = {}
+    for precision in ("fp32", "bf16", "bf16"):
+        config = TrainConfig(hidden=(64, 32), epochs=4, batch_size=32, lr=0.05, precision=precision)
+        _, history = train_model(config, x[:500], y[:500], x[500:], y[500:])
+        results.setdefault(precision, []).append(history.column("train_loss"))
+    fp32, (bf16, bf16_again) = results["fp32"][0], results["bf16"]
+    assert bf16 == bf16_again  # deterministic
+    assert bf16[-1] < bf16[0] * 0.7  # it learns (a context spanning steps would train on stale weights)
+    assert abs(bf16[-1] - fp32[-1]) < 0.25 * fp32[0]
+
+
+def test_an_unknown_precision_is_refused():
+    from mnist_flow.errors import ConfigError
+    from mnist_flow.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp8").validate()

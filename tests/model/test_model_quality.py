@@ -29,7 +29,9 @@ def test_the_seed_configuration_reaches_084_on_fashion_mnist_in_two_epochs(tmp_p
     assert result["train_samples"] == 54_000 and result["test_samples"] == 10_000
     assert len(result["epoch_seconds"]) == 2
     assert result["config"] == {"hidden": [500, 256], "lr": 0.01, "momentum": 0.9, "batch_size": 64,
-                                "epochs": 2, "weight_decay": 0.0, "schedule": "constant", "seed": 0}
+                                "epochs": 2, "weight_decay": 0.0, "schedule": "constant", "seed": 0,
+                                "precision": result["config"]["precision"]}
+    assert result["config"]["precision"] in ("fp32", "bf16")
     assert result["test_accuracy"] >= 0.84
 
 
