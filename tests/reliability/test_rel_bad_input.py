@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import http.server
 import importlib.util
 import sys
-import threading
 from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
 from rel_helpers import REPO, clean_env, flow_script, mnist_flow, written_files
+from testlib import file_server
 
 from mnist_flow import data
 from mnist_flow.cli import main as cli_main
@@ -244,33 +243,12 @@ def mirror(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     """A loopback HTTP mirror serving a tiny MNIST; the loader is told its md5s and no other mirrors."""
     files = {f"{base}.gz": gzip.compress(encode_idx(_tiny()[field]), mtime=0) for field, base in data.FILES.items()}
     requests: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            requests.append(self.path)
-            body = files.get(self.path.rsplit("/", 1)[-1])
-            if body is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     monkeypatch.setattr(data, "_torchvision_resources",
                         lambda name: {n: hashlib.md5(b).hexdigest() for n, b in files.items()})
     monkeypatch.setattr(data, "_torchvision_mirrors", lambda name: [])
-    monkeypatch.setenv("MNIST_FLOW_MIRRORS", f"http://127.0.0.1:{server.server_address[1]}/mnist/")
-    try:
+    with file_server(lambda path: files.get(path.rsplit("/", 1)[-1]), requests) as url:
+        monkeypatch.setenv("MNIST_FLOW_MIRRORS", f"{url}/mnist/")
         yield files, requests
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_corrupt_file_in_the_cache_is_moved_aside_and_fetched_again_through_the_cli(
