@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Annotated, Any, Literal
 
-from prefect import Flow, flow, get_run_logger, task
+from prefect import Flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.callables import get_call_parameters
@@ -37,6 +37,7 @@ try:
     from trials import check_trial_workers, run_trial_workers
 except ModuleNotFoundError:
     from flows.trials import check_trial_workers, run_trial_workers
+
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry outages (network, database) and unexpected I/O errors; bad input or corrupt data will not fix itself."""
