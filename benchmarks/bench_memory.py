@@ -10,7 +10,6 @@ summed over the process tree (sampled every 50 ms), median of the repetitions.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import tempfile
 from pathlib import Path
@@ -42,10 +41,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name, cmd in cmds.items():
             with tempfile.TemporaryDirectory(prefix="bench-mem-") as home:
-                env = {**os.environ, "MNIST_FLOW_HOME": home, "PREFECT_HOME": f"{home}/prefect",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": "1",
-                       "OMP_NUM_THREADS": "1"}
-                os.makedirs(env["PREFECT_HOME"])
+                env = common.fresh_home_env(home)
                 res = run_measured(cmd, env=env, cwd=common.ROOT)
             if res.returncode != 0:
                 raise SystemExit(f"{name} failed ({res.returncode}):\n{res.stderr[-3000:]}")

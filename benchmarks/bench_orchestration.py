@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -49,11 +48,7 @@ def main() -> None:
     for r in range(args.repeats):
         for name, cmd in cmds.items():
             with tempfile.TemporaryDirectory(prefix="bench-orch-") as home:
-                env = {**os.environ, "MNIST_FLOW_HOME": home, "PREFECT_HOME": f"{home}/prefect",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": "1",
-                       "OMP_NUM_THREADS": "1"}
-                env.pop("PREFECT_API_URL", None)
-                os.makedirs(env["PREFECT_HOME"])
+                env = common.fresh_home_env(home)
                 res = run_measured(cmd, env=env, cwd=common.ROOT)
             if res.returncode != 0:
                 raise SystemExit(f"{name} failed ({res.returncode}):\n{res.stderr[-3000:]}")

@@ -50,6 +50,16 @@ def timed() -> Iterator[Timing]:
     t.wall, t.cpu = time.perf_counter() - w0, time.process_time() - c0
 
 
+def fresh_home_env(home: str) -> dict[str, str]:
+    """The environment of a measured child process: its own MNIST_FLOW_HOME and PREFECT_HOME (created),
+    no analytics, no server from the caller's shell, one intra-op thread (see the threads section)."""
+    env = {**os.environ, "MNIST_FLOW_HOME": home, "PREFECT_HOME": f"{home}/prefect",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PREFECT_API_URL", None)
+    os.makedirs(env["PREFECT_HOME"], exist_ok=True)
+    return env
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKeyConstraint, Integer, String, Text,
-                        UniqueConstraint, delete, func, select)
+                        UniqueConstraint, func, select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -437,12 +437,6 @@ class Registry:
             self._move_alias(session, name, alias, int(version))
 
         self._write(update)
-
-    def remove_alias(self, name: str, alias: str) -> None:
-        """Delete ``alias`` of ``name`` (the champion alias cannot be removed)."""
-        if alias == CHAMPION:
-            raise RegistryError("The champion alias cannot be removed.", fix="Use rollback or promote instead.")
-        self._write(lambda s: s.execute(delete(AliasRow).where(AliasRow.name == name, AliasRow.alias == alias)))
 
     @staticmethod
     def _log(session: Session, name: str, challenger: int, champion: int | None, outcome: str, reason: str, *,

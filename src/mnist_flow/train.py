@@ -92,13 +92,6 @@ class TrainConfig:
         d["hidden"] = list(self.hidden)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "hidden" in known:
-            known["hidden"] = tuple(int(h) for h in known["hidden"])
-        return cls(**known)
-
     def with_(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)
 
