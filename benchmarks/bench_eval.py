@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import common
-from mnist_flow.train import TrainConfig, build_model, evaluate, make_optimizer, train_epoch
+from mnist_flow.train import TrainConfig, build_model, evaluate, make_step, train_epoch
 
 
 def main() -> None:
@@ -35,7 +35,8 @@ def main() -> None:
         config = TrainConfig(hidden=(500, 256), epochs=1)
         model = build_model(config)
         s = prepared.splits
-        train_epoch(model, s.train_x, s.train_y, make_optimizer(model, config), 64, torch.Generator().manual_seed(0))
+        train_epoch(make_step(model, config, -(-s.train_x.shape[0] // 64)), s.train_x, s.train_y, 64,
+                    torch.Generator().manual_seed(0))
         net = common.seed_net_like(model)
         loader = torch.utils.data.DataLoader(test_ds, batch_size=1000, shuffle=False)
         results: dict[str, tuple[float, float]] = {}

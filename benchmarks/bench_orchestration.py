@@ -7,6 +7,11 @@ separately (prefect's SubprocessASGIServer, as the flow starts it when PREFECT_A
 each command's whole wall time.
 
     python benchmarks/bench_orchestration.py --repeats 3 --out /tmp/orchestration.json
+    python benchmarks/bench_orchestration.py --data fashion-mnist --n-trials 6 --max-epochs 4   # full-size trials
+
+``--data fashion-mnist`` runs the study on the full Fashion-MNIST (``BENCH_FASHION_DIR``), where a trial lasts
+seconds rather than a fraction of one: Prefect's cost is per run and per trial, so its share depends on
+the trials' length.
 """
 
 from __future__ import annotations
@@ -36,9 +41,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-trials", type=int, default=6)
     parser.add_argument("--max-epochs", type=int, default=3)
+    parser.add_argument("--data", choices=("sample", "fashion-mnist"), default="sample",
+                        help="the bundled MNIST sample, or the full Fashion-MNIST")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    study = ["--source", "sample", "--n-trials", str(args.n_trials), "--max-epochs", str(args.max_epochs),
+    data = (["--source", "sample"] if args.data == "sample" else
+            ["--dataset", "fashion-mnist", "--source", "dir", "--data-dir", str(common.FASHION_DIR)])
+    study = [*data, "--n-trials", str(args.n_trials), "--max-epochs", str(args.max_epochs),
              "--seed", "0"]
     cmds = {"mnist-flow tune": [str(BIN / "mnist-flow"), "tune", *study, "--json"],
             "flows/mnist.py": [common.PYTHON, str(common.ROOT / "flows" / "mnist.py"), *study, "--final-epochs", "1",
@@ -65,7 +74,7 @@ def main() -> None:
     bare, flow = med["mnist-flow tune"]["stage"], med["flows/mnist.py"]["stage"]
     common.write_result(args.out, {
         "benchmark": "orchestration", "command": f"python benchmarks/bench_orchestration.py --repeats {args.repeats} "
-                                                 f"--n-trials {args.n_trials} --max-epochs {args.max_epochs}",
+                                                 f"--n-trials {args.n_trials} --max-epochs {args.max_epochs} --data {args.data}",
         "commands": {k: " ".join(v).replace(str(common.ROOT) + "/", "") for k, v in cmds.items()},
         "median": med, "runs": runs, "tune_overhead_percent": 100 * (flow - bare) / bare,
         "env": "MNIST_FLOW_THREADS=1 OMP_NUM_THREADS=1, fresh MNIST_FLOW_HOME per run",

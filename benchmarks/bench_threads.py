@@ -20,16 +20,15 @@ import common
 
 CHILD = """
 import json, time, torch
-from mnist_flow.train import TrainConfig, build_model, make_optimizer, train_epoch
+from mnist_flow.train import TrainConfig, build_model, make_step, train_epoch
 torch.set_num_threads({threads})
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(6400, 784, generator=g), torch.randint(0, 10, (6400,), generator=g)
 config = TrainConfig(hidden=(500, 256), batch_size=64)
-model = build_model(config)
-opt = make_optimizer(model, config)
-train_epoch(model, x[:640], y[:640], opt, 64, g)
+step = make_step(build_model(config), config, 100)
+train_epoch(step, x[:640], y[:640], 64, g)
 w, c = time.perf_counter(), time.process_time()
-train_epoch(model, x, y, opt, 64, g)
+train_epoch(step, x, y, 64, g)
 print(json.dumps({{"wall": time.perf_counter() - w, "cpu": time.process_time() - c}}))
 """
 

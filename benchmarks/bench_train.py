@@ -1,5 +1,12 @@
 """Training throughput: the seed tutorial's loop against mnist-flow's train_epoch, and both against the FLOP floor.
 
+mnist-flow's loop (train_epoch with the hand-written step of mnist_flow.step) runs in fp32 and in bf16; the
+plain in-memory autograd loop (autograd, autocast, torch.optim.SGD; benchmarks/common.py) runs beside
+it to show what the hand-written step saves. The command of the core issue's check,
+``mnist-flow train ... --hidden 500,256 --lr 0.01 --momentum 0.9 --batch-size 64 --epochs 1 --json``, runs in
+each round too (a child process; its per-epoch ``epoch_seconds`` is the figure, so its start-up and data
+loading are not counted) unless ``--no-cli``.
+
 Same data (Fashion-MNIST, the 54,000 training samples left after the pipeline's stratified 10% validation
 split), same model (784-500-256-10), same optimizer (SGD lr 0.01, momentum 0.9), batch 64. Each round
 runs one epoch of every variant and one measurement of the matmul rate, so all figures share the
@@ -16,6 +23,8 @@ is reported as the machine's practical matmul peak.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -24,7 +33,7 @@ from torch import nn
 
 import common
 from mnist_flow.model import multiply_adds_per_sample
-from mnist_flow.train import TrainConfig, build_model, make_optimizer, train_epoch
+from mnist_flow.train import TrainConfig, build_model, make_step, train_epoch
 
 HIDDEN = (500, 256)
 BATCH = 64
@@ -35,6 +44,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-seed", action="store_true", help="skip the (slow) seed loop")
+    parser.add_argument("--no-cli", action="store_true", help="skip the `mnist-flow train --json` runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     threads = common.set_threads(args.threads)
@@ -52,14 +62,28 @@ def main() -> None:
 
         losses: dict[str, list[float]] = {}
 
-        def ours(name: str, impl: dict[str, bool], precision: str = "fp32"):
+        steps = -(-n // BATCH)
+        low_x = x.to(torch.bfloat16)  # fit() casts the training set once, before its first epoch
+
+        def ours(name: str, precision: str):
             def run() -> common.Timing:
-                model = build_model(config)
-                optimizer = (make_optimizer(model, config) if not impl else
-                             torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, **impl))
+                cfg = config.with_(precision=precision)
+                step = make_step(build_model(cfg), cfg, steps)
+                data = low_x if precision == "bf16" else x
                 generator = torch.Generator().manual_seed(0)
                 with common.timed() as t:
-                    loss = train_epoch(model, x, y, optimizer, BATCH, generator, precision=precision)
+                    loss = train_epoch(step, data, y, BATCH, generator)
+                losses.setdefault(name, []).append(loss)
+                return t
+            return run
+
+        def autograd(name: str, precision: str):
+            def run() -> common.Timing:
+                model = build_model(config)
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+                generator = torch.Generator().manual_seed(0)
+                with common.timed() as t:
+                    loss = common.autograd_epoch(model, x, y, optimizer, BATCH, generator, precision)
                 losses.setdefault(name, []).append(loss)
                 return t
             return run
@@ -74,6 +98,24 @@ def main() -> None:
             losses.setdefault("seed", []).append(loss)
             return t
 
+        def cli(name: str, precision: str):
+            """`mnist-flow train` with the seed configuration, as the core issue states its check."""
+            cmd = [str(Path(common.PYTHON).parent / "mnist-flow"), "train", "--dataset", "fashion-mnist",
+                   "--source", "dir", "--data-dir", str(common.FASHION_DIR), "--hidden", "500,256", "--lr", "0.01",
+                   "--momentum", "0.9", "--batch-size", str(BATCH), "--epochs", "1", "--seed", "0",
+                   "--precision", precision, "--json"]
+            env = {**common.fresh_home_env(str(work / "cli-home")), "MNIST_FLOW_THREADS": str(threads)}
+            env.pop("OMP_NUM_THREADS")
+
+            def run() -> common.Timing:
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600).stdout
+                report = json.loads(out)
+                assert report["train_samples"] == n, report["train_samples"]
+                losses.setdefault(name, []).append(report.get("train_loss", [float("nan")])[-1])
+                seconds = report["epoch_seconds"][0]
+                return common.Timing(seconds, float("nan"))  # the child's CPU time per epoch is not reported
+            return run
+
         rates: dict[str, list[common.Timing]] = {"step": [], "big": []}
 
         def floor() -> common.Timing:
@@ -83,17 +125,22 @@ def main() -> None:
             flops = 6 * multiply_adds_per_sample(HIDDEN) * n
             return common.Timing(flops / step.wall, flops / step.cpu)
 
-        # Warm up every code path once (allocator, MKL kernels, DataLoader imports).
-        warm = build_model(config)
-        train_epoch(warm, x[:640], y[:640], make_optimizer(warm, config), BATCH, torch.Generator().manual_seed(0))
+        # Warm up every code path once (allocator, oneDNN kernels, DataLoader imports).
+        for precision in ("fp32", "bf16"):
+            cfg = config.with_(precision=precision)
+            warm = make_step(build_model(cfg), cfg, 10)
+            train_epoch(warm, x[:640], y[:640], BATCH, torch.Generator().manual_seed(0))
         common.step_gemm_rate(HIDDEN, BATCH, repeats=5)
 
-        variants = {"floor": floor, "mnist-flow": ours("mnist-flow", {})}
+        variants = {"floor": floor, "mnist-flow": ours("mnist-flow", "fp32")}
         if not args.no_seed:
             variants["seed"] = seed
-        variants["mnist-flow, bf16 autocast"] = ours("mnist-flow, bf16 autocast", {}, "bf16")
-        for name, impl in (("mnist-flow, for-loop SGD", {"foreach": False}), ("mnist-flow, fused SGD", {"fused": True})):
-            variants[name] = ours(name, impl)
+        variants["mnist-flow, bf16"] = ours("mnist-flow, bf16", "bf16")
+        if not args.no_cli:
+            variants["`mnist-flow train --json`, fp32"] = cli("`mnist-flow train --json`, fp32", "fp32")
+            variants["`mnist-flow train --json`, bf16"] = cli("`mnist-flow train --json`, bf16", "bf16")
+        variants["autograd loop"] = autograd("autograd loop", "fp32")
+        variants["autograd loop, bf16 autocast"] = autograd("autograd loop, bf16 autocast", "bf16")
         load_before = common.load_average()
         timings = common.alternate(variants, args.repeats)
         load_after = common.load_average()

@@ -175,6 +175,29 @@ def seed_test(model: nn.Module, loader) -> tuple[float, float]:
     return test_loss / n, correct / n
 
 
+# --- the plain in-memory loop: autograd, autocast and torch.optim.SGD --------------------------------------------
+
+
+def autograd_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   batch_size: int, generator: torch.Generator, precision: str = "fp32") -> float:
+    """What mnist-flow's loop was before the hand-written step: the same in-memory index batching, with
+    autograd, autocast for bf16 and a torch optimizer. The reference that shows what the step saves."""
+    model.train()
+    n = x.shape[0]
+    order = torch.randperm(n, generator=generator)
+    total = torch.zeros(())
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x.index_select(0, idx))
+        loss = F.cross_entropy(logits.float(), y.index_select(0, idx))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total.add_(loss.detach(), alpha=idx.numel())
+    return total.item() / n
+
+
 # --- matmul rates ----------------------------------------------------------------------------------------------
 
 

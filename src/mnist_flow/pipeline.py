@@ -54,7 +54,7 @@ class RunParams(BaseModel):
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
     schedule: Literal["constant", "onecycle"] = Field("onecycle", description="Learning-rate schedule.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training arithmetic: bf16 (autocast) where the hardware has it natively, else fp32.")
+        "auto", description="Training arithmetic: bf16 matmuls where the hardware has them natively, else fp32.")
     lr_min: float = Field(1e-3, gt=0.0, description="Lower bound of the learning rate (log scale).")
     lr_max: float = Field(0.3, gt=0.0, description="Upper bound of the learning rate.")
     momentum_min: float = Field(0.5, ge=0.0, lt=1.0, description="Lower bound of the momentum.")

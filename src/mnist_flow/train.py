@@ -21,6 +21,7 @@ from torch import nn
 
 from mnist_flow.errors import ConfigError
 from mnist_flow.model import MLP
+from mnist_flow.step import MLPStep, constant, one_cycle
 
 Schedule = Literal["constant", "onecycle"]
 SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
@@ -41,9 +42,8 @@ def default_precision() -> Precision:
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """The autocast context for ``precision`` (disabled for fp32). Enter it per step: autocast caches
-    the bfloat16 copies of the weights for as long as it is active, so a context spanning several
-    optimizer steps would keep computing with stale weights."""
+    """The autocast context of evaluation for ``precision`` (disabled for fp32); training does its
+    own casting (mnist_flow.step)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -60,7 +60,7 @@ class TrainConfig:
     schedule: Schedule = "constant"
     seed: int = 0
     #: Arithmetic of the forward and backward passes. Weights, optimizer state and loss stay float32;
-    #: "bf16" runs the matmuls in bfloat16 (autocast), about 1.5x faster on CPUs with AVX512-BF16.
+    #: "bf16" runs the matmuls in bfloat16, about 1.5x faster on CPUs with AVX512-BF16 (docs/benchmarks.md).
     precision: Precision = "fp32"
 
     def validate(self) -> "TrainConfig":
@@ -153,37 +153,27 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> MLP:
     return model.to(device)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum: the fused kernel on CUDA, the multi-tensor (foreach) one elsewhere.
-
-    On the CPU foreach, for-loop and fused measured within noise of each other at batch 64
-    (docs/benchmarks.md); on CUDA the fused kernel saves one launch per parameter and op.
-    """
-    on_cuda = any(p.is_cuda for p in model.parameters())
-    impl = {"fused": True} if on_cuda else {"foreach": True}
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay, **impl)
+def make_step(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> MLPStep:
+    """The hand-written SGD step (mnist_flow.step) with the config's learning-rate schedule."""
+    if config.schedule == "onecycle":
+        schedule = one_cycle(config.lr, total_steps=config.epochs * steps_per_epoch)
+    else:
+        schedule = constant(config.lr)
+    return MLPStep(model, lr=schedule, momentum=config.momentum, weight_decay=config.weight_decay,
+                   precision=config.precision)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    if config.schedule == "constant":
-        return None
-    # Momentum is a searched hyperparameter, so the schedule must not cycle it.
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, cycle_momentum=False)
-
-
-def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer,
-                batch_size: int, generator: torch.Generator,
-                scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, precision: str = "fp32") -> float:
+def train_epoch(step: MLPStep, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                generator: torch.Generator) -> float:
     """One pass over (x, y) in a seeded random order; returns the mean training loss.
 
     The order comes from ``generator`` (a CPU generator, so the batches are the same on every
-    device). Full batches are gathered into two buffers allocated once per epoch; the loss is
-    summed on the device and read back once, so the loop never waits for the device mid-epoch.
+    device). ``x`` should already be in ``step.dtype`` (``fit`` casts it once); full batches are
+    gathered into two buffers allocated once per epoch, and the loss is summed on the device and
+    read back once, so the loop never waits for the device mid-epoch.
     """
-    model.train()
+    if x.dtype != step.dtype:
+        x = x.to(step.dtype)
     n = x.shape[0]
     order = torch.randperm(n, generator=generator).to(x.device, non_blocking=True)
     xb = x.new_empty((min(batch_size, n), *x.shape[1:]))
@@ -195,15 +185,7 @@ def train_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: t
             inputs, targets = torch.index_select(x, 0, idx, out=xb), torch.index_select(y, 0, idx, out=yb)
         else:  # the last, shorter batch
             inputs, targets = x.index_select(0, idx), y.index_select(0, idx)
-        with autocast(x.device, precision):
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.float(), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total.add_(loss.detach(), alpha=idx.numel())
+        total.add_(step(inputs.reshape(inputs.shape[0], -1), targets))
     return total.item() / n
 
 
@@ -235,14 +217,12 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
     """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop."""
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = make_optimizer(model, config)
-    steps = math.ceil(train_x.shape[0] / config.batch_size)
-    scheduler = make_scheduler(optimizer, config, steps)
+    step = make_step(model, config, steps_per_epoch=math.ceil(train_x.shape[0] / config.batch_size))
+    train_x = train_x.to(step.dtype)  # once per fit: every batch is then gathered in the matmuls' precision
     history = History()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        train_loss = train_epoch(model, train_x, train_y, optimizer, config.batch_size, generator, scheduler,
-                                 config.precision)
+        train_loss = train_epoch(step, train_x, train_y, config.batch_size, generator)
         seconds = time.perf_counter() - start
         val = evaluate(model, val_x, val_y, precision=config.precision)
         stats = EpochStats(epoch, train_loss, val.loss, val.accuracy, seconds)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.train import (EvalResult, History, TrainConfig, build_model, evaluate, make_optimizer,
-                              make_scheduler, select_device, train_epoch, train_model)
+from mnist_flow.train import (EvalResult, History, TrainConfig, build_model, evaluate, make_step, select_device,
+                              train_epoch, train_model)
 
 
 def _problem(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -71,7 +71,7 @@ def test_the_last_short_batch_is_trained_and_weighted_by_its_size():
     config = SMALL.with_(lr=1e-12, momentum=0.0)  # weights effectively frozen: the loss is the initial one
     model = build_model(config)
     expected = F.cross_entropy(model(x), y).item()
-    loss = train_epoch(model, x, y, make_optimizer(model, config), 32, torch.Generator().manual_seed(0))
+    loss = train_epoch(make_step(model, config, 3), x, y, 32, torch.Generator().manual_seed(0))
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
@@ -98,17 +98,16 @@ def test_evaluate_of_an_empty_set_is_nan_not_an_error():
 
 
 def test_onecycle_warms_up_peaks_at_the_learning_rate_and_anneals():
-    train_x, train_y, val_x, val_y = _problem()
+    train_x, train_y, _, _ = _problem()
     config = SMALL.with_(schedule="onecycle", lr=0.1, epochs=3)
-    model = build_model(config)
-    optimizer = make_optimizer(model, config)
-    seen: list[float] = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
     steps_per_epoch = math.ceil(train_x.shape[0] / config.batch_size)
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    step = make_step(build_model(config), config, steps_per_epoch)
+    seen: list[float] = []
+    schedule = step.lr
+    step.lr = lambda k: seen.append(schedule(k)) or seen[-1]
     generator = torch.Generator().manual_seed(0)
     for _ in range(config.epochs):
-        train_epoch(model, train_x, train_y, optimizer, config.batch_size, generator, scheduler)
+        train_epoch(step, train_x, train_y, config.batch_size, generator)
     assert len(seen) == config.epochs * steps_per_epoch
     assert seen[0] < 0.1 * config.lr
     assert max(seen) == pytest.approx(config.lr, rel=1e-2)
