@@ -55,7 +55,7 @@ def main() -> None:
         config = TrainConfig(hidden=(500, 256), batch_size=64, precision=precision)
         eager = make_step(build_model(config), config, STEPS)
         compiled = Compiled(make_step(build_model(config), config, STEPS))
-        data = x.to(eager.dtype)
+        data = x
         train_epoch(eager, data[:640], y[:640], 64, g)
         with common.timed() as first:
             train_epoch(compiled, data[:640], y[:640], 64, g)  # compiles the step

@@ -58,7 +58,7 @@ def main() -> None:
             common.autograd_epoch(model, x, y, optimizer, 64, generator, args.precision)
     else:
         step = make_step(model, config, args.steps)
-        data = x.to(step.dtype)
+        data = x
 
         def epoch(generator: torch.Generator) -> None:
             train_epoch(step, data, y, 64, generator)

@@ -1,7 +1,7 @@
 """Run every benchmark (each in a fresh process) and rewrite docs/benchmarks.md from their results.
 
     python benchmarks/run_all.py              # profile, training, evaluation, threads, orchestration, memory
-    python benchmarks/run_all.py --search     # also the pruner comparison (about 10 CPU minutes more)
+    python benchmarks/run_all.py --search     # also the pruner comparison (about 10 minutes more)
     python benchmarks/run_all.py --only train eval   # a subset; the others' sections say "not run"
 
 Every figure is a median of at least 3 runs measured side by side in one process (or in alternating
@@ -36,7 +36,7 @@ BENCHES: dict[str, list[str]] = {
                            "--max-epochs", "4"],
     "memory": ["bench_memory.py", "--repeats", "3"],
     "compile": ["bench_compile.py", "--threads", "0", "--repeats", "3"],
-    "search": ["bench_search.py", "--n-trials", "12", "--max-epochs", "6"],
+    "search": ["bench_search.py", "--n-trials", "20", "--max-epochs", "8", "--seeds", "0", "1", "2", "--threads", "0"],
 }
 
 
@@ -213,19 +213,30 @@ def section_memory(r: dict | None) -> list[str]:
 def section_search(r: dict | None) -> list[str]:
     lines = ["## Search efficiency", ""]
     if r is None:
-        return lines + ["Not run in this rewrite (`python benchmarks/run_all.py --search` runs it; about 10 CPU "
+        return lines + ["Not run in this rewrite (`python benchmarks/run_all.py --search` runs it; about 10 "
                         "minutes).", ""]
-    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}). One run of each "
-              "study (a study is itself many trainings; it is not repeated).", "",
-              f"| pruner | epochs trained | wall s | epochs / s until best val acc >= {r['target']} "
-              "| complete / pruned | best val acc | test acc of best config |", "|---|---:|---:|---|---|---:|---:|"]
+    pairs = r.get("pairs", [])
+    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}). For each seed, the same "
+              "TPE sampler with and without mnist-flow's pruner (`tune.make_pruner`); the seed configuration first, as "
+              "in every study.",
+              "", f"| seed | pruner | epochs trained | wall s | epochs / s until best val acc >= {r['target']} "
+              "| complete / pruned | best val acc | test acc of best config |", "|---|---|---:|---:|---|---|---:|---:|"]
     for row in r["rows"]:
         reached = row["reached_target"]
         until = (f"{reached['epochs']} / {f(reached['seconds'], 0)} (trial {reached['trial']})" if reached
                  else "not reached")
-        lines.append(f"| {row['pruner']} | {row['epochs']} | {f(row['wall_s'], 0)} | {until} | {row['complete']} / "
-                     f"{row['pruned']} | {row['best_val_accuracy']:.4f} | {row['test_accuracy']:.4f} |")
-    lines += ["", f"Epochs saved by the pruner: {100 * r['epochs_saved_fraction']:.0f} %.", ""]
+        lines.append(f"| {row.get('seed', 0)} | {row['pruner']} | {row['epochs']} | {f(row['wall_s'], 0)} | {until} | "
+                     f"{row['complete']} / {row['pruned']} | {row['best_val_accuracy']:.4f} | "
+                     f"{row['test_accuracy']:.4f} |")
+    lines += [""]
+    for pair in pairs:
+        lines.append(f"- seed {pair['seed']}: the pruner saved {100 * pair['epochs_saved_fraction']:.0f} % of the "
+                     f"epochs; best validation accuracy {pair['best_val_difference']:+.4f} against no pruning "
+                     f"(equal within {pair['tolerance']:.4f}: {'yes' if pair['equal_best'] else 'no'}); test "
+                     f"accuracy of the best configuration {pair['test_difference']:+.4f}.")
+    lines += ["", f"Median over the seeds: {100 * r['epochs_saved_fraction']:.0f} % of the epochs saved"
+              + (f", best validation accuracy {r['best_val_difference']:+.4f}; an equal best result in "
+                 f"{r['equal_best_count']} of {len(pairs)} seeds." if pairs else "."), ""]
     return lines
 
 
@@ -259,7 +270,7 @@ NOTES_FILE = HERE / "findings.md"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--search", action="store_true", help="also run the pruner comparison (~10 CPU minutes)")
+    parser.add_argument("--search", action="store_true", help="also run the pruner comparison (~10 minutes)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--keep", type=Path, default=None, help="also keep the JSON results in this folder")

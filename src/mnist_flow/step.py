@@ -68,7 +68,7 @@ class MLPStep:
     ``step(inputs, targets)`` trains on one batch and returns the batch's summed cross-entropy (a
     0-dim float32 tensor on the model's device, so the caller never waits for the device). The
     model's parameters are updated in place; the momentum buffers live here, across epochs.
-    ``inputs`` must be in ``self.dtype`` (``train.fit`` casts the training set once).
+    ``inputs`` must be in ``self.dtype`` (``train.train_epoch`` casts each batch).
     """
 
     def __init__(self, model: nn.Module, *, lr: LRSchedule, momentum: float, weight_decay: float = 0.0,

@@ -168,12 +168,11 @@ def train_epoch(step: MLPStep, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """One pass over (x, y) in a seeded random order; returns the mean training loss.
 
     The order comes from ``generator`` (a CPU generator, so the batches are the same on every
-    device). ``x`` should already be in ``step.dtype`` (``fit`` casts it once); full batches are
-    gathered into two buffers allocated once per epoch, and the loss is summed on the device and
-    read back once, so the loop never waits for the device mid-epoch.
+    device). Full batches are gathered into two buffers allocated once per epoch and cast to the
+    step's precision batch by batch (a bfloat16 copy of the whole set would cost memory, not time);
+    the loss is summed on the device and read back once, so the loop never waits for the device
+    mid-epoch.
     """
-    if x.dtype != step.dtype:
-        x = x.to(step.dtype)
     n = x.shape[0]
     order = torch.randperm(n, generator=generator).to(x.device, non_blocking=True)
     xb = x.new_empty((min(batch_size, n), *x.shape[1:]))
@@ -185,7 +184,7 @@ def train_epoch(step: MLPStep, x: torch.Tensor, y: torch.Tensor, batch_size: int
             inputs, targets = torch.index_select(x, 0, idx, out=xb), torch.index_select(y, 0, idx, out=yb)
         else:  # the last, shorter batch
             inputs, targets = x.index_select(0, idx), y.index_select(0, idx)
-        total.add_(step(inputs.reshape(inputs.shape[0], -1), targets))
+        total.add_(step(inputs.reshape(inputs.shape[0], -1).to(step.dtype), targets))
     return total.item() / n
 
 
@@ -218,7 +217,6 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)
     step = make_step(model, config, steps_per_epoch=math.ceil(train_x.shape[0] / config.batch_size))
-    train_x = train_x.to(step.dtype)  # once per fit: every batch is then gathered in the matmuls' precision
     history = History()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
