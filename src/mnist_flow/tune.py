@@ -153,16 +153,16 @@ def study_name_for(dataset: str, fingerprint: str) -> str:
 def make_pruner(max_epochs: int) -> optuna.pruners.BasePruner:
     """Successive halving on the validation accuracy: rungs at epochs 2, 6, 18, ... keep the best third.
 
-    The first rung is at epoch 2, not 1: under the one-cycle warm-up, epoch-1 accuracy says little
-    about the end. The search benchmark (docs/benchmarks.md, three seeds, 20 trials of 8 epochs) chose
-    this pruner: it saved 44-52 % of the epochs at an equal best result, where Hyperband with the same
-    first rung saved 24-38 % (it runs part of the trials in a bracket whose first rung is at epoch 6) and
-    Hyperband with a rung at epoch 1 pruned the eventual winner. With one epoch there is nothing to
-    prune on.
+    The first rung is at epoch 2, never 1: under the one-cycle warm-up, epoch-1 accuracy says little
+    about the end. So trials of one or two epochs are not pruned (a rung at the last epoch saves
+    nothing). The search benchmark (docs/benchmarks.md, three seeds, 20 trials of 8 epochs) chose this
+    pruner: it saved 44-53 % of the epochs at an equal best result, where Hyperband with the same
+    first rung saved 24-38 % (it runs part of the trials in a bracket whose first rung is at epoch 6)
+    and Hyperband with a rung at epoch 1 pruned the eventual winner.
     """
-    if max_epochs < 2:
+    if max_epochs < 3:
         return optuna.pruners.NopPruner()
-    return optuna.pruners.SuccessiveHalvingPruner(min_resource=2 if max_epochs >= 4 else 1, reduction_factor=3)
+    return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
 
 
 def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, seed: int, max_epochs: int,

@@ -23,7 +23,7 @@ TINY = dict(source="sample", n_trials=4, max_epochs=3, final_epochs=4, seed=0, h
 
 @dataclass(frozen=True)
 class World:
-    """A home with a study of 3 trials and a champion trained from its best trial."""
+    """A home with a study of 4 trials (complete and pruned) and a champion trained from its best trial."""
 
     home: Path
     database_url: str
@@ -52,12 +52,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_prepared: pipeline.Pr
     url, artifacts = f"sqlite:///{home / 'mnist-flow.db'}", str(home / "artifacts")
     params = pipeline.RunParams.parse(**TINY)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # A first trial of our own in place of the seed tutorial's 512-256 network (the study is new, so
-    # open_study would enqueue that one): the same search, a quarter of the compute.
+    # First trials of our own in place of the seed tutorial's 512-256 network (the study is new, so
+    # open_study would enqueue that one): the same search, a quarter of the compute. The weaker one
+    # goes first, so that successive halving (rung at epoch 2) lets both complete; the sampler's
+    # trials that follow are then pruned unless they beat them, so the study has both states.
     name = study_name_for(sample_prepared.bundle.name, sample_prepared.bundle.fingerprint)
     seeded = optuna.create_study(storage=optuna_storage(url), study_name=name, direction="maximize")
-    seeded.enqueue_trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64})
     seeded.enqueue_trial({"lr": 0.1, "momentum": 0.8, "hidden1": 64, "hidden2": 64})
+    seeded.enqueue_trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64})
     study, best = pipeline.tune(sample_prepared, params, url, run_key="review-tests")
     config = pipeline.final_config(best, params)
     model, history = pipeline.fit_best(sample_prepared, config)
