@@ -11,12 +11,7 @@ from mnist_flow.model import MLP
 from mnist_flow.step import MLPStep, constant, one_cycle
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batches(n_batches: int, batch: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

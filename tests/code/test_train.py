@@ -23,13 +23,7 @@ def _problem(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return x[:cut], y[:cut], x[cut:], y[cut:]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny matmuls gain nothing from more, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = TrainConfig(hidden=(32, 16), lr=0.05, momentum=0.9, batch_size=32, epochs=4, seed=0)
