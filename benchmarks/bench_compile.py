@@ -53,16 +53,15 @@ def main() -> None:
     rows = []
     for precision in ("fp32", "bf16"):
         config = TrainConfig(hidden=(500, 256), batch_size=64, precision=precision)
-        eager = make_step(build_model(config), config, STEPS)
-        compiled = Compiled(make_step(build_model(config), config, STEPS))
-        data = x
-        train_epoch(eager, data[:640], y[:640], 64, g)
+        eager = make_step(build_model(config), config, x.shape[0])
+        compiled = Compiled(make_step(build_model(config), config, x.shape[0]))
+        train_epoch(eager, x[:640], y[:640], 64, g)
         with common.timed() as first:
-            train_epoch(compiled, data[:640], y[:640], 64, g)  # compiles the step
+            train_epoch(compiled, x[:640], y[:640], 64, g)  # compiles the step
 
         def run(step) -> common.Timing:
             with common.timed() as t:
-                train_epoch(step, data, y, 64, g)
+                train_epoch(step, x, y, 64, g)
             return t
 
         timings = common.alternate({"eager": lambda: run(eager), "compiled": lambda: run(compiled)}, args.repeats)

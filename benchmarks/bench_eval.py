@@ -35,7 +35,7 @@ def main() -> None:
         config = TrainConfig(hidden=(500, 256), epochs=1)
         model = build_model(config)
         s = prepared.splits
-        train_epoch(make_step(model, config, -(-s.train_x.shape[0] // 64)), s.train_x, s.train_y, 64,
+        train_epoch(make_step(model, config, s.train_x.shape[0]), s.train_x, s.train_y, 64,
                     torch.Generator().manual_seed(0))
         net = common.seed_net_like(model)
         loader = torch.utils.data.DataLoader(test_ds, batch_size=1000, shuffle=False)
@@ -46,22 +46,20 @@ def main() -> None:
                 results["seed"] = common.seed_test(net, loader)
             return t
 
-        def ours() -> common.Timing:
-            with common.timed() as t:
-                r = evaluate(model, prepared.test_x, prepared.test_y)
-            results["mnist-flow"] = (r.loss, r.accuracy)
-            return t
+        def ours(name: str, precision: str):
+            def run() -> common.Timing:
+                with common.timed() as t:
+                    r = evaluate(model, prepared.test_x, prepared.test_y, precision=precision)
+                results[name] = (r.loss, r.accuracy)
+                return t
+            return run
 
-        def ours_bf16() -> common.Timing:
-            with common.timed() as t:
-                r = evaluate(model, prepared.test_x, prepared.test_y, precision="bf16")
-            results["mnist-flow, bf16 autocast"] = (r.loss, r.accuracy)
-            return t
-
-        seed(), ours(), ours_bf16()  # warm-up
+        variants = {"seed": seed, "mnist-flow": ours("mnist-flow", "fp32"),
+                    "mnist-flow, bf16 autocast": ours("mnist-flow, bf16 autocast", "bf16")}
+        for run in variants.values():  # warm-up
+            run()
         load_before = common.load_average()
-        timings = common.alternate({"seed": seed, "mnist-flow": ours, "mnist-flow, bf16 autocast": ours_bf16},
-                                   args.repeats)
+        timings = common.alternate(variants, args.repeats)
     med = {k: {"wall": common.median([t.wall for t in v]), "cpu": common.median([t.cpu for t in v])}
            for k, v in timings.items()}
     result = {

@@ -17,7 +17,7 @@ from pathlib import Path
 import common
 from proc import run_measured
 
-BIN = Path(common.PYTHON).parent
+BIN = common.BIN
 
 
 def commands(data_dir: Path) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import common
 from proc import run_measured
 
-BIN = Path(common.PYTHON).parent
+BIN = common.BIN
 SERVER_START = """
 import time
 t = time.perf_counter()

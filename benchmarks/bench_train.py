@@ -62,11 +62,10 @@ def main() -> None:
 
         losses: dict[str, list[float]] = {}
 
-        steps = -(-n // BATCH)
         def ours(name: str, precision: str):
             def run() -> common.Timing:
                 cfg = config.with_(precision=precision)
-                step = make_step(build_model(cfg), cfg, steps)
+                step = make_step(build_model(cfg), cfg, n)
                 generator = torch.Generator().manual_seed(0)
                 with common.timed() as t:
                     loss = train_epoch(step, x, y, BATCH, generator)
@@ -97,12 +96,11 @@ def main() -> None:
 
         def cli(name: str, precision: str):
             """`mnist-flow train` with the seed configuration, as the core issue states its check."""
-            cmd = [str(Path(common.PYTHON).parent / "mnist-flow"), "train", "--dataset", "fashion-mnist",
+            cmd = [str(common.BIN / "mnist-flow"), "train", "--dataset", "fashion-mnist",
                    "--source", "dir", "--data-dir", str(common.FASHION_DIR), "--hidden", "500,256", "--lr", "0.01",
                    "--momentum", "0.9", "--batch-size", str(BATCH), "--epochs", "1", "--seed", "0",
                    "--precision", precision, "--json"]
-            env = {**common.fresh_home_env(str(work / "cli-home")), "MNIST_FLOW_THREADS": str(threads)}
-            env.pop("OMP_NUM_THREADS")
+            env = common.fresh_home_env(str(work / "cli-home"), threads=threads)
 
             def run() -> common.Timing:
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=600).stdout
@@ -125,7 +123,7 @@ def main() -> None:
         # Warm up every code path once (allocator, oneDNN kernels, DataLoader imports).
         for precision in ("fp32", "bf16"):
             cfg = config.with_(precision=precision)
-            warm = make_step(build_model(cfg), cfg, 10)
+            warm = make_step(build_model(cfg), cfg, 640)
             train_epoch(warm, x[:640], y[:640], BATCH, torch.Generator().manual_seed(0))
         common.step_gemm_rate(HIDDEN, BATCH, repeats=5)
 

@@ -30,6 +30,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path(os.environ.get("BENCH_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
 PYTHON = sys.executable
+BIN = Path(PYTHON).parent  # the venv's scripts: mnist-flow, prefect
 
 
 # --- timing ----------------------------------------------------------------------------------------------------
@@ -50,12 +51,16 @@ def timed() -> Iterator[Timing]:
     t.wall, t.cpu = time.perf_counter() - w0, time.process_time() - c0
 
 
-def fresh_home_env(home: str) -> dict[str, str]:
+def fresh_home_env(home: str, threads: int = 1) -> dict[str, str]:
     """The environment of a measured child process: its own MNIST_FLOW_HOME and PREFECT_HOME (created),
-    no analytics, no server from the caller's shell, one intra-op thread (see the threads section)."""
+    no analytics, no server from the caller's shell, ``threads`` intra-op threads (one by default: see the
+    threads section; OpenMP's own variable is pinned only then)."""
     env = {**os.environ, "MNIST_FLOW_HOME": home, "PREFECT_HOME": f"{home}/prefect",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": "1", "OMP_NUM_THREADS": "1"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": str(threads)}
     env.pop("PREFECT_API_URL", None)
+    env.pop("OMP_NUM_THREADS", None)
+    if threads == 1:
+        env["OMP_NUM_THREADS"] = "1"
     os.makedirs(env["PREFECT_HOME"], exist_ok=True)
     return env
 

@@ -57,11 +57,10 @@ def main() -> None:
         def epoch(generator: torch.Generator) -> None:
             common.autograd_epoch(model, x, y, optimizer, 64, generator, args.precision)
     else:
-        step = make_step(model, config, args.steps)
-        data = x
+        step = make_step(model, config, n)
 
         def epoch(generator: torch.Generator) -> None:
-            train_epoch(step, data, y, 64, generator)
+            train_epoch(step, x, y, 64, generator)
     generator = torch.Generator().manual_seed(0)
     epoch(generator)  # warm-up
     with common.timed() as plain:

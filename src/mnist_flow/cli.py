@@ -58,11 +58,11 @@ def train(
     """Train one configuration (the seed's by default) and evaluate it; no Prefect, no registry."""
     from mnist_flow import pipeline
     from mnist_flow.settings import load_settings
-    from mnist_flow.train import TrainConfig, default_precision, select_device
+    from mnist_flow.train import TrainConfig, resolve_precision, select_device
 
     config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
-                         precision=default_precision() if precision == "auto" else precision).validate()
+                         precision=resolve_precision(precision)).validate()
     settings = load_settings(device=device)
     apply_threads(settings.threads)
     params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,

@@ -27,7 +27,7 @@ from mnist_flow.errors import ConfigError
 from mnist_flow.formatting import format_params
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
-from mnist_flow.train import (EvalResult, History, TrainConfig, default_precision, evaluate, select_device,
+from mnist_flow.train import (EvalResult, History, TrainConfig, evaluate, resolve_precision, select_device,
                               train_model)
 from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, last_value,
                              open_study, recipe_of, run_study, study_name_for)
@@ -90,9 +90,8 @@ class RunParams(BaseModel):
 
     def base_config(self) -> TrainConfig:
         """The fixed part of the recipe; the search fills in lr, momentum and hidden sizes."""
-        precision = default_precision() if self.precision == "auto" else self.precision
         return TrainConfig(batch_size=self.batch_size, epochs=self.max_epochs, weight_decay=self.weight_decay,
-                           schedule=self.schedule, seed=self.seed, precision=precision)
+                           schedule=self.schedule, seed=self.seed, precision=resolve_precision(self.precision))
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -81,17 +81,15 @@ class MLPStep:
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.count = 0
-        with torch.no_grad():
-            self.weights = [m.weight.detach() for m in linears]
-            self.biases = [m.bias.detach() for m in linears]
-            self.weight_momenta = [torch.zeros_like(w) for w in self.weights]
-            self.bias_momenta = [torch.zeros_like(b) for b in self.biases]
-            # What the matmuls read: the parameters themselves in fp32, kept copies in bf16.
-            self.low_weights = [w.to(self.dtype) for w in self.weights]
-            self.low_biases = [b.to(self.dtype) for b in self.biases]
-            # bf16 weight gradients land here before the float32 momentum update.
-            self.weight_grads = ([torch.empty_like(w, dtype=self.dtype) for w in self.weights]
-                                 if self.dtype != torch.float32 else [])
+        self.weights = [m.weight.detach() for m in linears]  # share storage: updates land in the model
+        self.biases = [m.bias.detach() for m in linears]
+        self.weight_momenta = [torch.zeros_like(w) for w in self.weights]
+        self.bias_momenta = [torch.zeros_like(b) for b in self.biases]
+        # What the matmuls read: the parameters themselves in fp32, kept copies in bf16.
+        self.low_weights = [w.to(self.dtype) for w in self.weights]
+        self.low_biases = [b.to(self.dtype) for b in self.biases]
+        # bf16 weight gradients land here before the float32 momentum update.
+        self.weight_grads = [torch.empty_like(w, dtype=self.dtype) for w in self.weights] if self.low_precision else []
         self._minus_one = torch.full((1, 1), -1.0, device=self.weights[0].device)
 
     @property

@@ -41,6 +41,11 @@ def default_precision() -> Precision:
     return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
 
 
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` becomes :func:`default_precision`; an explicit precision is kept as it is."""
+    return default_precision() if precision == "auto" else precision
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The autocast context of evaluation for ``precision`` (disabled for fp32); training does its
     own casting (mnist_flow.step)."""
@@ -153,9 +158,11 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> MLP:
     return model.to(device)
 
 
-def make_step(model: nn.Module, config: TrainConfig, steps_per_epoch: int) -> MLPStep:
-    """The hand-written SGD step (mnist_flow.step) with the config's learning-rate schedule."""
+def make_step(model: nn.Module, config: TrainConfig, train_samples: int) -> MLPStep:
+    """The hand-written SGD step (mnist_flow.step) with the config's learning-rate schedule over
+    ``config.epochs`` passes of ``train_samples`` samples in batches of ``config.batch_size``."""
     if config.schedule == "onecycle":
+        steps_per_epoch = math.ceil(train_samples / config.batch_size)
         schedule = one_cycle(config.lr, total_steps=config.epochs * steps_per_epoch)
     else:
         schedule = constant(config.lr)
@@ -216,7 +223,7 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
     """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop."""
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)
-    step = make_step(model, config, steps_per_epoch=math.ceil(train_x.shape[0] / config.batch_size))
+    step = make_step(model, config, train_samples=train_x.shape[0])
     history = History()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()

@@ -78,16 +78,16 @@ def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sa
     from mnist_flow.registry import Registry
     from mnist_flow.train import TrainConfig, train_model
 
-    registry = Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "artifacts"))
     config = TrainConfig(hidden=(32,), epochs=1)
     s = sample_prepared.splits
     model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y)
     test = evaluate_test(model, sample_prepared)
     kwargs = dict(study_name="s", trial_number=0, flow_run_id=None, margin=0.0, alpha=None)
-    first, _ = register_and_decide(registry, sample_prepared, model, config, history, test, run_key="a", **kwargs)
-    other_data = replace(sample_prepared, bundle=replace(sample_prepared.bundle, fingerprint="f" * 64))
-    second, decision = register_and_decide(registry, other_data, model, config, history, test, run_key="b",
-                                           **kwargs)
-    assert decision.outcome == "blocked"
-    assert registry.champion("mnist").version == first.version != second.version
-    registry.dispose()
+    with Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "artifacts")) as registry:
+        first, _ = register_and_decide(registry, sample_prepared, model, config, history, test, run_key="a",
+                                       **kwargs)
+        other_data = replace(sample_prepared, bundle=replace(sample_prepared.bundle, fingerprint="f" * 64))
+        second, decision = register_and_decide(registry, other_data, model, config, history, test, run_key="b",
+                                               **kwargs)
+        assert decision.outcome == "blocked"
+        assert registry.champion("mnist").version == first.version != second.version

@@ -65,7 +65,7 @@ def test_the_last_short_batch_is_trained_and_weighted_by_its_size():
     config = SMALL.with_(lr=1e-12, momentum=0.0)  # weights effectively frozen: the loss is the initial one
     model = build_model(config)
     expected = F.cross_entropy(model(x), y).item()
-    loss = train_epoch(make_step(model, config, 3), x, y, 32, torch.Generator().manual_seed(0))
+    loss = train_epoch(make_step(model, config, x.shape[0]), x, y, 32, torch.Generator().manual_seed(0))
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
@@ -95,7 +95,7 @@ def test_onecycle_warms_up_peaks_at_the_learning_rate_and_anneals():
     train_x, train_y, _, _ = _problem()
     config = SMALL.with_(schedule="onecycle", lr=0.1, epochs=3)
     steps_per_epoch = math.ceil(train_x.shape[0] / config.batch_size)
-    step = make_step(build_model(config), config, steps_per_epoch)
+    step = make_step(build_model(config), config, train_x.shape[0])
     seen: list[float] = []
     schedule = step.lr
     step.lr = lambda k: seen.append(schedule(k)) or seen[-1]
@@ -161,8 +161,6 @@ def test_an_absent_device_is_a_config_error_naming_it(monkeypatch, name):
 
 
 def test_bf16_training_learns_like_fp32_and_stays_deterministic():
-    from mnist_flow.train import TrainConfig, train_model
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(600, 784, generator=g)
     y = x[:, :10].argmax(dim=1)
@@ -178,8 +176,5 @@ def test_bf16_training_learns_like_fp32_and_stays_deterministic():
 
 
 def test_an_unknown_precision_is_refused():
-    from mnist_flow.errors import ConfigError
-    from mnist_flow.train import TrainConfig
-
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp8").validate()

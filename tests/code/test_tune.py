@@ -11,7 +11,7 @@ import torch
 from mnist_flow.errors import ConfigError
 from mnist_flow.train import TrainConfig
 from mnist_flow.tune import (SEED_PARAMS, Objective, SearchSpace, Splits, best_trial, finished_trials,
-                             open_study, run_study, study_name_for, suggest_config)
+                             open_study, recipe_of, run_study, study_name_for, suggest_config)
 
 
 @pytest.fixture(autouse=True)
@@ -172,8 +172,6 @@ def test_the_best_trial_is_taken_among_trials_of_the_same_recipe(tmp_path):
     study = open_study(url, "s", seed=0, max_epochs=1, enqueue_seed=False)
     run_study(study, Objective(_splits(), space, onecycle, run_key="a"), n_trials=2, run_key="a")
     run_study(study, Objective(_splits(), space, constant, run_key="b"), n_trials=2, run_key="b")
-    from mnist_flow.tune import recipe_of
-
     for config in (onecycle, constant):
         best = best_trial(study, recipe_of(config))
         assert best.user_attrs["recipe"]["schedule"] == config.schedule

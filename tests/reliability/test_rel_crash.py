@@ -26,9 +26,9 @@ HEARTBEAT = {"MNIST_FLOW_HEARTBEAT_INTERVAL": "1", "MNIST_FLOW_HEARTBEAT_GRACE":
 
 #: The run that gets killed: the seed trial (512-256, enqueued first) finishes in about a second, then every
 #: sampled trial is a 4096-1024 MLP whose epochs last a second or more each: seconds to catch one mid-trial.
-KILL_RUN = ["--source", "sample", "--hidden1-min", "4096", "--hidden1-max", "4096", "--hidden2-min", "1024",
-            "--hidden2-max", "1024", "--batch-size", "256", "--n-trials", "3", "--max-epochs", "3"]
 MAX_EPOCHS = 3
+KILL_RUN = ["--source", "sample", "--hidden1-min", "4096", "--hidden1-max", "4096", "--hidden2-min", "1024",
+            "--hidden2-max", "1024", "--batch-size", "256", "--n-trials", "3", "--max-epochs", str(MAX_EPOCHS)]
 #: A trial seen at the same epoch this long after is past that epoch's pruning decision, training the next one.
 SETTLED_S = 0.3
 
