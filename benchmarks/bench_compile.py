@@ -25,7 +25,8 @@ atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_err
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from mnist_flow.train import TrainConfig, build_model, make_step, train_epoch
+from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.params import TrainConfig
 
 STEPS = 100
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import common
-from mnist_flow.train import TrainConfig, build_model, evaluate, make_step, train_epoch
+from mnist_flow.train import build_model, evaluate, make_step, train_epoch
+from mnist_flow.params import TrainConfig
 
 
 def main() -> None:

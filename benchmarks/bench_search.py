@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 
 import common
-from mnist_flow.pipeline import RunParams
+from mnist_flow.params import RunParams
 from mnist_flow.train import evaluate, train_model
 from mnist_flow.tune import SEED_PARAMS, Objective, best_trial, config_from_params, make_pruner
 
@@ -44,7 +44,7 @@ def run(prepared, params: RunParams, pruned: bool, target: float) -> dict:
             clock["reached"] = {"epochs": clock["epochs"], "seconds": time.perf_counter() - clock["start"],
                                 "trial": trial.number}
 
-    objective = Objective(prepared.splits, params.search_space(), params.base_config(), on_epoch=on_epoch)
+    objective = Objective(prepared.splits, params.space, params.base_config(), on_epoch=on_epoch)
     study.optimize(objective, n_trials=params.n_trials)
     wall = time.perf_counter() - clock["start"]
     best = best_trial(study)

@@ -20,7 +20,8 @@ import common
 
 CHILD = """
 import json, time, torch
-from mnist_flow.train import TrainConfig, build_model, make_step, train_epoch
+from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.params import TrainConfig
 torch.set_num_threads({threads})
 g = torch.Generator().manual_seed(0)
 x, y = torch.randn(6400, 784, generator=g), torch.randint(0, 10, (6400,), generator=g)

@@ -33,7 +33,8 @@ from torch import nn
 
 import common
 from mnist_flow.model import multiply_adds_per_sample
-from mnist_flow.train import TrainConfig, build_model, make_step, train_epoch
+from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.params import TrainConfig
 
 HIDDEN = (500, 256)
 BATCH = 64

@@ -20,7 +20,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import common
-from mnist_flow.train import TrainConfig, build_model, make_step, train_epoch
+from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.params import TrainConfig
 
 GROUPS = {
     "matmul (mm, addmm)": ("aten::mm", "aten::addmm"),

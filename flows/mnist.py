@@ -12,17 +12,17 @@ composes functions of the `mnist_flow` library; only I/O tasks (data, registry) 
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from prefect import Flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.callables import get_call_parameters
-from pydantic import Field
 
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
 from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError
+from mnist_flow.params import RunParams, with_run_parameters
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
 from mnist_flow.scale import apply_threads
@@ -56,7 +56,7 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_
 
 
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
-def fetch_data(params: pipeline.RunParams, settings: Settings) -> DataBundle:
+def fetch_data(params: RunParams, settings: Settings) -> DataBundle:
     """Fetch (or read) and verify the dataset; the fingerprint joins the lineage."""
     bundle = pipeline.load_data(params, settings)
     get_run_logger().info("data: %s from %s (%s), fingerprint %s", bundle.name, bundle.source, bundle.origin,
@@ -65,13 +65,13 @@ def fetch_data(params: pipeline.RunParams, settings: Settings) -> DataBundle:
 
 
 @task(cache_policy=NO_CACHE)
-def split_data(bundle: DataBundle, params: pipeline.RunParams, device: str) -> pipeline.Prepared:
+def split_data(bundle: DataBundle, params: RunParams, device: str) -> pipeline.Prepared:
     """Carve the stratified validation split; features go to the device once."""
     return pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=params.seed, device=device)
 
 
 @task(cache_policy=NO_CACHE)
-def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Settings, run_key: str) -> tuple:
+def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run_key: str) -> tuple:
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
@@ -84,7 +84,7 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams) -> tuple:
+def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams) -> tuple:
     """Train the best configuration for the final number of epochs."""
     config = pipeline.final_config(best, params)
     get_run_logger().info("final fit of trial #%d: %s", best.number, config.to_dict())
@@ -125,26 +125,16 @@ def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Setting
     return version, decision
 
 
-# Constraints in the signature go into the deployment's parameter schema, so Prefect refuses
-# `--param n_trials=0` before a run exists; RunParams checks the rest (e.g. inverted bounds).
-AtLeast1 = Annotated[int, Field(ge=1)]
-AtLeast0 = Annotated[int, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
-Fraction = Annotated[float, Field(gt=0, lt=1)]
-Momentum = Annotated[float, Field(ge=0, lt=1)]
-
-
 class CheckedFlow(Flow):
     """A flow whose parameters are checked by RunParams before Prefect creates a run (ConfigError)."""
 
     def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
-        pipeline.RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
+        RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        # deployment runs: one ConfigError message instead of a pydantic dump
-        pipeline.RunParams.parse(**parameters)
-        return super().validate_parameters(parameters)
+        # deployment runs: one ConfigError message instead of a pydantic dump; RunParams is the only check
+        return RunParams.parse(**parameters).flat()
 
 
 def checked_flow(**options: Any) -> Any:
@@ -153,31 +143,10 @@ def checked_flow(**options: Any) -> Any:
 
 
 @checked_flow(name="mnist", log_prints=True)
-def mnist(
-    dataset: Literal["mnist", "fashion-mnist"] = "mnist",
-    source: Literal["auto", "download", "dir", "sample"] = "auto",
-    data_dir: str | None = None,
-    n_trials: AtLeast1 = 20,
-    max_epochs: AtLeast1 = 8,
-    final_epochs: AtLeast1 = 24,
-    seed: AtLeast0 = 0,
-    workers: AtLeast1 = 1,
-    val_fraction: Fraction = 0.1,
-    batch_size: AtLeast1 = 128,
-    weight_decay: Annotated[float, Field(ge=0)] = 5e-4,
-    schedule: Literal["constant", "onecycle"] = "onecycle",
-    precision: Literal["auto", "fp32", "bf16"] = "auto",
-    lr_min: Positive = 1e-3,
-    lr_max: Positive = 0.3,
-    momentum_min: Momentum = 0.5,
-    momentum_max: Momentum = 0.98,
-    hidden1_min: AtLeast1 = 128,
-    hidden1_max: AtLeast1 = 1024,
-    hidden2_min: AtLeast1 = 64,
-    hidden2_max: AtLeast1 = 512,
-) -> dict[str, Any]:
+@with_run_parameters  # one keyword per RunParams field: Prefect's parameter schema comes from it
+def mnist(**parameters: Any) -> dict[str, Any]:
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
-    params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
+    params = RunParams.parse(**parameters)
     settings = load_settings()
     apply_threads(settings.threads)
     quiet_optuna()

@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
+from mnist_flow.params import RunParams
 from mnist_flow.db import dispose_storage, mask_url
 from mnist_flow.errors import ConfigError
 from mnist_flow.progress import LogProgress, quiet_optuna
@@ -42,7 +43,7 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
     """Run trials of the run ``run_key`` in the shared study until its ``n_trials`` are finished."""
     import torch
 
-    run_params = pipeline.RunParams.parse(**params)
+    run_params = RunParams.parse(**params)
     settings = load_settings()
     logger = get_run_logger()
     # On one machine the trial processes share the CPUs; on many each one has its machine's.
@@ -105,7 +106,7 @@ def check_trial_workers(workers: int, settings: Settings) -> None:
                           fix=f"Raise it (prefect work-pool set-concurrency-limit {pool.name} N) or lower workers.")
 
 
-def run_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunParams, run_key: str,
+def run_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: str,
                       settings: Settings) -> list[Any]:
     """Start ``params.workers`` runs of the worker deployment on the run's study and wait for them.
 
@@ -121,7 +122,7 @@ def run_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunParams, r
         study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
     finally:
         dispose_storage(storage)
-    parameters = {"params": params.model_dump(mode="json"), "run_key": run_key, "study_name": study.study_name}
+    parameters = {"params": params.flat(), "run_key": run_key, "study_name": study.study_name}
     runs = [run_deployment(WORKER_DEPLOYMENT, parameters={**parameters, "worker_index": index}, timeout=0,
                            flow_run_name=f"trials-{run_key[:8]}-{index}", idempotency_key=f"{run_key}:trials:{index}")
             for index in range(1, params.workers + 1)]

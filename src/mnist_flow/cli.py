@@ -16,6 +16,8 @@ import click
 import typer
 
 from mnist_flow.errors import ConfigError, MnistFlowError
+from mnist_flow.params import RunParams
+from mnist_flow.params import TrainConfig
 from mnist_flow.progress import quiet_optuna
 from mnist_flow.scale import apply_threads
 
@@ -37,35 +39,41 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
                           fix="Pass e.g. --hidden 500,256.") from None
 
 
+#: `mnist-flow train` defaults: the seed tutorial's configuration (TrainConfig's defaults) on the run's data options.
+_SEED = TrainConfig()
+_DATA = {name: RunParams.model_fields[name] for name in ("dataset", "source", "data_dir", "val_fraction")}
+
+
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Option(help="mnist or fashion-mnist")] = "mnist",
-    source: Annotated[str, typer.Option(help="auto, download, dir or sample")] = "auto",
-    data_dir: Annotated[Optional[Path], typer.Option(help="folder with the four IDX files (source dir)")] = None,
-    hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma-separated")] = "500,256",
-    lr: float = 0.01,
-    momentum: float = 0.9,
-    batch_size: int = 64,
-    epochs: int = 10,
-    weight_decay: float = 0.0,
-    schedule: Annotated[str, typer.Option(help="constant or onecycle")] = "constant",
+    dataset: Annotated[str, typer.Option(help=_DATA["dataset"].description)] = _DATA["dataset"].default,
+    source: Annotated[str, typer.Option(help=_DATA["source"].description)] = _DATA["source"].default,
+    data_dir: Annotated[Optional[Path], typer.Option(help=_DATA["data_dir"].description)] = None,
+    hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma-separated")] = ",".join(map(str, _SEED.hidden)),
+    lr: float = _SEED.lr,
+    momentum: float = _SEED.momentum,
+    batch_size: int = _SEED.batch_size,
+    epochs: int = _SEED.epochs,
+    weight_decay: float = _SEED.weight_decay,
+    schedule: Annotated[str, typer.Option(help="constant or onecycle")] = _SEED.schedule,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (auto: bf16 where the CPU/GPU has it)")] = "auto",
-    val_fraction: float = 0.1,
-    seed: int = 0,
+    val_fraction: Annotated[float, typer.Option(help=_DATA["val_fraction"].description)] = _DATA["val_fraction"].default,
+    seed: int = _SEED.seed,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: settings)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Train one configuration (the seed's by default) and evaluate it; no Prefect, no registry."""
     from mnist_flow import pipeline
     from mnist_flow.settings import load_settings
-    from mnist_flow.train import TrainConfig, resolve_precision, select_device
+    from mnist_flow.train import select_device
+    from mnist_flow.params import resolve_precision
 
     config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
                          precision=resolve_precision(precision)).validate()
     settings = load_settings(device=device)
     apply_threads(settings.threads)
-    params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
+    params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
                                       val_fraction=val_fraction)
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
@@ -107,7 +115,7 @@ def tune(ctx: typer.Context) -> None:
                         help="trials are counted per run key; pass an earlier run's key to resume it")
     args = vars(parser.parse_args(ctx.args))
     as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
-    params = pipeline.RunParams.parse(**args)
+    params = RunParams.parse(**args)
     settings = load_settings()
     apply_threads(settings.threads)
     watch = pipeline.Stopwatch()

@@ -1,7 +1,7 @@
 """Command line of a flow script: flags built from the flow's signature, checked before any work.
 
 ``python flows/mnist.py --help`` lists every parameter with its type, default and description
-(taken from :class:`~mnist_flow.pipeline.RunParams`). Bad values end in one message, exit code 2.
+(taken from :class:`~mnist_flow.params.RunParams`). Bad values end in one message, exit code 2.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mnist_flow.errors import MnistFlowError
-from mnist_flow.pipeline import RunParams, summary_lines
+from mnist_flow.params import flat_fields
+from mnist_flow.pipeline import summary_lines
 
 
 def _arg_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
@@ -29,10 +30,10 @@ def _arg_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
 
 
 def build_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
-    """One ``--flag`` per field of :class:`RunParams` (the flow's parameters), with its help text."""
+    """One ``--flag`` per flow parameter (:func:`~mnist_flow.params.flat_fields`), with its help text."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, field in RunParams.model_fields.items():
+    for name, field in flat_fields().items():
         convert, choices = _arg_type(field.annotation)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=convert, choices=choices,
                             default=field.default, help=field.description)

@@ -11,99 +11,24 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mnist_flow import data as data_lib
 from mnist_flow.budget import fail_stale_trials, trial_lock
 from mnist_flow.dashboard import annotate_finished_trial
 from mnist_flow.db import dispose_storage, mask_url, optuna_storage
-from mnist_flow.errors import ConfigError
+from mnist_flow.params import RunParams
 from mnist_flow.formatting import format_params
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
-from mnist_flow.train import (EvalResult, History, TrainConfig, evaluate, resolve_precision, select_device,
-                              train_model)
-from mnist_flow.tune import (Objective, SearchSpace, Splits, best_trial, config_from_params, last_value,
+from mnist_flow.train import EvalResult, History, evaluate, train_model
+from mnist_flow.params import TrainConfig
+from mnist_flow.tune import (Objective, Splits, best_trial, config_from_params, last_value,
                              open_study, recipe_of, run_study, study_name_for)
-
-DatasetName = Literal["mnist", "fashion-mnist"]
-SourceName = Literal["auto", "download", "dir", "sample"]
-
-
-class RunParams(BaseModel):
-    """The flow's parameters: flat, typed and checked before any work."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: DatasetName = Field("mnist", description="Which dataset: mnist or fashion-mnist.")
-    source: SourceName = Field("auto", description="Where the data comes from: auto, download, dir or sample.")
-    data_dir: Path | None = Field(None, description="Folder with the four IDX files (source=dir).")
-    n_trials: int = Field(20, ge=1, description="Optuna trials to finish in this run.")
-    max_epochs: int = Field(8, ge=1, description="Epochs per trial (the pruner may stop a trial earlier).")
-    final_epochs: int = Field(24, ge=1, description="Epochs of the final fit of the best configuration.")
-    seed: int = Field(0, ge=0, description="Seed of the split, the sampler, the initial weights and the batches.")
-    workers: int = Field(1, ge=1, description="Trial workers running the study at the same time.")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
-    batch_size: int = Field(128, ge=1, description="Mini-batch size.")
-    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
-    schedule: Literal["constant", "onecycle"] = Field("onecycle", description="Learning-rate schedule.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training arithmetic: bf16 matmuls where the hardware has them natively, else fp32.")
-    lr_min: float = Field(1e-3, gt=0.0, description="Lower bound of the learning rate (log scale).")
-    lr_max: float = Field(0.3, gt=0.0, description="Upper bound of the learning rate.")
-    momentum_min: float = Field(0.5, ge=0.0, lt=1.0, description="Lower bound of the momentum.")
-    momentum_max: float = Field(0.98, ge=0.0, lt=1.0, description="Upper bound of the momentum.")
-    hidden1_min: int = Field(128, ge=1, description="Lower bound of the first hidden layer's width.")
-    hidden1_max: int = Field(1024, ge=1, description="Upper bound of the first hidden layer's width.")
-    hidden2_min: int = Field(64, ge=1, description="Lower bound of the second hidden layer's width.")
-    hidden2_max: int = Field(512, ge=1, description="Upper bound of the second hidden layer's width.")
-
-    @model_validator(mode="after")
-    def _check(self) -> "RunParams":
-        self.search_space().validate()
-        if self.source == "dir" and self.data_dir is None:
-            raise ValueError("source 'dir' needs data_dir (the folder with the four IDX files)")
-        return self
-
-    @classmethod
-    def parse(cls, **values: Any) -> "RunParams":
-        """Build from user input, turning validation errors into one ConfigError."""
-        try:
-            params = cls(**values)
-        except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc), fix="Correct the parameter(s) and run again.") from None
-        except ConfigError:
-            raise
-        data_lib.validate_source(params.dataset, params.source, params.data_dir)
-        return params
-
-    def search_space(self) -> SearchSpace:
-        return SearchSpace(lr_min=self.lr_min, lr_max=self.lr_max, momentum_min=self.momentum_min,
-                           momentum_max=self.momentum_max, hidden1_min=self.hidden1_min,
-                           hidden1_max=self.hidden1_max, hidden2_min=self.hidden2_min, hidden2_max=self.hidden2_max)
-
-    def base_config(self) -> TrainConfig:
-        """The fixed part of the recipe; the search fills in lr, momentum and hidden sizes."""
-        return TrainConfig(batch_size=self.batch_size, epochs=self.max_epochs, weight_decay=self.weight_decay,
-                           schedule=self.schedule, seed=self.seed, precision=resolve_precision(self.precision))
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "parameters"
-        msg = err["msg"].removeprefix("Value error, ")
-        given = err.get("input")
-        parts.append(f"{loc}: {msg}" + (f" (got {given!r})" if loc != "parameters" and not isinstance(given, dict)
-                                        else ""))
-    return "Invalid parameter(s): " + "; ".join(parts) + "."
-
 
 @dataclass(frozen=True)
 class Prepared:
@@ -185,7 +110,7 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
     try:
         study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
         fail_stale_trials(study)
-        objective = Objective(prepared.splits, params.search_space(), params.base_config(),
+        objective = Objective(prepared.splits, params.space, params.base_config(),
                               device=prepared.device, run_key=run_key, flow_run_id=flow_run_id)
         progress.start_trials(params.n_trials)
 
@@ -220,7 +145,7 @@ def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.
     return open_study(storage, study_name_for(bundle.name, bundle.fingerprint),
                       seed=params.seed + WORKER_SEED_STRIDE * worker_index, max_epochs=params.max_epochs,
                       user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
-                                  "search_space": params.search_space().to_dict(),
+                                  "search_space": params.space.to_dict(),
                                   "recipe": params.base_config().to_dict()},
                       warm_start=warm_start)
 
@@ -385,7 +310,7 @@ def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, be
         "trials": {"finished": len(mine), "complete": sum(t.state.name == "COMPLETE" for t in mine),
                    "pruned": sum(t.state.name == "PRUNED" for t in mine), "in_study": len(study.trials)},
         "best": {"trial": best.number, "params": best.params, "val_accuracy": best.value},
-        "params": params.model_dump(mode="json"),
+        "params": params.flat(),
         "metrics": {"val_accuracy": history.last.val_accuracy, "test_accuracy": test.accuracy,
                     "test_loss": test.loss},
         "model": {"name": version.name, "version": version.version, "champion": "champion" in version.aliases,

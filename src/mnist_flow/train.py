@@ -3,7 +3,8 @@
 Data lives in memory as tensors (features already normalised); batches are drawn by index
 from a seeded permutation, so there are no per-sample transforms and no DataLoader.
 
-    from mnist_flow.train import TrainConfig, train_model
+    from mnist_flow.train import train_model
+    from mnist_flow.params import TrainConfig
     model, history = train_model(TrainConfig(epochs=2), train_x, train_y, val_x, val_y)
 """
 
@@ -12,93 +13,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mnist_flow.errors import ConfigError
+from mnist_flow.params import TrainConfig
 from mnist_flow.model import MLP
 from mnist_flow.step import MLPStep, constant, one_cycle
 
-Schedule = Literal["constant", "onecycle"]
-SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-
-
-def default_precision() -> Precision:
-    """bf16 where the hardware does bfloat16 matmuls natively (CUDA with bf16, AVX512-BF16/AMX CPUs), else fp32."""
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
-    except OSError:
-        return "fp32"
-    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
-
-
-def resolve_precision(precision: str) -> str:
-    """``"auto"`` becomes :func:`default_precision`; an explicit precision is kept as it is."""
-    return default_precision() if precision == "auto" else precision
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The autocast context of evaluation for ``precision`` (disabled for fp32); training does its
     own casting (mnist_flow.step)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run; saved with every model as its hyperparameters."""
-
-    hidden: tuple[int, ...] = (500, 256)
-    lr: float = 0.01
-    momentum: float = 0.9
-    batch_size: int = 64
-    epochs: int = 10
-    weight_decay: float = 0.0
-    schedule: Schedule = "constant"
-    seed: int = 0
-    #: Arithmetic of the forward and backward passes. Weights, optimizer state and loss stay float32;
-    #: "bf16" runs the matmuls in bfloat16, about 1.5x faster on CPUs with AVX512-BF16 (docs/benchmarks.md).
-    precision: Precision = "fp32"
-
-    def validate(self) -> "TrainConfig":
-        """Raise ConfigError naming the first bad value; return self so calls chain."""
-        problems = []
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"learning rate must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
-        if not self.hidden or any(int(h) < 1 for h in self.hidden):
-            problems.append(f"hidden sizes must be integers >= 1, got {list(self.hidden)}")
-        if self.batch_size < 1:
-            problems.append(f"batch size must be >= 1, got {self.batch_size}")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.weight_decay < 0:
-            problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
-        if self.schedule not in SCHEDULES:
-            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if problems:
-            raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
-                              fix="Correct the parameter and run again.")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-    def with_(self, **changes: Any) -> "TrainConfig":
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -24,7 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_flow.budget import Lock, Step, TrialBudget, ran_here
 from mnist_flow.errors import ConfigError
-from mnist_flow.train import EpochStats, TrainConfig, train_model
+from mnist_flow.params import SearchSpace
+from mnist_flow.train import EpochStats, train_model
+from mnist_flow.params import TrainConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -33,48 +35,6 @@ logger = logging.getLogger(__name__)
 #: The seed tutorial's configuration, enqueued as the first trial of every new study so the
 #: search always measures the baseline it has to beat.
 SEED_PARAMS = {"lr": 0.01, "momentum": 0.9, "hidden1": 512, "hidden2": 256}  # 500 snapped to the 64-grid
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """Bounds of the searched hyperparameters.
-
-    lr: log-uniform; below 1e-3 SGD barely moves in a few epochs, above 0.3 it diverges
-    for these MLPs even with the one-cycle warm-up. momentum: 0.5 to 0.98, the range where
-    heavy-ball SGD is stable. Hidden sizes: 128-1024 and 64-512 in steps of 64; wider than
-    the seed (500-256) because wider MLPs keep gaining on Fashion-MNIST, and capped where an
-    epoch stays within a few seconds on two cores.
-    """
-
-    lr_min: float = 1e-3
-    lr_max: float = 0.3
-    momentum_min: float = 0.5
-    momentum_max: float = 0.98
-    hidden1_min: int = 128
-    hidden1_max: int = 1024
-    hidden2_min: int = 64
-    hidden2_max: int = 512
-    hidden_step: int = 64
-
-    def validate(self) -> "SearchSpace":
-        problems = []
-        for name in ("lr", "momentum", "hidden1", "hidden2"):
-            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
-            if lo > hi:
-                problems.append(f"{name} bounds are inverted ({name}_min={lo} > {name}_max={hi})")
-        if self.lr_min <= 0:
-            problems.append(f"lr_min must be > 0, got {self.lr_min}")
-        if not (0 <= self.momentum_min and self.momentum_max < 1):
-            problems.append(f"momentum bounds must lie in [0, 1), got [{self.momentum_min}, {self.momentum_max}]")
-        if self.hidden1_min < 1 or self.hidden2_min < 1 or self.hidden_step < 1:
-            problems.append("hidden sizes and hidden_step must be >= 1")
-        if problems:
-            raise ConfigError("Invalid search space: " + "; ".join(problems) + ".",
-                              fix="Swap or correct the bounds and run again.")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def suggest_config(trial: optuna.Trial, space: SearchSpace, base: TrainConfig) -> TrainConfig:

@@ -76,7 +76,8 @@ def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sa
 
     from mnist_flow.pipeline import evaluate_test, register_and_decide
     from mnist_flow.registry import Registry
-    from mnist_flow.train import TrainConfig, train_model
+    from mnist_flow.train import train_model
+    from mnist_flow.params import TrainConfig
 
     config = TrainConfig(hidden=(32,), epochs=1)
     s = sample_prepared.splits

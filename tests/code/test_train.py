@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.train import (EvalResult, History, TrainConfig, build_model, evaluate, make_step, select_device,
-                              train_epoch, train_model)
+from mnist_flow.train import EvalResult, History, build_model, evaluate, make_step, select_device, train_epoch, train_model
+from mnist_flow.params import TrainConfig
 
 
 def _problem(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.train import TrainConfig
-from mnist_flow.tune import (SEED_PARAMS, Objective, SearchSpace, Splits, best_trial, finished_trials,
+from mnist_flow.params import TrainConfig
+from mnist_flow.params import SearchSpace
+from mnist_flow.tune import (SEED_PARAMS, Objective, Splits, best_trial, finished_trials,
                              open_study, recipe_of, run_study, study_name_for, suggest_config)
 
 
@@ -52,7 +53,7 @@ def test_suggest_config_stays_inside_the_bounds_and_keeps_the_fixed_recipe():
 ])
 def test_an_impossible_search_space_is_refused_with_the_bound_named(bounds, word):
     with pytest.raises(ConfigError, match=word.replace("[", r"\[").replace(")", r"\)")):
-        SearchSpace(**bounds).validate()
+        SearchSpace(**bounds)
 
 
 def test_the_objective_reports_every_epoch_and_records_the_curve():

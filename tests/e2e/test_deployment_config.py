@@ -54,7 +54,7 @@ def test_train_deployment_runs_the_mnist_flow_on_the_process_pool(train: dict, d
 
 
 def test_nightly_schedule_is_a_utc_cron_with_a_slug_and_strict_download(train: dict) -> None:
-    from mnist_flow.pipeline import RunParams
+    from mnist_flow.params import RunParams
 
     (schedule,) = train["schedules"]
     assert schedule["cron"] == "0 2 * * *" and schedule["timezone"] == "UTC" and schedule["slug"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from mnist_flow.pipeline import RunParams
+from mnist_flow.errors import ConfigError
+from mnist_flow.params import flat_fields
 from mnist_flow.registry import Registry
 from mnist_flow.settings import load_settings
 
@@ -20,12 +20,21 @@ import mnist as flow_module  # noqa: E402
 TINY = dict(source="sample", n_trials=3, max_epochs=2, final_epochs=2, seed=0)
 
 
-def test_the_flow_signature_is_exactly_the_run_parameters():
-    signature = inspect.signature(flow_module.mnist.fn).parameters
-    assert list(signature) == list(RunParams.model_fields)
-    for name, field in RunParams.model_fields.items():
-        default = signature[name].default
-        assert (str(default) if name == "data_dir" and default else default) == field.default, name
+def test_the_deployment_schema_offers_every_parameter_with_its_default_and_refuses_bad_values():
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(flow_module.mnist)
+    properties = schema.properties
+    assert list(properties) == list(flat_fields())
+    assert properties["n_trials"]["default"] == 20 and properties["n_trials"]["minimum"] == 1
+    assert properties["momentum_max"]["exclusiveMaximum"] == 1
+    assert properties["dataset"]["enum"] == ["mnist", "fashion-mnist"]
+    # what `prefect deployment run mnist/train --param ...` gets: values checked by RunParams, flat names back
+    assert flow_module.mnist.validate_parameters({"n_trials": "5", "lr_max": 0.1})["lr_max"] == 0.1
+    with pytest.raises(ConfigError, match="n_trials: must be >= 1"):
+        flow_module.mnist.validate_parameters({"n_trials": 0})
+    with pytest.raises(ConfigError, match="lr_max: must be a finite number"):
+        flow_module.mnist.validate_parameters({"lr_max": float("inf")})
 
 
 def test_the_flow_tunes_trains_evaluates_and_registers_a_champion_with_its_lineage(home):
@@ -74,5 +83,5 @@ def test_the_same_seed_gives_the_same_result_in_a_fresh_home(tmp_path, monkeypat
 def test_the_script_help_lists_every_parameter():
     out = subprocess.run([sys.executable, str(ROOT / "flows" / "mnist.py"), "--help"], capture_output=True,
                          text=True, check=True, timeout=120).stdout
-    for name in RunParams.model_fields:
+    for name in flat_fields():
         assert f"--{name.replace('_', '-')}" in out

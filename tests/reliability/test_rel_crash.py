@@ -17,6 +17,7 @@ from rel_helpers import REPO, clean_env, mnist_flow
 from optuna.trial import TrialState
 
 from mnist_flow import pipeline
+from mnist_flow.params import RunParams
 from mnist_flow.registry import Registry
 from mnist_flow.settings import Settings
 
@@ -208,7 +209,7 @@ class _Crash(Exception):
 def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting_over(
         tmp_path: Path, reliability, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = Settings(home=tmp_path / "home")
-    params = pipeline.RunParams.parse(source="sample", n_trials=3, max_epochs=1, hidden1_min=64, hidden1_max=64,
+    params = RunParams.parse(source="sample", n_trials=3, max_epochs=1, hidden1_min=64, hidden1_max=64,
                                       hidden2_min=64, hidden2_max=64, batch_size=256)
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=0)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mnist_flow import pipeline
+from mnist_flow.params import RunParams
 from mnist_flow.db import optuna_storage
 from mnist_flow.registry import Registry
 from mnist_flow.tune import study_name_for
@@ -50,7 +51,7 @@ def one_torch_thread() -> Iterator[None]:
 def world(tmp_path_factory: pytest.TempPathFactory, sample_prepared: pipeline.Prepared) -> World:
     home = tmp_path_factory.mktemp("review") / "home"
     url, artifacts = f"sqlite:///{home / 'mnist-flow.db'}", str(home / "artifacts")
-    params = pipeline.RunParams.parse(**TINY)
+    params = RunParams.parse(**TINY)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # First trials of our own in place of the seed tutorial's 512-256 network (the study is new, so
     # open_study would enqueue that one): the same search, a quarter of the compute. The weaker one

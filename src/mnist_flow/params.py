@@ -1,0 +1,332 @@
+"""The run's parameters, defined once.
+
+:class:`RunParams` is the only definition of a run parameter: its type, default, bounds and help text.
+The flow's signature (and so the deployment's parameter schema), the command lines of
+``python flows/mnist.py`` and ``mnist-flow tune``, and the README's parameter table are all derived
+from it. Users and Prefect see one flat namespace (``--lr-min``, ``--param n_trials=5``); inside, the
+search space and the fixed training recipe are nested models:
+
+    params = RunParams.parse(n_trials=5, lr_max=0.1)
+    params.space.lr_max, params.recipe.batch_size, params.flat()["lr_max"]
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+
+from mnist_flow.errors import ConfigError
+
+DatasetName = Literal["mnist", "fashion-mnist"]
+SourceName = Literal["auto", "download", "dir", "sample"]
+Schedule = Literal["constant", "onecycle"]
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+PrecisionChoice = Literal["auto", "fp32", "bf16"]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def default_precision() -> Precision:
+    """bf16 where the hardware does bfloat16 matmuls natively (CUDA with bf16, AVX512-BF16/AMX CPUs), else fp32."""
+    import torch  # here, not at the top: parameters are parsed (and --help printed) without loading torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "").split()
+    except OSError:
+        return "fp32"
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"`` becomes :func:`default_precision`; an explicit precision is kept as it is."""
+    return default_precision() if precision == "auto" else precision
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run; saved with every model as its hyperparameters."""
+
+    hidden: tuple[int, ...] = (500, 256)
+    lr: float = 0.01
+    momentum: float = 0.9
+    batch_size: int = 64
+    epochs: int = 10
+    weight_decay: float = 0.0
+    schedule: Schedule = "constant"
+    seed: int = 0
+    #: Arithmetic of the forward and backward passes. Weights, optimizer state and loss stay float32;
+    #: "bf16" runs the matmuls in bfloat16, about 1.5x faster on CPUs with AVX512-BF16 (docs/benchmarks.md).
+    precision: Precision = "fp32"
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad value; return self so calls chain."""
+        problems = []
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"learning rate must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {self.momentum}")
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            problems.append(f"hidden sizes must be integers >= 1, got {list(self.hidden)}")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be >= 1, got {self.batch_size}")
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1, got {self.epochs}")
+        if self.weight_decay < 0:
+            problems.append(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if problems:
+            raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
+                              fix="Correct the parameter and run again.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    def with_(self, **changes: Any) -> "TrainConfig":
+        return replace(self, **changes)
+
+
+
+class SearchSpace(BaseModel):
+    """Bounds of the searched hyperparameters.
+
+    lr: log-uniform; below 1e-3 SGD barely moves in a few epochs, above 0.3 it diverges for these
+    MLPs even with the one-cycle warm-up. momentum: 0.5 to 0.98, the range where heavy-ball SGD is
+    stable. Hidden sizes in steps of 64: wider than the seed (500-256) because wider MLPs keep gaining
+    on Fashion-MNIST, and capped where an epoch stays within a few seconds on two cores.
+    """
+
+    model_config = _STRICT
+
+    #: Widths are searched on this grid.
+    hidden_step: ClassVar[int] = 64
+
+    lr_min: float = Field(1e-3, gt=0.0, description="Lower bound of the learning rate (log scale).")
+    lr_max: float = Field(0.3, gt=0.0, description="Upper bound of the learning rate.")
+    momentum_min: float = Field(0.5, ge=0.0, lt=1.0, description="Lower bound of the momentum.")
+    momentum_max: float = Field(0.98, ge=0.0, lt=1.0, description="Upper bound of the momentum.")
+    hidden1_min: int = Field(128, ge=1, description="Lower bound of the first hidden layer's width.")
+    hidden1_max: int = Field(1024, ge=1, description="Upper bound of the first hidden layer's width.")
+    hidden2_min: int = Field(64, ge=1, description="Lower bound of the second hidden layer's width.")
+    hidden2_max: int = Field(512, ge=1, description="Upper bound of the second hidden layer's width.")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc, "Invalid search space"),
+                              fix="Swap or correct the bounds and run again.") from None
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> SearchSpace:
+        """Every inverted bound is named in one ConfigError."""
+        problems = []
+        for name in ("lr", "momentum", "hidden1", "hidden2"):
+            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if lo > hi:
+                problems.append(f"{name} bounds are inverted ({name}_min={lo} > {name}_max={hi})")
+        if problems:
+            raise ConfigError("Invalid search space: " + "; ".join(problems) + ".",
+                              fix="Swap or correct the bounds and run again.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.model_dump(), "hidden_step": self.hidden_step}
+
+
+class Recipe(BaseModel):
+    """The fixed (not searched) part of the training: trials are comparable only within one recipe."""
+
+    model_config = _STRICT
+
+    batch_size: int = Field(128, ge=1, description="Mini-batch size.")
+    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
+    schedule: Schedule = Field("onecycle", description="Learning-rate schedule: onecycle or constant.")
+    precision: PrecisionChoice = Field(
+        "auto", description=("Training arithmetic: bf16 (bfloat16 matmuls, float32 weights, momentum and loss) where the "
+                     "hardware does bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32; auto picks; "
+                     "the test set is always evaluated in fp32."))
+
+
+class RunParams(BaseModel):
+    """The flow's parameters: typed and checked before any work. Flat names in, nested models inside."""
+
+    model_config = _STRICT
+
+    dataset: DatasetName = Field("mnist", description="mnist or fashion-mnist.")
+    source: SourceName = Field("auto", description=("Where the data comes from: auto (local cache, then download, then the bundled sample, with a "
+                    "warning), download, dir or sample."))
+    data_dir: Path | None = Field(None, description="Folder with the four IDX files (for source=dir).")
+    n_trials: int = Field(20, ge=1, description="Optuna trials to finish in this run (COMPLETE or PRUNED).")
+    max_epochs: int = Field(8, ge=1, description="Epochs per trial (the pruner may stop a trial earlier).")
+    final_epochs: int = Field(24, ge=1, description="Epochs of the final fit of the best configuration.")
+    seed: int = Field(0, ge=0, description="Seeds the split, the sampler, the initial weights and the batch order.")
+    workers: int = Field(1, ge=1, description="Trial workers running the study at the same time (see Scale out).")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
+    recipe: Recipe = Field(default_factory=Recipe)
+    space: SearchSpace = Field(default_factory=SearchSpace)
+
+    #: Nested models whose fields are flow parameters under their own names.
+    _nested: ClassVar[dict[str, type[BaseModel]]] = {"recipe": Recipe, "space": SearchSpace}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_names(cls, values: Any) -> Any:
+        """``lr_max=0.1`` goes into ``space``, ``batch_size=64`` into ``recipe``."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        for key, model in cls._nested.items():
+            given = values.get(key)
+            nested = dict(given.model_dump() if isinstance(given, BaseModel) else given or {})
+            for name in model.model_fields:
+                if name in values:
+                    nested[name] = values.pop(name)
+            if nested or key in values:
+                values[key] = nested
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> RunParams:
+        if self.source == "dir" and self.data_dir is None:
+            raise ValueError("source 'dir' needs data_dir (the folder with the four IDX files)")
+        return self
+
+    @classmethod
+    def parse(cls, **values: Any) -> RunParams:
+        """Build from user input (flat names), turning validation errors into one ConfigError."""
+        from mnist_flow import data as data_lib
+
+        try:
+            params = cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_validation_error(exc), fix="Correct the parameter(s) and run again.") from None
+        data_lib.validate_source(params.dataset, params.source, params.data_dir)
+        return params
+
+    def base_config(self) -> TrainConfig:
+        """The fixed part of the training (the recipe) for ``max_epochs``; the search fills in the rest."""
+        recipe = self.recipe.model_dump()
+        recipe["precision"] = resolve_precision(self.recipe.precision)
+        return TrainConfig(**recipe, epochs=self.max_epochs, seed=self.seed)
+
+    def flat(self) -> dict[str, Any]:
+        """The parameters under their flat (flow parameter) names, JSON-ready."""
+        dumped = self.model_dump(mode="json")
+        for key in self._nested:
+            dumped.update(dumped.pop(key))
+        return dumped
+
+
+def flat_fields() -> dict[str, FieldInfo]:
+    """Every flow parameter (nested models' fields under their own names), in the order users see them."""
+    fields: dict[str, FieldInfo] = {}
+    for name, info in RunParams.model_fields.items():
+        nested = RunParams._nested.get(name)
+        fields.update(nested.model_fields if nested is not None else {name: info})
+    return fields
+
+
+def flow_signature() -> inspect.Signature:
+    """The flow function's signature: one keyword per flow parameter, with its type, bounds and default.
+
+    Prefect builds the deployment's parameter schema from it, so bad values sent with
+    ``prefect deployment run`` are refused before a run exists.
+    """
+    parameters = []
+    for name, info in flat_fields().items():
+        annotation = info.annotation
+        if info.metadata:
+            annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[assignment]
+        default = info.get_default(call_default_factory=True)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                            annotation=annotation))
+    return inspect.Signature(parameters, return_annotation=dict[str, Any])
+
+
+def with_run_parameters(fn: Any) -> Any:
+    """Give ``fn(**parameters)`` the explicit signature of :func:`flow_signature` (for Prefect's schema)."""
+    fn.__signature__ = flow_signature()
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\nArgs:\n" + "".join(
+        f"    {name}: {info.description}\n" for name, info in flat_fields().items())
+    return fn
+
+
+def _bounds(info: FieldInfo) -> str:
+    """``[0, 1)``, ``> 0``, ``>= 1`` from a field's constraints ('' when it has none)."""
+    lower = upper = ""
+    for item in info.metadata:
+        for attr, text in (("gt", "({}"), ("ge", "[{}")):
+            if getattr(item, attr, None) is not None:
+                lower = text.format(_number(getattr(item, attr)))
+        for attr, text in (("lt", "{})"), ("le", "{}]")):
+            if getattr(item, attr, None) is not None:
+                upper = text.format(_number(getattr(item, attr)))
+    if lower and upper:
+        return f"{lower}, {upper}"
+    if lower:
+        return ("> " if lower[0] == "(" else ">= ") + lower[1:]
+    if upper:
+        return ("< " if upper[-1] == ")" else "<= ") + upper[:-1]
+    return ""
+
+
+def _range(info: FieldInfo) -> str:
+    """``in [0, 1)`` or ``>= 1``: a field's bounds as a phrase."""
+    bounds = _bounds(info)
+    return f"in {bounds}" if "," in bounds else bounds
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _field_of(loc: tuple[Any, ...]) -> FieldInfo | None:
+    name = str(loc[-1]) if loc else ""
+    return flat_fields().get(name)
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "Invalid parameter(s)") -> str:
+    """One line naming every bad parameter (by its flat name), what it must be and what was given."""
+    parts = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in RunParams._nested)
+        name = ".".join(str(p) for p in loc) or "parameters"
+        msg = err["msg"].removeprefix("Value error, ")
+        info = _field_of(loc)
+        if info is not None and err["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
+                                                "finite_number"}:
+            msg = "must be " + ("a finite number " if err["type"] == "finite_number" else "") + _range(info)
+        given = err.get("input")
+        shown = loc and not isinstance(given, dict) and err["type"] != "missing"
+        parts.append(f"{name}: {msg}" + (f" (got {given!r})" if shown else ""))
+    return f"{prefix}: " + "; ".join(parts) + "."
+
+
+def markdown_table() -> str:
+    """The README's parameter table."""
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    for name, info in flat_fields().items():
+        default = info.get_default(call_default_factory=True)
+        shown = "–" if default is None else f"`{default}`"
+        bounds = _range(info)
+        meaning = (info.description or "").rstrip(".") + (f"; {bounds}" if bounds else "")
+        rows.append(f"| `{name}` | {shown} | {meaning} |")
+    return "\n".join(rows)
