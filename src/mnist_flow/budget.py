@@ -9,8 +9,9 @@ Design (:class:`TrialBudget`, used by :func:`mnist_flow.tune.run_study`):
 
 - A trial belongs to a run through its ``run_key`` user attribute.
 - Starting a trial is serialised per study by a lock that works across processes
-  (:func:`trial_lock`): a PostgreSQL advisory lock on PostgreSQL, an exclusive ``flock`` on a file
-  next to a SQLite database (SQLite is one machine only), a thread lock for in-memory studies.
+  (:func:`trial_lock`, one of :mod:`mnist_flow.locks`): a PostgreSQL advisory lock on PostgreSQL, an
+  exclusive ``flock`` on a file next to a SQLite database (SQLite is one machine only), a thread lock
+  for in-memory studies.
 - Under the lock a process counts the run's trials in the storage: finished (COMPLETE, PRUNED),
   running (RUNNING) and queued (WAITING). It starts one only if ``finished + running + queued <
   n_trials``, or to pop a queued trial of the run. It keeps the lock until the new trial carries the
@@ -26,140 +27,26 @@ Design (:class:`TrialBudget`, used by :func:`mnist_flow.tune.run_study`):
 
 from __future__ import annotations
 
-import hashlib
-import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from mnist_flow.db import database_lock
+from mnist_flow.locks import Lock, ThreadLock
+
 RUN_KEY_ATTR = "run_key"
 SURPLUS_ATTR = "surplus_of"
-
-
-class Lock(Protocol):
-    """A mutual exclusion that holds across the processes sharing a study."""
-
-    def acquire(self) -> None: ...
-
-    def release(self) -> None: ...
-
-
-class ThreadLock:
-    """One process only (in-memory studies, tests)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        self._lock.acquire()
-
-    def release(self) -> None:
-        self._lock.release()
-
-
-class FileLock:
-    """An exclusive ``flock`` on ``path``: every process on this machine, none elsewhere (SQLite)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        import fcntl
-        import os
-
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:  # a read-only folder: SQLite itself will report the real problem
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    def release(self) -> None:
-        import fcntl
-        import os
-
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
-
-
-class AdvisoryLock:
-    """A PostgreSQL session advisory lock: every process on every machine using the database.
-
-    The server drops it with the connection, so a killed process cannot leave it held.
-    """
-
-    def __init__(self, url: str, name: str) -> None:
-        from mnist_flow.db import make_engine
-
-        self.url = url
-        self.key = int.from_bytes(hashlib.sha256(f"mnist-flow:{name}".encode()).digest()[:8], "big", signed=True)
-        self._engine = make_engine(url)
-        self._connection: Any = None
-
-    def acquire(self) -> None:
-        from sqlalchemy import text
-        from sqlalchemy.exc import DBAPIError
-
-        from mnist_flow.db import retry_db, unavailable
-
-        try:
-            connection = retry_db(self._engine.connect, url=self.url)
-        except DBAPIError as exc:
-            raise unavailable(self.url, exc) from None
-        try:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
-            connection.commit()
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
-
-    def release(self) -> None:
-        from sqlalchemy import text
-
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-                connection.commit()
-            finally:
-                connection.close()
-                self._engine.dispose()  # no idle connection left behind between turns
 
 
 def trial_lock(storage_url: str | None, study_name: str) -> Lock:
     """The lock that serialises starting trials of ``study_name`` in the database at ``storage_url``."""
     if not storage_url:
         return ThreadLock()
-    from mnist_flow.db import _parse, sqlite_path
-
-    backend = _parse(storage_url).get_backend_name()
-    if backend == "postgresql":
-        return AdvisoryLock(storage_url, study_name)
-    if backend == "sqlite":
-        path = sqlite_path(storage_url)
-        try:
-            import fcntl  # noqa: F401 - POSIX only
-        except ImportError:
-            return ThreadLock()
-        if path is not None:
-            safe = hashlib.sha256(study_name.encode()).hexdigest()[:12]
-            return FileLock(f"{path}.{safe}.trials.lock")
-    return ThreadLock()
+    return database_lock(storage_url, f"trials:{study_name}")
 
 
 class Step(Enum):

@@ -7,6 +7,7 @@ shown (passwords masked), and how transient errors are retried before they becom
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import time
@@ -19,6 +20,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
 from mnist_flow.errors import ConfigError, DatabaseUnavailableError
+from mnist_flow.locks import AdvisoryLock, FileLock, Lock, ThreadLock
 
 T = TypeVar("T")
 
@@ -196,19 +198,33 @@ def optuna_storage(url: str, *, heartbeat_interval: int | None = None, grace_per
                 raise
             raise unavailable(url, exc) from None
 
-    from mnist_flow.budget import trial_lock
-
     # Optuna creates its tables on first use; processes starting together on a new database would race.
-    schema_lock = trial_lock(url, "optuna-schema")
-    schema_lock.acquire()
-    try:
+    with database_lock(url, "optuna-schema"):
         storage = retry_db(build, url=url)
-    finally:
-        schema_lock.release()
     if sqlite:
         event.listen(storage.engine, "connect", _sqlite_on_connect)
         storage.engine.dispose()  # connections opened before the listener lacked the pragmas
     return storage
+
+
+def database_lock(url: str, name: str) -> Lock:
+    """A lock named ``name`` shared by every process using the database at ``url`` (see mnist_flow.locks)."""
+    backend = _parse(url).get_backend_name()
+    if backend == "postgresql":
+        engine = make_engine(url)
+
+        def connect() -> Any:
+            try:
+                return retry_db(engine.connect, url=url)
+            except DBAPIError as exc:
+                raise unavailable(url, exc) from None
+
+        return AdvisoryLock(connect, name, on_close=engine.dispose)
+    path = sqlite_path(url) if backend == "sqlite" else None
+    if path is not None:
+        safe = hashlib.sha256(name.encode()).hexdigest()[:12]
+        return FileLock(f"{path}.{safe}.lock")
+    return ThreadLock()
 
 
 def dispose_storage(storage: Any) -> None:

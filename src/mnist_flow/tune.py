@@ -22,7 +22,8 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow.budget import Lock, Step, TrialBudget, ran_here
+from mnist_flow.budget import Step, TrialBudget, ran_here
+from mnist_flow.locks import Lock
 from mnist_flow.errors import ConfigError
 from mnist_flow.params import SearchSpace
 from mnist_flow.train import EpochStats, train_model

@@ -185,7 +185,7 @@ def test_the_budget_waits_while_the_free_slots_are_running_elsewhere() -> None:
 
 
 def test_the_lock_follows_the_database(tmp_path: Path) -> None:
-    from mnist_flow.budget import AdvisoryLock, FileLock, ThreadLock
+    from mnist_flow.locks import AdvisoryLock, FileLock, ThreadLock
 
     sqlite_lock = trial_lock(f"sqlite:///{tmp_path / 'a.db'}", "s")
     assert isinstance(sqlite_lock, FileLock) and sqlite_lock.path.startswith(str(tmp_path / "a.db"))
