@@ -12,31 +12,22 @@ import fcntl
 import hashlib
 import os
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 
-class Lock(Protocol):
-    """A mutual exclusion that holds across the processes sharing a database."""
+class Lock(ABC):
+    """A mutual exclusion that holds across the processes sharing a database; a context manager."""
 
+    @abstractmethod
     def acquire(self) -> None: ...
 
+    @abstractmethod
     def release(self) -> None: ...
 
-    def __enter__(self) -> Lock: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class _ContextLock:
-    def acquire(self) -> None:
-        raise NotImplementedError
-
-    def release(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> _ContextLock:
+    def __enter__(self) -> Lock:
         self.acquire()
         return self
 
@@ -45,7 +36,7 @@ class _ContextLock:
         self.release()
 
 
-class ThreadLock(_ContextLock):
+class ThreadLock(Lock):
     """One process only (in-memory databases, tests)."""
 
     def __init__(self) -> None:
@@ -58,7 +49,7 @@ class ThreadLock(_ContextLock):
         self._lock.release()
 
 
-class FileLock(_ContextLock):
+class FileLock(Lock):
     """An exclusive ``flock`` on ``path``: every process on this machine, none elsewhere (SQLite)."""
 
     def __init__(self, path: str) -> None:
@@ -91,7 +82,7 @@ def advisory_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"mnist-flow:{name}".encode()).digest()[:8], "big", signed=True)
 
 
-class AdvisoryLock(_ContextLock):
+class AdvisoryLock(Lock):
     """A PostgreSQL session advisory lock, held on a connection of its own from ``connect``."""
 
     def __init__(self, connect: Callable[[], Any], name: str, *, on_close: Callable[[], None] = lambda: None) -> None:
