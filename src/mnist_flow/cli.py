@@ -15,7 +15,12 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from mnist_flow.errors import ConfigError, MnistFlowError
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer 0.29 bundles its own click
+from typer.exceptions import Abort as TyperAbort
+from typer.exceptions import Exit as TyperExit
+from typer.exceptions import TyperException
+
+from mnist_flow.errors import INTERRUPTED, ConfigError, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.progress import quiet_optuna
 from mnist_flow.scale import apply_threads
 
@@ -145,24 +150,47 @@ def _mount_subcommands() -> None:
     mount_review(app)  # dashboard, report, predict
 
 
+def _usage_line(exc: TyperException) -> str:
+    """A Typer/click usage error as one line: what was wrong, and where the help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "mnist-flow --help"
+    return f"error: {message} (see `{where}`)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one message on stderr and exit code 2, without a traceback."""
+    """Entry point: user errors become one message on stderr and exit code 2, without a traceback.
+
+    Usage errors (unknown option or command, a value of the wrong type or out of range, a missing
+    argument) are one line and exit 2; Ctrl-C is one line and exit 130.
+    """
     _mount_subcommands()
     quiet_optuna()
+    quiet_user_error_tracebacks()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except MnistFlowError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
+    except (click.exceptions.Exit, TyperExit) as exc:
+        code = exc.exit_code
+    except (click.exceptions.Abort, TyperAbort, KeyboardInterrupt):
+        code = 130
+    except SystemExit as exc:  # `tune`'s argparse: --help (0) or a usage error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    except NoArgsIsHelpError as exc:  # `mnist-flow` or `mnist-flow registry` alone: the help, exit 2
+        exc.show()
+        return 2
+    except TyperException as exc:  # Typer 0.29's bundled click: not click.ClickException
+        typer.echo(_usage_line(exc) if isinstance(exc, UsageError) else f"error: {exc.format_message()}", err=True)
+        return exc.exit_code if isinstance(exc, UsageError) else 2
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    return 0
+    if code == 130:  # Typer turns KeyboardInterrupt into Exit(130) and, not standalone, returns it
+        typer.echo(INTERRUPTED, err=True)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -216,6 +216,29 @@ def finished_trials(study: optuna.Study, run_key: str | None = None) -> list[Fro
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
+#: User attribute of a trial stopped by Ctrl-C (Optuna then records it as FAIL).
+INTERRUPTED_REASON = "interrupted by the user (Ctrl-C, SIGINT)"
+
+
+def record_interrupt(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """``objective``, writing the reason on a trial that Ctrl-C stops (user attribute ``fail_reason``).
+
+    Optuna marks such a trial FAIL and re-raises the interrupt; the reason says why it failed.
+    """
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            try:
+                trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
+            except Exception:  # noqa: BLE001 - the interrupt matters more than its label
+                logger.debug("could not record the interrupt on trial #%d", trial.number)
+            raise
+
+    return run
+
+
 
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, n_trials: int,
               run_key: str | None, callbacks: Sequence[TrialCallback] = (), lock: Lock | None = None,
@@ -229,7 +252,7 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}.", fix="Pass --n-trials 1 or more.")
     budget = TrialBudget(n_trials, run_key, lock)
-    guarded = budget.guard(objective)
+    guarded = record_interrupt(budget.guard(objective))
     last: list[FrozenTrial] = []
     failed_in_a_row = 0
     waited = False
