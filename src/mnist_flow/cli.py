@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -42,6 +43,30 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
                           fix="Pass e.g. --hidden 500,256.") from None
 
 
+def _check_train_values(hidden: tuple[int, ...], **values: float) -> None:
+    """Refuse non-finite numbers and values past the flow's caps (pipeline.MAX_*) before any work."""
+    from mnist_flow import pipeline
+
+    caps = {"lr": pipeline.MAX_LR, "weight_decay": pipeline.MAX_WEIGHT_DECAY, "epochs": pipeline.MAX_EPOCHS,
+            "batch_size": pipeline.MAX_BATCH_SIZE, "seed": pipeline.MAX_SEED}
+    problems = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            problems.append(f"{flag} must be a finite number, got {value}")
+        elif name in caps and value > caps[name]:
+            problems.append(f"{flag} is at most {caps[name]}, got {value}" + (
+                f" ({pipeline.CAP_REASONS[name]})" if name in pipeline.CAP_REASONS else ""))
+    if values.get("seed", 0) < 0:
+        problems.append(f"--seed must be >= 0, got {values['seed']}")
+    if any(h > pipeline.MAX_WIDTH for h in hidden):
+        problems.append(f"--hidden widths are at most {pipeline.MAX_WIDTH}, got {list(hidden)} "
+                        f"({pipeline.CAP_REASONS['hidden']})")
+    if problems:
+        raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
+                          fix="Correct the value and run again.")
+
+
 @app.command()
 def train(
     dataset: Annotated[str, typer.Option(help="mnist or fashion-mnist")] = "mnist",
@@ -65,7 +90,10 @@ def train(
     from mnist_flow.settings import load_settings
     from mnist_flow.train import TrainConfig, resolve_precision, select_device
 
-    config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
+    widths = _parse_hidden(hidden)
+    _check_train_values(widths, lr=lr, momentum=momentum, weight_decay=weight_decay, val_fraction=val_fraction,
+                        epochs=epochs, batch_size=batch_size, seed=seed)
+    config = TrainConfig(hidden=widths, lr=lr, momentum=momentum, batch_size=batch_size,
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
                          precision=resolve_precision(precision)).validate()
     settings = load_settings(device=device)
@@ -168,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_optuna()
     quiet_user_error_tracebacks()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="mnist-flow", standalone_mode=False)
     except MnistFlowError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
@@ -178,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
     except SystemExit as exc:  # `tune`'s argparse: --help (0) or a usage error (2, one line already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    except NoArgsIsHelpError as exc:  # `mnist-flow` or `mnist-flow registry` alone: the help, exit 2
-        exc.show()
+    except NoArgsIsHelpError:  # `mnist-flow` or `mnist-flow registry` alone: Typer printed the help; exit 2
         return 2
     except TyperException as exc:  # Typer 0.29's bundled click: not click.ClickException
         typer.echo(_usage_line(exc) if isinstance(exc, UsageError) else f"error: {exc.format_message()}", err=True)

@@ -86,10 +86,12 @@ def predict(
     = False,
 ) -> None:
     """Classify image files with a registered model (loaded through the registry, checksum checked)."""
+    from mnist_flow.cli_registry import check_ref
     from mnist_flow.predict import predict_images
     from mnist_flow.registry import Registry
     from mnist_flow.settings import load_settings
 
+    model = check_ref(model)
     settings = load_settings()
     apply_threads(settings.threads)
     with Registry.from_settings(settings) as registry:
