@@ -214,22 +214,34 @@ def mnist(
     return summary
 
 
+#: Seconds to wait for the temporary server at least: on a busy machine it takes longer than Prefect's 20 s.
+TEMPORARY_SERVER_STARTUP_S = 90
+
+
 def start_temporary_server() -> None:
     """Without PREFECT_API_URL, start Prefect's temporary API now, tied to this process.
 
     Prefect would start the same server (a singleton) on first use and stop it at exit; started here,
     a watchdog also kills it when this process is killed (SIGKILL leaves no exit handler to run).
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
 
     from mnist_flow.cli_flow import tie_to_this_process
+    from mnist_flow.errors import ConfigError
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    server.start()
+    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_SERVER_STARTUP_S)
+    try:
+        server.start(timeout=timeout)
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(f"Prefect's temporary API server did not start: {str(exc).splitlines()[0][:200]}",
+                          fix="Run a server (`make server`) and set PREFECT_API_URL, or raise "
+                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine.") from None
     if server.server_process is not None:
         tie_to_this_process(server.server_process.pid)
 

@@ -186,6 +186,17 @@ def _usage_line(exc: TyperException) -> str:
     return f"error: {message} (see `{where}`)"
 
 
+_commands: dict[int, typer.core.TyperGroup] = {}
+
+
+def _command() -> typer.core.TyperGroup:
+    """The click command of ``app``, built once per set of commands (Typer rebuilds it on every call)."""
+    key = len(app.registered_commands) + 1000 * len(app.registered_groups)
+    if key not in _commands:
+        _commands[key] = typer.main.get_command(app)  # type: ignore[assignment]
+    return _commands[key]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one message on stderr and exit code 2, without a traceback.
 
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_optuna()
     quiet_user_error_tracebacks()
     try:
-        code = app(args=argv, prog_name="mnist-flow", standalone_mode=False)
+        code = _command().main(args=argv, prog_name="mnist-flow", standalone_mode=False)
     except MnistFlowError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2

@@ -260,7 +260,7 @@ def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.
                       user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
                                   "search_space": params.search_space().to_dict(),
                                   "recipe": params.base_config().to_dict()},
-                      warm_start=warm_start)
+                      warm_start=warm_start, space=params.search_space())
 
 
 def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
