@@ -158,17 +158,22 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READ_ONLY_MESSAGE = ("This dashboard is read-only: it refuses requests that change the study. "
                      "Restart it with `mnist-flow dashboard --allow-write` to edit notes or delete studies.")
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
-_WILDCARDS = ("0.0.0.0", "::", "")
 
 
-def _is_ip_literal(host: str) -> bool:
+def _ip(host: str) -> Any:
+    """The host as an IP address, or None for a name."""
     import ipaddress
 
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def _is_wildcard(host: str) -> bool:
+    """Whether a bind address listens on every interface (the unspecified address, or empty)."""
+    ip = _ip(host)
+    return host == "" or (ip is not None and ip.is_unspecified)
 
 
 class GuardedApp:
@@ -190,7 +195,8 @@ class GuardedApp:
 
     def _names(self) -> set[str]:
         names = {self.host, f"[{self.host}]"} | self.allowed_hosts
-        if self.host in ("localhost", "127.0.0.1", "::1") or self.host.startswith("127."):
+        ip = _ip(self.host)
+        if self.host == "localhost" or (ip is not None and ip.is_loopback):
             names |= set(_LOOPBACK_NAMES)
         return names
 
@@ -202,7 +208,7 @@ class GuardedApp:
         name, port = parts
         if (int(port) if port.isdigit() else 80 if not port else -1) != self.port:
             return False
-        if self.host in _WILDCARDS and _is_ip_literal(name):
+        if _is_wildcard(self.host) and _ip(name) is not None:
             return True
         return name in self._names()
 
