@@ -203,7 +203,8 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
     if not study.trials:
-        queued = [(SEED_PARAMS, {"baseline": "seed tutorial configuration"})] if enqueue_seed else []
+        queued: list[tuple[dict[str, Any], dict[str, Any]]] = (
+            [(SEED_PARAMS, {"baseline": "seed tutorial configuration"})] if enqueue_seed else [])
         queued += [(point, {"warm_start": "champion of an earlier study"}) for point in warm_start]
         for point, attrs in queued:
             fitted = fit_to_space(point, space) if space is not None else dict(point)

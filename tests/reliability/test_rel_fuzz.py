@@ -69,6 +69,7 @@ JUNK = st.text(alphabet=string.printable + "é\u00a0\u2028²", max_size=20)
 VALUES = st.one_of(NUMBERS, JUNK)
 
 FLOW_FLAGS = [f"--{name.replace('_', '-')}" for name in pipeline.RunParams.model_fields]
+PARSER = build_parser("flows/mnist.py")  # the parser of `python flows/mnist.py` (and, with --run-key, of tune)
 
 
 def _sane(params: pipeline.RunParams) -> None:
@@ -95,7 +96,7 @@ def _sane(params: pipeline.RunParams) -> None:
 def test_fuzzed_flow_parameters_are_refused_with_one_message_or_accepted_only_when_sane(
         pairs: list[tuple[str, str]], capsys: pytest.CaptureFixture) -> None:
     argv = [part for flag, value in pairs for part in ((flag,) if flag == "--json" else (flag, value))]
-    parser = build_parser("flows/mnist.py")
+    parser = PARSER
     try:
         args = vars(parser.parse_args(argv))
     except SystemExit as exc:
