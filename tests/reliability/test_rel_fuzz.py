@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import string
+import typing
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +29,7 @@ from mnist_flow.errors import ConfigError
 from mnist_flow.settings import ENV_PREFIX, Settings, load_settings
 
 EXAMPLES = 2000
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 class WorkStarted(AssertionError):
@@ -90,26 +91,59 @@ def _sane(params: pipeline.RunParams) -> None:
 # --- target 1: the flow's parameters (argparse of flows/mnist.py and `mnist-flow tune`, then RunParams) -----------
 
 
-@FUZZ
-@given(pairs=st.lists(st.tuples(st.sampled_from([*FLOW_FLAGS, "--json", "--nope", "-x", "--"]), VALUES),
-                      min_size=1, max_size=6))
+def _flag_value(name: str) -> st.SearchStrategy[tuple[str, str]]:
+    """Values of the right form for the flag (so most examples reach RunParams), with junk now and then."""
+    annotation = pipeline.RunParams.model_fields[name].annotation
+    choices = [str(a) for a in typing.get_args(annotation) if isinstance(a, str)]
+    if annotation is int:
+        good = st.one_of(st.integers(-5, 5000), st.integers(-(2**70), 2**70)).map(str)
+    elif annotation is float:
+        good = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.floats(0, 1).map(repr),
+                         st.sampled_from(["inf", "-inf", "nan", "1e309", "1e-400", "0", "10", "10.0000001"]))
+    elif choices:
+        good = st.sampled_from(choices)
+    else:
+        good = JUNK.filter(lambda t: not t.startswith("-"))
+    flag = f"--{name.replace('_', '-')}"
+    return st.tuples(st.just(flag), st.one_of(good, good, good, VALUES))
+
+
+FLOW_ARGS = st.lists(st.one_of(*[_flag_value(name) for name in pipeline.RunParams.model_fields],
+                               st.tuples(st.sampled_from(["--json", "--nope", "-x", "--"]), VALUES)),
+                     min_size=1, max_size=6)
+
+
 def test_fuzzed_flow_parameters_are_refused_with_one_message_or_accepted_only_when_sane(
-        pairs: list[tuple[str, str]], capsys: pytest.CaptureFixture) -> None:
-    argv = [part for flag, value in pairs for part in ((flag,) if flag == "--json" else (flag, value))]
-    parser = PARSER
-    try:
-        args = vars(parser.parse_args(argv))
-    except SystemExit as exc:
-        assert exc.code == 2, argv
-        _one_message(capsys.readouterr().err)
-        return
-    args.pop("json")
-    try:
-        params = pipeline.RunParams.parse(**args)
-    except ConfigError as exc:
-        assert exc.fix and "Traceback" not in str(exc)
-        return
-    _sane(params)
+        capsys: pytest.CaptureFixture, reliability) -> None:
+    seen: Counter[str] = Counter()
+
+    @FUZZ
+    @given(pairs=FLOW_ARGS)
+    def check(pairs: list[tuple[str, str]]) -> None:
+        argv = [part for flag, value in pairs for part in ((flag,) if flag == "--json" else (flag, value))]
+        try:
+            args = vars(PARSER.parse_args(argv))
+        except SystemExit as exc:
+            assert exc.code == 2, argv
+            _one_message(capsys.readouterr().err)
+            seen["usage error"] += 1
+            return
+        args.pop("json")
+        try:
+            params = pipeline.RunParams.parse(**args)
+        except ConfigError as exc:
+            assert exc.fix and "Traceback" not in str(exc)
+            seen["refused"] += 1
+            return
+        _sane(params)
+        seen["accepted, sane"] += 1
+
+    check()
+    assert sum(seen.values()) >= EXAMPLES
+    reliability.record(f"fuzz: {sum(seen.values())} hypothesis command lines of `python flows/mnist.py` / "
+                       "`mnist-flow tune` (flags with numbers, inf, nan, huge, junk text)",
+                       "bad input: exit 2 or ConfigError, one message; accepted: finite, within the caps",
+                       ", ".join(f"{n} {k}" for k, n in sorted(seen.items())) + "; 0 tracebacks", group="bad input")
 
 
 # --- target 2: the settings (environment variables) ----------------------------------------------------------------
@@ -145,25 +179,37 @@ ENV = st.dictionaries(st.composite(lambda draw: _env_name(draw))(),
                       min_size=1, max_size=4)
 
 
-@FUZZ
-@given(env=ENV)
-def test_fuzzed_settings_are_refused_with_one_message_or_accepted_only_when_sane(env: dict[str, str],
-                                                                                 tmp_path: Path) -> None:
-    env = {k: v for k, v in env.items() if k.upper() != "MNIST_FLOW_HOME"} | {"MNIST_FLOW_HOME": str(tmp_path / "h")}
-    with _environment(env):
-        try:
-            s = load_settings()
-        except ConfigError as exc:
-            assert exc.fix and "Traceback" not in str(exc)
-            text = str(exc)
-            assert any(k in text or k.upper() in text for k in env) or "Invalid setting" in text, text
-            return
-    assert s.threads is None or 1 <= s.threads <= 4096
-    assert 1 <= s.heartbeat_interval <= 3600 and 1 <= s.heartbeat_grace
-    assert 0 <= s.promotion_margin <= 1 and (s.promotion_alpha is None or 0 < s.promotion_alpha <= 1)
-    assert not s.home_path.is_file() and not (s.data_dir and s.cache_dir.is_file())
-    assert not any(k.upper().startswith(ENV_PREFIX) and k.upper().removeprefix(ENV_PREFIX) not in SETTING_NAMES
-                   for k in env), "an unknown setting was accepted"
+def test_fuzzed_settings_are_refused_with_one_message_or_accepted_only_when_sane(tmp_path: Path, reliability) -> None:
+    seen: Counter[str] = Counter()
+
+    @FUZZ
+    @given(env=ENV)
+    def check(env: dict[str, str]) -> None:
+        env = {k: v for k, v in env.items() if k.upper() != "MNIST_FLOW_HOME"} | {"MNIST_FLOW_HOME": str(tmp_path / "h")}
+        with _environment(env):
+            try:
+                s = load_settings()
+            except ConfigError as exc:
+                assert exc.fix and "Traceback" not in str(exc)
+                text = str(exc)
+                assert any(k in text or k.upper() in text for k in env) or "Invalid setting" in text, text
+                seen["refused"] += 1
+                return
+        assert s.threads is None or 1 <= s.threads <= 4096
+        assert 1 <= s.heartbeat_interval <= 3600 and 1 <= s.heartbeat_grace
+        assert 0 <= s.promotion_margin <= 1 and (s.promotion_alpha is None or 0 < s.promotion_alpha <= 1)
+        assert not s.home_path.is_file() and not (s.data_dir and s.cache_dir.is_file())
+        assert not any(k.upper().startswith(ENV_PREFIX) and k.upper().removeprefix(ENV_PREFIX) not in SETTING_NAMES
+                       for k in env), "an unknown setting was accepted"
+        seen["accepted, sane"] += 1
+
+    check()
+    assert sum(seen.values()) >= EXAMPLES
+    reliability.record(f"fuzz: {sum(seen.values())} hypothesis environments of MNIST_FLOW_* variables (any case, "
+                       "known and unknown names, numbers, junk, files as folders)",
+                       "ConfigError naming the variable, or settings that are in range",
+                       ", ".join(f"{n} {k}" for k, n in sorted(seen.items())) + "; 0 other exceptions",
+                       group="bad input")
 
 
 # --- target 3: the `mnist-flow` command line (Typer's parser and the commands' own checks) -------------------------
@@ -198,7 +244,7 @@ DEFECTS = {
 
 
 @st.composite
-def bad_command_lines(draw: st.DrawFn) -> list[str]:
+def bad_command_lines(draw: st.DrawFn) -> tuple[list[str], str]:
     cmd = draw(st.sampled_from(sorted(COMMANDS)))
     options, flags = COMMANDS[cmd]
     defect = draw(st.sampled_from(sorted(DEFECTS)))
@@ -215,15 +261,28 @@ def bad_command_lines(draw: st.DrawFn) -> list[str]:
             words[-1] = word + "x"
         bad = []
     # the defect goes last, so a valid-looking extra value cannot hide it (argparse and click take the last)
-    return [*words, *extra, *bad]
+    return [*words, *extra, *bad], defect
 
 
-@FUZZ
-@given(argv=bad_command_lines())
 def test_fuzzed_bad_command_lines_exit_2_with_one_message_and_no_traceback(
-        argv: list[str], tripwire: Path, capsys: pytest.CaptureFixture) -> None:
-    code = cli_main(argv)
-    out, err = capsys.readouterr()
-    assert code == 2, (argv, code, out, err)
-    _one_message(err)
-    assert not tripwire.exists(), f"{argv} wrote to the home"
+        tripwire: Path, capsys: pytest.CaptureFixture, reliability) -> None:
+    seen: Counter[str] = Counter()
+
+    @FUZZ
+    @given(case=bad_command_lines())
+    def check(case: tuple[list[str], str]) -> None:
+        argv, defect = case
+        code = cli_main(argv)
+        out, err = capsys.readouterr()
+        assert code == 2, (argv, code, out, err)
+        _one_message(err)
+        assert not tripwire.exists(), f"{argv} wrote to the home"
+        seen[defect] += 1
+
+    check()
+    assert sum(seen.values()) >= EXAMPLES
+    reliability.record(f"fuzz: {sum(seen.values())} hypothesis command lines of `mnist-flow` with one sure defect "
+                       "(unknown option, typo of a command, out-of-range, non-numeric or non-finite value) among "
+                       "fuzzed options", "exit 2, one message, no traceback, no work started, nothing written",
+                       f"{sum(seen.values())}/{sum(seen.values())} exit 2 with one message ("
+                       + ", ".join(f"{k} {n}" for k, n in sorted(seen.items())) + ")", group="bad input")

@@ -182,7 +182,7 @@ def test_the_dashboard_is_read_only_and_answers_only_its_own_host(tmp_path: Path
     proc, port = _dashboard_process(database)
     try:
         reads = _request(port, "GET", "/api/studies")
-        refused = {method: _request(port, method, path, body=body) for method, path, body in (
+        refused = {f"{method} {path}": _request(port, method, path, body=body) for method, path, body in (
             ("DELETE", "/api/studies/1", None), ("POST", "/api/studies", {"study_name": "new", "directions": []}),
             ("PUT", "/api/studies/1/note", {"version": 0, "body": "defaced"}),
             ("POST", "/api/studies/1/rename", {"study_name": "gone"}), ("PATCH", "/api/studies/1", {}))}
