@@ -105,7 +105,7 @@ def _flag_value(name: str) -> st.SearchStrategy[tuple[str, str]]:
     else:
         good = JUNK.filter(lambda t: not t.startswith("-"))
     flag = f"--{name.replace('_', '-')}"
-    return st.tuples(st.just(flag), st.one_of(good, good, good, VALUES))
+    return st.tuples(st.just(flag), st.one_of(*[good] * 9, VALUES))
 
 
 FLOW_ARGS = st.lists(st.one_of(*[_flag_value(name) for name in pipeline.RunParams.model_fields],
