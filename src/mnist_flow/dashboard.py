@@ -268,11 +268,12 @@ def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int
     app = GuardedApp(wsgi(storage), host, allow_write=allow_write, allowed_hosts=allowed_hosts)
     try:
         server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
-    except (OSError, OverflowError) as exc:
+    except (OSError, OverflowError, ValueError) as exc:  # busy port, unknown host, a NUL byte in the name
         dispose_storage(storage)
         reason = getattr(exc, "strerror", None) or exc
-        raise ConfigError(f"Cannot listen on {host}:{port}: {reason}.",
-                          fix="Pick a free port with --port, or stop what is using it.") from None
+        raise ConfigError(f"Cannot listen on {host[:80]}:{port}: {reason}.",
+                          fix="Pick a free port with --port (or stop what is using it), and for --host an address "
+                          "of this machine (default 127.0.0.1).") from None
     app.port = server.server_address[1]
     return server
 
