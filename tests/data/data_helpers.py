@@ -142,7 +142,7 @@ def endless_server(prefix: bytes, filler: bytes, content_length: int | None = No
                 try:
                     self.wfile.write(prefix)
                     sent += len(prefix)
-                    while sent < 1 << 31:  # 2 GiB at most, so a broken client cannot hang the test forever
+                    while filler and sent < 1 << 31:  # 2 GiB at most, so a broken client cannot hang the test forever
                         self.wfile.write(filler)
                         sent += len(filler)
                 except OSError:
