@@ -23,8 +23,8 @@ import stat
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from io import BufferedReader
+from pathlib import Path
 
 import numpy as np
 import torch

@@ -13,7 +13,6 @@ from mnist_flow import data
 from mnist_flow.idx import encode_idx
 
 
-
 def tiny_arrays(n_train: int = 30, n_test: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
     """A small random dataset with every class present in both splits."""
     g = torch.Generator().manual_seed(seed)
@@ -120,20 +119,20 @@ class Endless:
     sent: list[int] = field(default_factory=list)
 
 
-def endless_server(prefix: bytes, filler: bytes, content_length: int | None = None):  # noqa: ANN201
+def endless_server(prefix: bytes, filler: bytes, content_length: int | None = None):
     """Context manager: serve ``prefix`` + ``filler`` repeated until the client hangs up."""
     import contextlib
     import http.server
     import threading
 
     @contextlib.contextmanager
-    def serve():  # noqa: ANN202
+    def serve():
         state = Endless(url="")
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.0"  # no length needed: the body ends when the connection closes
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 self.send_response(200)
                 if content_length is not None:
                     self.send_header("Content-Length", str(content_length))

@@ -112,8 +112,7 @@ def test_a_payload_over_the_limit_is_refused_even_when_the_size_matches(tmp_path
 @pytest.mark.parametrize(
     ("make", "pattern"),
     [
-        (lambda raw: gzip.compress(raw[:-50]), r"decompressed file should be 7856 bytes, but it is 7806 bytes "
-                                               r"\(truncated\)"),
+        (lambda raw: gzip.compress(raw[:-50]), r"decompressed file should be 7856 bytes, but it is 7806 bytes \(trunc"),
         (lambda raw: gzip.compress(raw)[:-3], r"truncated gzip stream"),
         (lambda raw: gzip.compress(raw) + b"garbage!", r"8 bytes of trailing garbage after the compressed stream"),
         (lambda raw: gzip.compress(raw + b"x"), r"holds more \(decompression stopped at 7857 bytes"),
@@ -213,7 +212,8 @@ def test_the_fashion_gz_sizes_are_debians_plus_the_file_name_in_the_gzip_header(
     folder = require_fashion_mnist()
     for filename, md5 in data._torchvision_resources("fashion-mnist").items():
         debian = folder / filename
-        assert gzip.open(debian).read(4)  # a gzip file
+        with gzip.open(debian) as handle:
+            assert handle.read(4) == b"\x00\x00\x08" + bytes([1 if "labels" in filename else 3])
         assert data._OFFICIAL_GZ_SIZE[md5] == debian.stat().st_size + len(filename.removesuffix(".gz")) + 1
 
 
