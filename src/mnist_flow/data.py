@@ -208,7 +208,13 @@ def validate_source(name: str, source: str, data_dir: Path | None) -> None:
         return
     if data_dir is None:
         raise ConfigError("source='dir' needs a data folder, none was given.", fix="Pass the folder (--data-dir).")
-    _find_dir_files(Path(data_dir).expanduser())
+    layout = _find_dir_files(Path(data_dir).expanduser())
+    if layout.npz is not None:  # the zip directory only: cheap, and names a missing array before any work
+        try:
+            with zipfile.ZipFile(layout.npz) as archive:
+                _npz_members(layout.npz, archive)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise _npz_error(layout.npz, f"not a valid .npz (zip) file ({exc}).") from None
 
 
 @dataclass(frozen=True)

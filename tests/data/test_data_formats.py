@@ -259,11 +259,17 @@ def test_bad_npz_arrays_are_one_data_error_each(tmp_path: Path, overrides: dict,
     assert info.value.fix
 
 
-def test_npz_missing_an_array_names_it_and_what_is_there(tmp_path: Path) -> None:
+def test_npz_missing_an_array_names_it_and_what_is_there_before_any_work(tmp_path: Path) -> None:
     np.savez(tmp_path / "mnist.npz", x_train=np.zeros((3, 28, 28), np.uint8), y_train=np.zeros(3, np.uint8),
              images=np.zeros(1))
-    with pytest.raises(DataError, match=r"lacks x_test.npy, y_test.npy; .* it holds: images.npy, x_train.npy"):
+    pattern = r"lacks x_test.npy, y_test.npy; .* it holds: images.npy, x_train.npy"
+    with pytest.raises(DataError, match=pattern):
+        validate_source("mnist", "dir", tmp_path)  # what the pipeline calls before a run starts
+    with pytest.raises(DataError, match=pattern):
         _load(tmp_path / "mnist.npz")
+    (tmp_path / "mnist.npz").write_bytes(b"PK not really")
+    with pytest.raises(DataError, match=r"mnist.npz: not a valid .npz \(zip\) file"):
+        validate_source("mnist", "dir", tmp_path / "mnist.npz")
 
 
 @pytest.mark.parametrize("damage", ["not a zip", "truncated", "flipped byte"])
