@@ -238,6 +238,14 @@ def _find_dir_files(folder: Path) -> _DirLayout:
     Per file, the first of ``NAME.gz``, ``NAME``, ``DOTNAME.gz``, ``DOTNAME`` that exists is used (a
     torchvision raw folder holds both the .gz and the extracted file: the same content).
     """
+    try:
+        return _scan_dir(folder)
+    except OSError as exc:  # e.g. a folder that cannot be listed
+        raise ConfigError(f"Data folder {folder} cannot be read ({exc.strerror or exc}).",
+                          fix="Check the folder's permissions, or pass another folder.") from None
+
+
+def _scan_dir(folder: Path) -> _DirLayout:
     if folder.is_file() and folder.suffix == ".npz":
         return _DirLayout({}, npz=folder)
     if not folder.is_dir():
