@@ -227,3 +227,18 @@ def test_a_mirror_serving_something_else_is_refused_from_its_first_bytes(mirror:
         with endless_server(served, b"") as server, pytest.raises(data._BadContent, match=pattern):
             data._fetch(f"{server.url}/f.gz", "0" * 32, tmp_path / "f.gz", timeout=10)
     assert not list(tmp_path.iterdir())
+
+
+def test_an_8_gb_sparse_file_in_the_data_folder_is_one_cli_message_at_once(tmp_path: Path, home: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    folder = tmp_path / "idx"
+    write_dataset(folder, tiny_arrays(), gz=False)
+    with open(folder / "train-images-idx3-ubyte", "r+b") as out:
+        out.truncate(8 * GB)  # the 30-image header stays; the file is now 8 GB, almost all of it a hole
+    codes: list[int] = []
+    error, peak = _peak(lambda: codes.append(cli_main(["train", "--source", "dir", "--data-dir", str(folder),
+                                                       "--epochs", "1"])))
+    err = capsys.readouterr().err
+    assert error is None and codes == [2] and "Traceback" not in err and "Fix:" in err, err
+    assert "should be 23536 bytes, but it is 8589934592 bytes (trailing data)" in err
+    assert peak < 50_000_000, peak
