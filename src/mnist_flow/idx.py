@@ -208,11 +208,9 @@ def _read_raw(path: Path, handle: BufferedReader, size: int, max_payload: int,
     header = decode_idx_header(prefix, path=str(path))
     if check is not None:
         check(header)
-    if size != header.size:
-        if header.payload_size > max_payload:
-            _check_limit(header, str(path), max_payload)
-        raise _size_mismatch(header, str(path), size)
     _check_limit(header, str(path), max_payload)
+    if size != header.size:  # checked before a byte of the payload is read (an 8 GB sparse file costs nothing)
+        raise _size_mismatch(header, str(path), size)
     payload = np.empty(header.payload_size, dtype=np.uint8)
     view = payload.data
     filled = 0
