@@ -429,8 +429,8 @@ def _npz_members(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipI
 
 
 def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
-                info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """Read an .npy entry's header; check dtype and shape; return (shape, dtype, fortran_order, header length).
+                info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Read an .npy entry's header; check its dtype, shape and declared size; return (shape, dtype).
 
     Only the header is decompressed; the entry's declared size must be exactly what the header implies
     (zipfile never decompresses past the declared size), so a zip bomb is refused here.
@@ -440,9 +440,9 @@ def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
         try:
             version = np.lib.format.read_magic(handle)
             if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=4096)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=4096)
             elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle, max_header_size=4096)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle, max_header_size=4096)
             else:
                 raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
         except (ValueError, SyntaxError, TypeError, OverflowError, EOFError) as exc:
@@ -452,11 +452,9 @@ def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
     if dtype.hasobject or dtype.kind not in "ui" or dtype.fields is not None or dtype.subdtype is not None:
         raise _npz_error(path, f"{info.filename} holds {dtype} data, expected "
                          f"{'uint8 grey levels' if is_images else 'integer labels'} (object arrays are never loaded).")
-    if is_images and dtype.itemsize != 1:
+    if is_images and (dtype.kind != "u" or dtype.itemsize != 1):
         raise _npz_error(path, f"{info.filename} holds {dtype} data, expected uint8 grey levels 0..255.")
-    if is_images and dtype.kind == "i":
-        raise _npz_error(path, f"{info.filename} holds {dtype} data, expected uint8 grey levels 0..255.")
-    if not shape or len(shape) > MAX_NDIM or (len(shape) != (3 if is_images else 1)):
+    if len(shape) != (3 if is_images else 1):
         expected = "[N, 28, 28]" if is_images else "[N]"
         raise _npz_error(path, f"{info.filename} has shape {list(shape)}, expected {expected}.")
     magic = MAGIC_IMAGES if is_images else MAGIC_LABELS
@@ -470,7 +468,7 @@ def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
             path, f"{info.filename}: the zip entry's size and the array's header disagree: {list(shape)} {dtype} "
             f"needs {header_length + data_size} bytes, the entry declares {info.file_size} (truncated, padded, "
             "or a zip bomb).")
-    return tuple(int(d) for d in shape), dtype, bool(fortran), header_length
+    return tuple(int(d) for d in shape), dtype  # a Fortran-order array is read by numpy and made C-contiguous
 
 
 def _load_npz(name: str, path: Path) -> DataBundle:
@@ -485,7 +483,7 @@ def _load_npz(name: str, path: Path) -> DataBundle:
             headers = {field: _npz_header(path, field, archive, info) for field, info in members.items()}
             with np.load(path, allow_pickle=False) as npz:
                 for field, key in NPZ_KEYS.items():
-                    shape, dtype, _, _ = headers[field]
+                    shape, dtype = headers[field]
                     array = npz[key]
                     if array.shape != shape or array.dtype != dtype:  # changed since its header was checked
                         raise _npz_error(path, f"{key} changed while it was read.")
