@@ -145,7 +145,7 @@ def test_predict_json_lists_path_as_given_digit_and_probability(world_env, test_
     results = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in results] == given
     for row in results:
-        assert set(row) == {"path", "digit", "probability"}
+        assert set(row) == {"path", "digit", "name", "probability"}
         assert isinstance(row["digit"], int) and 0 <= row["digit"] <= 9 and 0.0 < row["probability"] <= 1.0
 
 
