@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mnist_flow.errors import MnistFlowError
+from mnist_flow.errors import ConfigError, MnistFlowError
 from mnist_flow.predict import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, LoadedModel, NotAnImageError,
                                 Preprocessing, classify, load_image)
 
@@ -293,9 +293,26 @@ def create_app(champion: Champion, limits: Limits = Limits()) -> ASGIApp:
 
 def serve(champion: Champion, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits: Limits = Limits(),
           log_level: str = "info") -> None:
-    """Run the API with uvicorn until Ctrl-C (or SIGTERM)."""
+    """Run the API with uvicorn until Ctrl-C (or SIGTERM); a port that cannot be bound is a ConfigError."""
+    import socket
+
     import uvicorn
 
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
+                          fix="Choose another --port (or stop what uses it), or a --host of this machine.") from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    uvicorn.run(create_app(champion, limits), host=host, port=port, log_level=log_level,
-                limit_concurrency=64, timeout_keep_alive=5, server_header=False)
+    config = uvicorn.Config(create_app(champion, limits), log_level=log_level, limit_concurrency=64,
+                            timeout_keep_alive=5, server_header=False)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if server.should_exit:  # stopped by Ctrl-C or SIGTERM (uvicorn shut down cleanly first): an interrupt
+        raise KeyboardInterrupt

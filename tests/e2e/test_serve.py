@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.checks import positive_data_acceptance
 
+import commands
 import procs
 
 pytestmark = [pytest.mark.e2e]
@@ -75,8 +76,8 @@ def _start(tmp: Path, home: Path, token: str, *extra: str) -> Server:
     port = procs.free_port()
     env = procs.base_env(tmp, token, MNIST_FLOW_HOME=str(home), MNIST_FLOW_MAX_IMAGE_PIXELS=str(MAX_PIXELS),
                          MNIST_FLOW_THREADS="1")
-    proc = procs.start("serve", [str(procs.BIN / "mnist-flow"), "serve", "--port", str(port), *extra], env=env,
-                       log_dir=tmp / "logs")
+    command = commands.model_api("127.0.0.1", port)  # what docker/compose.yaml's model-api runs
+    proc = procs.start("serve", [str(procs.BIN / command[0]), *command[1:], *extra], env=env, log_dir=tmp / "logs")
     url = f"http://127.0.0.1:{port}"
     try:
         procs.wait_http(f"{url}/health", proc=proc, timeout=120)
@@ -243,3 +244,12 @@ def test_a_promotion_is_served_without_a_restart(served_home, tmp_path, e2e_toke
         assert started.proc.alive()  # the same process: no restart
     finally:
         started.proc.stop()
+
+
+def test_the_model_api_module_imports_no_prefect():
+    import subprocess
+    import sys
+
+    code = "import sys, mnist_flow.serve; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
