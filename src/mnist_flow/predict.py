@@ -2,8 +2,9 @@
 
 The model's sidecar records how its inputs were made (:class:`Preprocessing`): the *preparation*
 (``mnist-digit``: MNIST's centring; ``fashion-item``: Fashion-MNIST's item scaled to fill the frame),
-the polarity (``background``) and the normalisation. Sidecars written before the preparation was
-recorded are MNIST models: they get the digit preparation.
+the polarity (``background``) and the normalisation. A sidecar without a preparation gets the digit
+preparation here; the registry fills in the one of the dataset its row names (an old Fashion-MNIST
+model gets the item preparation).
 
 For each PNG or JPEG: the file must be a regular file within a byte limit (a FIFO, a device or a huge
 file is refused before anything is read); Pillow opens it, refusing other formats, unsupported modes

@@ -544,6 +544,12 @@ class Registry:
                 f"artifact {version.artifact_uri} is not the weights of an MLP: {exc}",
                 fix="Restore both files of this version from a backup, or register the model again.") from None
         _check_sidecar(sidecar, architecture, f"artifact sidecar {version.sidecar_uri}")
+        spec = sidecar.get("input") or {}
+        if "preparation" not in spec:
+            # written before the preparation was recorded: the (verified) row says which data it learnt from
+            from mnist_flow.predict import preparation_for
+
+            sidecar = {**sidecar, "input": {**spec, "preparation": preparation_for(version.dataset_name)}}
         try:
             model = MLP.from_safetensors(data, architecture)
         except (RuntimeError, SafetensorError, ConfigError, AttributeError, KeyError, TypeError, ValueError) as exc:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Request, UploadFile
@@ -33,8 +33,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_flow.errors import ConfigError, MnistFlowError
-from mnist_flow.predict import (DEFAULT_MAX_PIXELS, ImageError, ImageTooLargeError, LoadedModel, NotAnImageError,
-                                Preprocessing, classify, load_image)
+from mnist_flow.predict import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageTooLargeError,
+    LoadedModel,
+    NotAnImageError,
+    Preprocessing,
+    classify,
+    load_image,
+)
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
@@ -264,7 +272,7 @@ def create_app(champion: Champion, limits: Limits = Limits()) -> ASGIApp:
                          classes=list(loaded.preprocessing.classes), preparation=loaded.preprocessing.preparation)
 
     @api.post("/predict", response_model=Predictions, responses=ERRORS)
-    def predict(files: list[UploadFile] = File(min_length=1, description="One or more PNG or JPEG images."),
+    def predict(files: Annotated[list[UploadFile], File(min_length=1, description="One or more PNG or JPEG images.")],
                 ) -> Predictions:
         if not files:
             raise HTTPException(422, "No image in the request: send one or more PNG or JPEG files in the "
@@ -285,8 +293,7 @@ def create_app(champion: Champion, limits: Limits = Limits()) -> ASGIApp:
             names.append(name)
         rows = classify(np.stack(frames), loaded.model, loaded.preprocessing)
         return Predictions(model=ModelRef(name=loaded.version.name, version=loaded.version.version),
-                           predictions=[Prediction(filename=n, label=r["class"], name=r["name"],
-                                                   probability=r["probability"]) for n, r in zip(names, rows)])
+                           predictions=[Prediction.model_validate({"filename": n, **r}) for n, r in zip(names, rows)])
 
     return RequestLimits(api, max_bytes=limits.max_request_bytes)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from registry_helpers import register, tiny_model
 from sqlalchemy import update
 
 from mnist_flow import cli, migrations
@@ -19,8 +20,6 @@ from mnist_flow.artifacts import sha256
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError
 from mnist_flow.model import MLP
 from mnist_flow.registry import ModelVersionRow, architecture_from_safetensors
-
-from registry_helpers import register, tiny_model
 
 
 def _path(uri: str) -> Path:
@@ -172,3 +171,14 @@ def test_the_migration_chain_ends_at_the_sidecar_digest():
 
     revisions = {r.revision: r.down_revision for r in ScriptDirectory.from_config(migrations._config()).walk_revisions()}
     assert revisions["0002"] == "0001"
+
+
+@pytest.mark.parametrize("dataset, preparation", [("mnist", "mnist-digit"), ("fashion-mnist", "fashion-item"),
+                                                  ("my-digits", "mnist-digit")])
+def test_a_sidecar_without_a_preparation_gets_the_one_of_the_rows_dataset(registry, dataset, preparation):
+    """Sidecars written before the preparation was recorded keep loading; an old Fashion-MNIST model gets items."""
+    registry.register("m", tiny_model(), sidecar={"normalization": {"mean": 0.5, "std": 0.5, "scale": 255.0},
+                                                  "input": {"height": 28, "width": 28, "background": "dark"}},
+                      params={}, metrics={}, dataset_name=dataset, dataset_fingerprint="fp")
+    _, sidecar, _ = registry.load("m", 1)
+    assert sidecar["input"]["preparation"] == preparation and sidecar["input"]["background"] == "dark"

@@ -83,7 +83,7 @@ def test_fashion_test_set_saved_as_png_gets_the_registered_accuracy(fashion, tmp
 
 def test_every_50th_fashion_test_png_through_the_cli_gets_the_models_own_predictions(fashion, tmp_path, capsys,
                                                                                   monkeypatch):
-    home, prepared, model, _, version = fashion
+    home, prepared, model, _, _ = fashion
     paths = _write_pngs(prepared.bundle.test_images.numpy(), tmp_path, step=50)
     monkeypatch.setenv("MNIST_FLOW_HOME", str(home))
     for key in ("MNIST_FLOW_DATABASE_URL", "MNIST_FLOW_ARTIFACTS_URL", "MNIST_FLOW_MAX_IMAGE_PIXELS"):
