@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from schemathesis.checks import positive_data_acceptance
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MAX_BODY = 1 << 20
 MAX_PIXELS = 1_000_000

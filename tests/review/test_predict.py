@@ -173,23 +173,6 @@ def test_predict_honours_the_pixel_limit_setting(world_env, test_pngs, capsys, m
     assert "784 pixels" in capsys.readouterr().err
 
 
-def _predict_in_a_subprocess(world, path: Path) -> subprocess.CompletedProcess:
-    """`mnist-flow predict PATH` as its own process, so that a hang fails the test instead of stalling it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_FLOW_")}
-    env["MNIST_FLOW_HOME"] = str(world.home)
-    return subprocess.run([sys.executable, "-m", "mnist_flow.cli", "predict", str(path)], env=env, timeout=120,
-                          capture_output=True, text=True, check=False)
-
-
-def test_a_fifo_is_refused_without_waiting_for_a_writer(world, tmp_path):
-    fifo = tmp_path / "digit.png"
-    os.mkfifo(fifo)
-    result = _predict_in_a_subprocess(world, fifo)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: {fifo}: is a FIFO (named pipe), not a regular file")
-    assert "Traceback" not in result.stderr
-
-
 @pytest.mark.parametrize("path, kind", [("/dev/zero", "a device"), ("/dev/null", "a device")])
 def test_a_device_is_refused_before_reading(path, kind):
     with pytest.raises(ImageError, match=f"{path}: is {kind}, not a regular file"):
