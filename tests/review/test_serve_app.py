@@ -87,3 +87,12 @@ def test_a_json_body_and_an_unknown_path_get_one_message(registry):
     assert client.get("/nowhere").json() == {"detail": "Not Found"}
     response = client.post("/predict", content=b"x" * 5000, headers={"content-type": "multipart/form-data; boundary=x"})
     assert response.status_code == 413 and "larger than 4,096 bytes" in response.json()["detail"]
+
+
+def test_serve_binds_the_loopback_by_default():
+    import inspect
+
+    from mnist_flow import cli_review, serve
+
+    assert inspect.signature(cli_review.serve).parameters["host"].default == "127.0.0.1"
+    assert inspect.signature(serve.serve).parameters["host"].default == "127.0.0.1"
