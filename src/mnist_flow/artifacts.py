@@ -13,7 +13,7 @@ import uuid
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mnist_flow.errors import ConfigError, RegistryError
+from mnist_flow.errors import ArtifactIntegrityError, ConfigError, RegistryError
 from mnist_flow.fsutil import atomic_write
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -73,11 +73,21 @@ class ArtifactStore:
                     self._fs.rm(tmp)
         return self._fs.unstrip_protocol(path)
 
-    def read(self, uri: str) -> bytes:
-        """The bytes at ``uri`` (as returned by ``write``); RegistryError if it is missing."""
+    def read(self, uri: str, *, max_bytes: int | None = None) -> bytes:
+        """The bytes at ``uri`` (as returned by ``write``); RegistryError if it is missing.
+
+        With ``max_bytes``, a larger file is refused (ArtifactIntegrityError) before it is read.
+        """
         try:
             with fsspec.open(uri, "rb") as handle:
-                return handle.read()
+                if max_bytes is None:
+                    return handle.read()
+                data = handle.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise ArtifactIntegrityError(
+                        f"artifact {uri} is larger than {max_bytes:,} bytes: it is not a file mnist-flow wrote",
+                        fix="Restore the original file from a backup, or register the model again.")
+                return data
         except FileNotFoundError:
             raise RegistryError(
                 f"Artifact {uri} does not exist.",
