@@ -287,6 +287,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 EpochCallback = Callable[[EpochStats], None]
 
+#: A guarded fit's validation accuracy collapsed when it loses half its gain over chance, once that gain
+#: was at least this (below it, an epoch-to-epoch swing of a weak model on a small split is noise).
+COLLAPSE_MIN_GAIN = 0.2
 #: A recovery multiplies the learning rate of the rest of the fit by this.
 RECOVERY_FACTOR = 0.5
 
@@ -321,14 +324,15 @@ class _Checkpoint:
 
 def _check_collapse(val: EvalResult, val_y: torch.Tensor, best: _Checkpoint, samples: int) -> None:
     """The validation criteria of a guarded fit: the model predicts one class for every validation sample
-    (dead ReLUs), or it lost more than half of its best accuracy above chance in one epoch."""
+    (dead ReLUs), or, having been at least :data:`COLLAPSE_MIN_GAIN` above chance, it lost more than half
+    of its best accuracy above chance in one epoch."""
     classes = int(val_y.max()) + 1 if val_y.numel() else 0
     if classes < 2 or math.isnan(best.accuracy):
         return
     chance = 1 / classes
     if val.predictions.unique().numel() == 1 and val_y.unique().numel() > 1:
         raise Divergence(val.loss, samples, "validation", how="collapsed (one class predicted) with")
-    if best.accuracy > chance and val.accuracy - chance < 0.5 * (best.accuracy - chance):
+    if best.accuracy - chance >= COLLAPSE_MIN_GAIN and val.accuracy - chance < 0.5 * (best.accuracy - chance):
         raise Divergence(val.loss, samples, "validation",
                          how=f"collapsed (val accuracy {val.accuracy:.4f}, best {best.accuracy:.4f}) with")
 
