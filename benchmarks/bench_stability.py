@@ -29,14 +29,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common
 import optuna
 import torch
 
-import common
 from mnist_flow import pipeline
 from mnist_flow.data import load_dataset
 from mnist_flow.errors import TrainingDiverged
-from mnist_flow.train import TrainConfig, all_finite, build_model, make_step, train_epoch, train_model
+from mnist_flow.train import (
+    TrainConfig,
+    all_finite,
+    build_model,
+    make_step,
+    train_epoch,
+    train_model,
+)
 from mnist_flow.tune import SearchSpace
 
 ISSUE_POINT = {"lr": 0.2438, "momentum": 0.6841, "hidden1": 832, "hidden2": 320}

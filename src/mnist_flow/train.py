@@ -322,6 +322,10 @@ class _Checkpoint:
             low.copy_(param)
 
 
+def _scaled(schedule: Callable[[int], float], factor: float) -> Callable[[int], float]:
+    return lambda k: factor * schedule(k)
+
+
 def _check_collapse(val: EvalResult, val_y: torch.Tensor, best: _Checkpoint, samples: int) -> None:
     """The validation criteria of a guarded fit: the model predicts one class for every validation sample
     (dead ReLUs), or, having been at least :data:`COLLAPSE_MIN_GAIN` above chance, it lost more than half
@@ -386,7 +390,7 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
                 watch.lowest = math.inf  # the restored state starts a new record
                 scale *= RECOVERY_FACTOR
                 step.count = (epoch - 1) * steps_per_epoch
-                step.lr = (lambda k, s=scale: s * schedule(k))
+                step.lr = _scaled(schedule, scale)
                 history.events.append(
                     f"epoch {epoch}: {exc}: restored the state of epoch {best.epoch} (val accuracy "
                     f"{best.accuracy:.4f}) and went on at {scale:g}x the learning rate")

@@ -159,7 +159,7 @@ class Objective:
 #: What a trial owns: run_study records these as a failed trial (fail reason) and goes on; anything
 #: else an objective raises is a bug and propagates. A divergence never gets here from :class:`Objective`
 #: (it prunes the trial), only from an objective of the caller's; BudgetFilled ends a surplus trial.
-TRIAL_FAILURES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged,
+TRIAL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged,
                                                    BudgetFilled)
 
 

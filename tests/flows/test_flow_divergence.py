@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module  # noqa: E402
+import mnist as flow_module
 
 pytestmark = pytest.mark.slow
 
