@@ -1,7 +1,7 @@
-"""Training stability and the final fit: the divergence guard's cost, every corner of the search space, and
-the final fit against the trial it reproduces.
+"""Training stability and the final fit: the divergence guard's cost, every corner of the search space, the
+final fit against the trial it reproduces, and the whole default run over three seeds (the quality bar).
 
-Three parts (each can run alone with --parts):
+Four parts (each can run alone with --parts):
 
 - guard: one epoch of ``train.train_epoch`` on Fashion-MNIST (batch 128, 512-256, bf16) with the loss read
   back only at the end of the epoch (``check_every=0``), every 32 steps (the default) and every step;
@@ -14,6 +14,9 @@ Three parts (each can run alone with --parts):
   0.6841, 832-320) and each seed, the trial's own recipe (``max_epochs``, as the trial measured it), the
   stretched one-cycle over ``final_epochs`` without the guard (the final fit before issue 11) and
   ``pipeline.final_fit`` (stretched, guarded, best epoch kept, with the fallback).
+- runs: ``flows/mnist.py`` with every default (what ``make run`` runs) for each dataset and seed, each in a
+  fresh MNIST_FLOW_HOME with a temporary Prefect API, one intra-op thread (``common.fresh_home_env``), one
+  run at a time: best trial, final fit, test accuracy, what the final fit did, wall seconds.
 
     python benchmarks/bench_stability.py --parts guard corners final --datasets sample fashion-mnist \
         --seeds 0 1 2 --out /tmp/stability.json
@@ -156,10 +159,46 @@ def part_final(cache: Path, datasets: list[str], seeds: list[int], point: dict[s
     return rows
 
 
+def run_row(dataset: str, seed: int, summary: dict[str, Any], wall: float) -> dict[str, Any]:
+    """The figures of one default run, from the summary it printed (``--json``)."""
+    fit = summary.get("final_fit", {})
+    return {"dataset": dataset, "seed": seed, "best_trial": summary["best"]["trial"],
+            "best_params": summary["best"]["params"], "trial_val": summary["best"]["val_accuracy"],
+            "final_val": summary["metrics"]["val_accuracy"], "test": summary["metrics"]["test_accuracy"],
+            "kept_epoch": fit.get("best_epoch"), "epochs": fit.get("epochs"), "recoveries": fit.get("recoveries"),
+            "notes": fit.get("notes", []), "version": summary["model"]["version"],
+            "trials": summary["trials"], "wall_s": round(wall, 1), "seconds": summary["seconds"]}
+
+
+def part_runs(work: Path, datasets: list[str], seeds: list[int], threads: int) -> list[dict[str, Any]]:
+    import json
+    import subprocess
+
+    rows = []
+    for dataset, seed in itertools.product(datasets, seeds):
+        source = (["--source", "sample"] if dataset == "sample" else
+                  ["--dataset", "fashion-mnist", "--source", "dir", "--data-dir", str(common.FASHION_DIR)])
+        home = work / f"run-{dataset}-{seed}"
+        start = time.perf_counter()
+        # a loaded machine starts the temporary Prefect API in more than Prefect's default 20 s
+        env = {**common.fresh_home_env(str(home), threads=max(threads, 1)),
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+        done = subprocess.run([common.PYTHON, str(common.ROOT / "flows" / "mnist.py"), *source, "--seed", str(seed),
+                               "--json"], capture_output=True, text=True, check=False, env=env)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            rows.append({"dataset": dataset, "seed": seed, "failed": done.stderr.strip().splitlines()[-1:],
+                         "wall_s": round(wall, 1)})
+        else:
+            rows.append(run_row(dataset, seed, json.loads(done.stdout), wall))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["guard", "corners", "final"],
-                        choices=["guard", "corners", "final"])
+    parser.add_argument("--parts", nargs="+", default=["guard", "corners", "final", "runs"],
+                        choices=["guard", "corners", "final", "runs"])
     parser.add_argument("--datasets", nargs="+", default=["sample", "fashion-mnist"],
                         choices=["sample", "fashion-mnist"])
     parser.add_argument("--epochs", type=int, default=pipeline.RunParams().final_epochs,
@@ -182,6 +221,8 @@ def main() -> None:
             result["corners"] = part_corners(cache, args.datasets, args.epochs)
         if "final" in args.parts:
             result["final"] = part_final(cache, args.datasets, args.seeds, ISSUE_POINT)
+        if "runs" in args.parts:
+            result["runs"] = part_runs(Path(tmp), args.datasets, args.seeds, args.threads)
     result["load_after"] = common.load_average()
     common.write_result(args.out, result)
 

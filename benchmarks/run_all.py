@@ -36,8 +36,8 @@ BENCHES: dict[str, list[str]] = {
                            "--max-epochs", "4"],
     "memory": ["bench_memory.py", "--repeats", "3"],
     "compile": ["bench_compile.py", "--threads", "0", "--repeats", "3"],
-    "stability": ["bench_stability.py", "--parts", "guard", "corners", "final", "--datasets", "sample", "fashion-mnist",
-                  "--seeds", "0", "1", "2", "--threads", "1"],
+    "stability": ["bench_stability.py", "--parts", "guard", "corners", "final", "runs", "--datasets", "sample",
+                  "fashion-mnist", "--seeds", "0", "1", "2", "--threads", "1"],
     "search": ["bench_search.py", "--n-trials", "20", "--max-epochs", "8", "--seeds", "0", "1", "2", "--threads", "0"],
 }
 
@@ -252,7 +252,12 @@ def section_stability(r: dict | None) -> list[str]:
     lines = ["## Stability and the final fit", ""]
     if r is None:
         return lines + ["Not run.", ""]
-    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}).", ""]
+    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}).", "",
+              "The design these figures justify (README, \"Final fit\"): the final fit keeps the stretched one-cycle, "
+              "because longer training is what reaches the MNIST bar, and is guarded instead: a diverging epoch "
+              "restores the best state and goes on at half the rate, the best epoch by validation accuracy is "
+              "kept, and the trial's own recipe is retrained when the fit ends more than 0.3 points below the "
+              "trial.", ""]
     if guard := r.get("guard"):
         lines += ["### Divergence guard", "",
                   f"One Fashion-MNIST epoch of `train_epoch` ({guard['steps_per_epoch']} steps of batch 128, 512-256, "
@@ -295,6 +300,30 @@ def section_stability(r: dict | None) -> list[str]:
                          f"{_acc(plain)} / {_acc(plain, 'test')} | {fit['val']:.4f} / {fit['test']:.4f} | "
                          f"{fit['best_epoch']}/{fit['epochs']} | {fit['recoveries']} | "
                          f"{'n/a (trial diverged)' if gap != gap else f'{100 * gap:+.2f} pt'} |")
+        lines += [""]
+    if runs := r.get("runs"):
+        lines += ["### The default run, three seeds (the quality bar)", "",
+                  "`flows/mnist.py` with every default (`make run`), a fresh home and a temporary Prefect API each, "
+                  "one intra-op thread, one run at a time. Bar: Fashion-MNIST test >= 0.895 every seed (target "
+                  "0.900); the full MNIST (>= 0.985 within 15 minutes on 2 cores) is not available here.", "",
+                  "| data | seed | best trial | trial val | final val | test | kept epoch | recoveries | "
+                  "registered | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for row in runs:
+            if row.get("failed"):
+                lines.append(f"| {row['dataset']} | {row['seed']} | FAILED: {row['failed']} | | | | | | | "
+                             f"{row['wall_s']} |")
+                continue
+            lines.append(f"| {row['dataset']} | {row['seed']} | #{row['best_trial']} | {row['trial_val']:.4f} | "
+                         f"{row['final_val']:.4f} | {row['test']:.4f} | {row['kept_epoch']}/{row['epochs']} | "
+                         f"{row['recoveries']} | v{row['version']} | {f(row['wall_s'], 0)} |")
+        lines += [""]
+        for dataset in dict.fromkeys(row["dataset"] for row in runs):
+            tests = [row["test"] for row in runs if row["dataset"] == dataset and not row.get("failed")]
+            failed = sum(1 for row in runs if row["dataset"] == dataset and row.get("failed"))
+            if tests:
+                lines.append(f"- {dataset}: test {min(tests):.4f} to {max(tests):.4f} (spread "
+                             f"{100 * (max(tests) - min(tests)):.2f} points, mean {sum(tests) / len(tests):.4f}) "
+                             f"over {len(tests)} runs; {failed} failed.")
         lines += [""]
     return lines
 
