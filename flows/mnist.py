@@ -84,12 +84,15 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams) -> tuple:
-    """Train the best configuration for the final number of epochs."""
-    config = pipeline.final_config(best, params)
-    get_run_logger().info("final fit of trial #%d: %s", best.number, config.to_dict())
-    model, history = pipeline.fit_best(prepared, config, progress=LogProgress(get_run_logger()))
-    return model, config, history
+def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams) -> pipeline.FinalFit:
+    """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit)."""
+    logger = get_run_logger()
+    logger.info("final fit of trial #%d (val accuracy %.4f): %s", best.number, best.value,
+                pipeline.final_config(best, params).to_dict())
+    fitted = pipeline.final_fit(prepared, best, params, progress=LogProgress(logger))
+    for note in fitted.notes:
+        logger.info("final fit: %s", note)
+    return fitted
 
 
 @task(cache_policy=NO_CACHE)
@@ -101,10 +104,10 @@ def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
 
 
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
-def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: str, trial_number: int,
+def register(prepared: pipeline.Prepared, fitted: pipeline.FinalFit, test: Any, study_name: str, trial_number: int,
              run_key: str, settings: Settings) -> Any:
     """Register the model with its lineage (idempotent: a retry registers it once)."""
-    model, config, history = fitted
+    model, config, history = fitted.model, fitted.config, fitted.history
     with Registry.from_settings(settings) as registry:
         version = pipeline.register_challenger(registry, prepared, model, config, history, test,
                                                study_name=study_name, trial_number=trial_number, run_key=run_key,
@@ -202,13 +205,13 @@ def mnist(
     with watch("train"):
         fitted = train_best(prepared, best, params)
     with watch("evaluate"):
-        test = evaluate(fitted[0], prepared)
+        test = evaluate(fitted.model, prepared)
     with watch("register"):
         version = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
         version, decision = gate(prepared, version, test, settings)
         publish_decision(decision, version, settings.resolved_database_url)
-    summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted[2],
-                                     watch.seconds, settings.resolved_database_url)
+    summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted.history,
+                                     watch.seconds, settings.resolved_database_url, notes=fitted.notes)
     get_run_logger().info("summary:\n%s", "\n".join(pipeline.summary_lines(summary)))
     publish_review(summary, study, version, settings.dashboard_url)
     return summary

@@ -115,7 +115,7 @@ def train(
         "test_samples": int(prepared.test_y.numel()),
         "epoch_seconds": [round(s, 4) for s in history.column("seconds")],
         "train_loss": [round(v, 5) for v in history.column("train_loss")],
-        "val_accuracy": history.last.val_accuracy, "val_accuracy_per_epoch": history.column("val_accuracy"),
+        "val_accuracy": history.best.val_accuracy, "val_accuracy_per_epoch": history.column("val_accuracy"),
         "test_accuracy": test.accuracy, "test_loss": test.loss,
     }
     if as_json:

@@ -48,6 +48,19 @@ class ImageError(MnistFlowError):
     """An image given for prediction cannot be used."""
 
 
+class TrainingDiverged(MnistFlowError):
+    """A training run's loss became non-finite or exploded and could not be recovered.
+
+    Not a user's bad input: the message names the run (trial or final fit), the epoch and what was
+    done about it. ``epoch`` is the epoch it happened in, ``loss`` the mean loss that gave it away.
+    """
+
+    def __init__(self, message: str, *, fix: str | None = None, epoch: int | None = None,
+                 loss: float | None = None) -> None:
+        super().__init__(message, fix=fix)
+        self.epoch, self.loss = epoch, loss
+
+
 #: User-caused errors that may go away on their own (a network or database outage): worth retrying.
 TRANSIENT_ERRORS: tuple[type[MnistFlowError], ...] = (DownloadError, DatabaseUnavailableError)
 

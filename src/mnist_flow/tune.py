@@ -22,8 +22,8 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow.budget import Lock, Step, TrialBudget, ran_here
-from mnist_flow.errors import ConfigError
+from mnist_flow.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
+from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.train import EpochStats, TrainConfig, train_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -140,9 +140,36 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} (val_accuracy {stats.val_accuracy:.4f})")
 
         s = self.splits
-        _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
-                                 on_epoch=report)
+        try:
+            _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
+                                     on_epoch=report)
+        except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
+            reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
+            trial.set_user_attr("diverged", reason)
+            logger.warning("%s", reason)
+            raise optuna.TrialPruned(reason) from None
+        except RuntimeError as exc:
+            if is_out_of_memory(exc):  # a failed trial (run_study catches it); the study goes on
+                trial.set_user_attr("out_of_memory", str(exc).splitlines()[0][:500])
+                raise torch.OutOfMemoryError(f"trial #{trial.number} ran out of memory: {exc}") from exc
+            raise  # anything else is a bug: it propagates
         return history.last.val_accuracy
+
+
+#: What a trial owns: run_study records these as a failed trial (fail reason) and goes on; anything
+#: else an objective raises is a bug and propagates. A divergence never gets here from :class:`Objective`
+#: (it prunes the trial), only from an objective of the caller's; BudgetFilled ends a surplus trial.
+TRIAL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged,
+                                                   BudgetFilled)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which PyTorch does not type."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
 
 
 def study_name_for(dataset: str, fingerprint: str) -> str:
@@ -288,7 +315,7 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         try:
             # A failed trial (caught, so it costs one trial and not the study) does not count: go round again.
             study.optimize(guarded, n_trials=1, callbacks=[*callbacks, lambda _s, t: last.append(t)],
-                           catch=(RuntimeError,))
+                           catch=TRIAL_FAILURES)
         finally:
             budget.release()
         trial = last[-1] if last else None
