@@ -28,6 +28,7 @@ from mnist_flow.registry import Registry
 from mnist_flow.scale import apply_threads
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
+from mnist_flow.watchdog import Watchdog, stage_timeout
 
 try:
     from reporting import publish_decision, publish_review  # flows/ on sys.path: a script, or Prefect's loader
@@ -80,7 +81,8 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
         warm_start = pipeline.champion_warm_start(registry, params.dataset)
     return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
                          progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
-                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
+                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
+                         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds))
 
 
 @task(cache_policy=NO_CACHE)
@@ -152,7 +154,17 @@ def checked_flow(**options: Any) -> Any:
     return lambda fn: CheckedFlow(fn=fn, **options)
 
 
-@checked_flow(name="mnist", log_prints=True)
+def _timeout(prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int],
+             history: Any = ()) -> float:
+    """A stage's timeout from its epoch budget (mnist_flow.watchdog.stage_timeout): a backstop for a hang."""
+    return stage_timeout(epochs, hidden, len(prepared.splits.train_y), history, multiple=settings.hang_multiple,
+                         min_seconds=settings.hang_min_seconds)
+
+
+# retries=1: a run that failed (an outage outlasting the I/O tasks' retries, a stage timeout) runs once more in
+# its process, resuming its study (same run key). A crashed process is retried by the service's automation
+# (flows/automations.py, `make deploy`); see docs/service.md.
+@checked_flow(name="mnist", log_prints=True, retries=1, retry_delay_seconds=30)
 def mnist(
     dataset: Literal["mnist", "fashion-mnist"] = "mnist",
     source: Literal["auto", "download", "dir", "sample"] = "auto",
@@ -191,9 +203,15 @@ def mnist(
     with watch("tune"):
         if params.workers > 1:  # trial workers run the study; the task below then only finds it done
             run_trial_workers(prepared, params, run_key, settings)
-        study, best = tune(prepared, params, settings, run_key)
+        tune_epochs = -(-params.n_trials // params.workers) * params.max_epochs
+        study, best = tune.with_options(timeout_seconds=_timeout(
+            prepared, settings, tune_epochs, (params.hidden1_max, params.hidden2_max)))(
+            prepared, params, settings, run_key)
     with watch("train"):
-        fitted = train_best(prepared, best, params)
+        train_timeout = _timeout(prepared, settings, params.final_epochs,
+                                 (int(best.params["hidden1"]), int(best.params["hidden2"])),
+                                 study.get_trials(deepcopy=False))
+        fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params)
     with watch("evaluate"):
         test = evaluate(fitted[0], prepared)
     with watch("register"):

@@ -1,0 +1,115 @@
+"""Dead and hung runs recover by themselves: a real Prefect server, `make deploy`, real process workers.
+
+1. SIGKILL of the worker and of its flow-run process mid-tune: the zombie automation marks the run
+   Crashed within the heartbeat bound, the retry automation schedules it again, a restarted worker
+   resumes it (same flow run, so the same run key and study trials) and exactly one version is registered.
+2. A trial whose thread is stopped for real (ptrace: the heartbeat threads go on) is failed by the
+   watchdog: the process ends, the run is Crashed and retried, the stuck trial is failed by its stale
+   heartbeat and its configuration retried; the run completes with exactly n_trials finished.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import pytest
+import procs
+from service_helpers import (HEARTBEAT_S, TINY, ZOMBIE_S, Service, reap_traced, registered, service, state_type,
+                             stop_thread, study_trials)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FINISHED = ("COMPLETE", "PRUNED")
+#: Kill to Crashed: the last heartbeat was at most HEARTBEAT_S before the kill, the trigger fires ZOMBIE_S
+#: after it, and the server evaluates proactive triggers every few seconds (plus a loaded machine's slack).
+CRASH_BOUND_S = ZOMBIE_S + 20
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Service:
+    token = procs.new_token()
+    with service(tmp_path_factory.mktemp("recovery"), token) as running:
+        yield running
+    stray = procs.kill_leftovers(token)
+    assert not stray, f"processes left running after the tests (killed now): {stray}"
+
+
+def _finished(trials: list) -> list:
+    return [t for t in trials if t.state in FINISHED]
+
+
+def _wait_for_trials(svc: Service, run_id: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_finished(study_trials(svc.env, run_id))) < count:
+        assert time.monotonic() < deadline, f"{count} trial(s) of {run_id} not finished in {timeout} s\n{svc.logs()}"
+        time.sleep(0.3)
+
+
+def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(svc: Service) -> None:
+    from service_helpers import flow_run_pids
+
+    before = len(registered(svc.env))
+    worker = svc.start_worker("worker-1")
+    run_id = svc.run("mnist/train", {**TINY, "n_trials": 4})
+    svc.wait(run_id, lambda r: state_type(r) == "RUNNING", timeout=120, what="running")
+    _wait_for_trials(svc, run_id, 1, timeout=120)  # mid-tune: one trial done, the others to come
+    pids = flow_run_pids(svc.token, run_id)
+    assert pids, "no process runs the flow run"
+    os.killpg(worker.pgid, signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    worker.stop()
+    assert len(_finished(study_trials(svc.env, run_id))) < 4
+    svc.start_worker("worker-2")  # what systemd or a container restart policy does
+
+    svc.wait(run_id, lambda r: any(s["type"] == "CRASHED" for s in svc.state_history(r["id"])),
+             timeout=CRASH_BOUND_S + HEARTBEAT_S, what="crashed")
+    crashed_after = time.monotonic() - killed
+    run = svc.wait(run_id, lambda r: state_type(r) in ("COMPLETED", "FAILED", "CANCELLED"), timeout=240,
+                   what="completed")
+    assert state_type(run) == "COMPLETED", svc.logs()
+    print(f"killed -> Crashed in {crashed_after:.0f} s; killed -> Completed in {time.monotonic() - killed:.0f} s")
+    assert crashed_after <= CRASH_BOUND_S + HEARTBEAT_S
+    history = [(s["type"], s["name"]) for s in svc.state_history(run_id)]
+    crash = [s for s in svc.state_history(run_id) if s["type"] == "CRASHED"]
+    assert len(crash) == 1 and "heartbeat" in crash[0]["message"], history
+    assert ("SCHEDULED", "AwaitingRetry") in history, history
+    assert run["run_count"] == 2
+
+    mine = study_trials(svc.env, run_id)  # same flow run, same run key: the study was resumed, not restarted
+    assert len(_finished(mine)) == 4
+    versions = registered(svc.env)
+    assert len(versions) == before + 1
+    assert [v.flow_run_id for v in versions].count(run_id) == 1
+
+
+def test_a_hung_trial_is_failed_and_retried_and_the_run_completes(svc: Service) -> None:
+    from service_helpers import flow_run_pids
+
+    before = len(registered(svc.env))
+    svc.start_worker("worker-hang")
+    run_id = svc.run("mnist/train", {**TINY, "n_trials": 3, "seed": 1})
+    _wait_for_trials(svc, run_id, 1, timeout=180)
+    (pid,) = [p for p in flow_run_pids(svc.token, run_id)]
+    stop_thread(pid)  # the main thread, which runs the trials: stuck; the heartbeat threads go on
+    stopped = time.monotonic()
+    try:
+        svc.wait(run_id, lambda r: any(s["type"] == "CRASHED" for s in svc.state_history(r["id"])), timeout=120,
+                 what="crashed by the watchdog")
+    finally:
+        reap_traced(pid)
+    hung_for = time.monotonic() - stopped
+    run = svc.wait(run_id, lambda r: state_type(r) in ("COMPLETED", "FAILED", "CANCELLED"), timeout=240,
+                   what="completed")
+    assert state_type(run) == "COMPLETED", svc.logs()
+    print(f"stopped -> Crashed in {hung_for:.0f} s; -> Completed in {time.monotonic() - stopped:.0f} s")
+    assert "stuck outside Python" in svc.logs()
+
+    mine = study_trials(svc.env, run_id)
+    failed = [t for t in mine if t.state == "FAIL"]
+    assert len(failed) == 1, [(t.number, t.state) for t in mine]
+    assert any(t.params == failed[0].params for t in _finished(mine))  # its configuration was run again
+    assert len(_finished(mine)) == 3
+    assert len(registered(svc.env)) == before + 1
