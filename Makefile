@@ -23,6 +23,8 @@ SERVICE_API_URL = $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_SERVER_API_
 # silence after which `make deploy`'s zombie automation marks a run Crashed (docs/service.md).
 PREFECT_FLOWS_HEARTBEAT_FREQUENCY ?= 30
 ZOMBIE_SECONDS ?= 90
+# Extra options of `prefect worker start`, e.g. WORKER_ARGS="--limit 1" (one flow run at a time).
+WORKER_ARGS ?=
 
 .PHONY: help install run test bench clean server deploy worker serve
 
@@ -58,7 +60,7 @@ deploy: install  ## create the work pool if missing, deploy deployments/prefect.
 worker: install  ## start a process worker polling the work pool (WORK_POOL=mnist)
 	mkdir -p "$$PREFECT_HOME"
 	PREFECT_API_URL="$(SERVICE_API_URL)" PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$(PREFECT_FLOWS_HEARTBEAT_FREQUENCY) \
-	  $(BIN)/prefect worker start --pool $(WORK_POOL) --type process
+	  $(BIN)/prefect worker start --pool $(WORK_POOL) --type process $(WORKER_ARGS)
 
 serve: install  ## serve the deployments of deployments/prefect.yaml in one process, no work pool
 	mkdir -p "$$PREFECT_HOME"

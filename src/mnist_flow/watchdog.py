@@ -117,6 +117,11 @@ def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
     return done == 1
 
 
+def _log_aside(level: int, message: str, *args: Any) -> None:
+    """Log from a daemon thread, so that a handler lock held by a stuck thread blocks only that thread."""
+    threading.Thread(target=logger.log, args=(level, message, *args), name="watchdog-log", daemon=True).start()
+
+
 @dataclass
 class _Watch:
     """One armed trial: the last beat, the expected epoch time so far, and the thread to interrupt."""
@@ -182,20 +187,23 @@ class Watchdog:
                 time.sleep(0)  # let it land here rather than in the caller
 
     def _monitor(self, watch: _Watch, stop: threading.Event) -> None:
+        # The stuck thread may hold locks (a logging handler's, a database's): the monitor takes none.
+        # It acts first, and logs from a throwaway thread that may block without holding it up.
         while not stop.wait(self.poll_seconds):
             now = time.monotonic()
             limit = self.limit(self._expected(watch))
             if watch.fired_at is None and now - watch.last > limit:
                 watch.fired_at = now
-                logger.warning("%s made no progress for %.0f s (limit %.0f s: %g x the expected epoch time "
-                               "%.1f s, at least %.0f s): failing it", watch.label, now - watch.last, limit,
-                               self.multiple, self._expected(watch), self.min_seconds)
                 _raise_in_thread(watch.thread_id, TrialHung)
+                _log_aside(logging.WARNING, "%s made no progress for %.0f s (limit %.0f s: %g x the expected epoch "
+                           "time %.1f s, at least %g s): failing it", watch.label, now - watch.last, limit,
+                           self.multiple, self._expected(watch), self.min_seconds)
             elif watch.fired_at is not None and now - watch.fired_at > limit:
-                logger.critical("%s is stuck outside Python (it ignored the failure for %.0f s): ending the "
-                                "process (exit %d) so that it can be restarted", watch.label, now - watch.fired_at,
-                                HUNG_EXIT_CODE)
-                logging.shutdown()
+                message = (f"mnist-flow watchdog: {watch.label} is stuck outside Python (it ignored the failure "
+                           f"for {now - watch.fired_at:.0f} s): ending the process (exit {HUNG_EXIT_CODE}) so that "
+                           "it can be restarted\n")
+                with contextlib.suppress(OSError):
+                    os.write(2, message.encode())
                 self._exit(HUNG_EXIT_CODE)
                 return
 

@@ -7,8 +7,6 @@ machine) and find a flow run's process by the ``PREFECT__FLOW_RUN_ID`` the proce
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -181,25 +179,3 @@ def registered(env: dict) -> list:
         return []
     with Registry.from_settings(settings) as registry:
         return registry.list_versions()
-
-
-# --- a thread stopped for real: ptrace stops one thread, the others (heartbeats) go on ---------------------
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-PTRACE_SEIZE, PTRACE_INTERRUPT = 0x4206, 0x4207
-WALL = 0x40000000
-
-
-def stop_thread(tid: int) -> None:
-    """Stop the thread ``tid`` of another process (its other threads keep running) until the process ends."""
-    for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
-        if _libc.ptrace(request, tid, None, None) != 0:
-            raise OSError(ctypes.get_errno(), f"ptrace({request:#x}, {tid}) failed")
-
-
-def reap_traced(tid: int) -> None:
-    """Collect a traced thread's exit (the tracer must, or the process lingers as a zombie)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        while os.waitpid(tid, os.WNOHANG | WALL) != (0, 0):
-            pass
