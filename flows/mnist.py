@@ -141,6 +141,7 @@ class CheckedFlow(Flow):
 
     def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
         pipeline.RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
+        self.retries = 0  # a direct call (terminal, script, test) fails fast; deployment runs keep their retries
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -161,9 +162,9 @@ def _timeout(prepared: pipeline.Prepared, settings: Settings, epochs: int, hidde
                          min_seconds=settings.hang_min_seconds)
 
 
-# retries=1: a run that failed (an outage outlasting the I/O tasks' retries, a stage timeout) runs once more in
-# its process, resuming its study (same run key). A crashed process is retried by the service's automation
-# (flows/automations.py, `make deploy`); see docs/service.md.
+# retries=1 (deployment runs): a run that failed (an outage outlasting the I/O tasks' retries, a stage timeout)
+# runs once more in its process, resuming its study (same run key). A crashed process is retried by the
+# service's automation (flows/automations.py, `make deploy`); see docs/service.md.
 @checked_flow(name="mnist", log_prints=True, retries=1, retry_delay_seconds=30)
 def mnist(
     dataset: Literal["mnist", "fashion-mnist"] = "mnist",
