@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import optuna
@@ -18,14 +17,6 @@ from mnist_flow.watchdog import (HUNG_ATTR, HUNG_EXIT_CODE, RETRY_ATTR, Watchdog
                                  TrialHung, fallback_epoch_seconds, stage_timeout, weights)
 
 SPACE = SearchSpace(hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_optuna() -> Iterator[None]:
-    previous = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    yield
-    optuna.logging.set_verbosity(previous)
 
 
 def _splits(n: int = 200) -> Splits:

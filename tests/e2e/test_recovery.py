@@ -14,26 +14,18 @@ import os
 import signal
 import time
 from pathlib import Path
+
 import pytest
-import procs
+
 from mnist_flow.watchdog import HUNG_ATTR, RETRY_ATTR
-from service_helpers import HEARTBEAT_S, TINY, ZOMBIE_S, Service, registered, service, state_type, study_trials
+from service_helpers import TINY, ZOMBIE_S, Service, registered, state_type, study_trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 FINISHED = ("COMPLETE", "PRUNED")
-#: Kill to Crashed: the last heartbeat was at most HEARTBEAT_S before the kill, the trigger fires ZOMBIE_S
-#: after it, and the server evaluates proactive triggers every few seconds (plus a loaded machine's slack).
+#: Kill to Crashed: the trigger fires ZOMBIE_S after the last heartbeat, which came before the kill; the
+#: server evaluates proactive triggers every 5 s; 15 s more for a loaded machine.
 CRASH_BOUND_S = ZOMBIE_S + 20
-
-
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Service:
-    token = procs.new_token()
-    with service(tmp_path_factory.mktemp("recovery"), token) as running:
-        yield running
-    stray = procs.kill_leftovers(token)
-    assert not stray, f"processes left running after the tests (killed now): {stray}"
 
 
 def _finished(trials: list) -> list:
@@ -66,13 +58,13 @@ def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(svc:
     svc.start_worker("worker-2")  # what systemd or a container restart policy does
 
     svc.wait(run_id, lambda r: any(s["type"] == "CRASHED" for s in svc.state_history(r["id"])),
-             timeout=CRASH_BOUND_S + HEARTBEAT_S, what="crashed")
+             timeout=CRASH_BOUND_S + 30, what="crashed")
     crashed_after = time.monotonic() - killed
     run = svc.wait(run_id, lambda r: state_type(r) in ("COMPLETED", "FAILED", "CANCELLED"), timeout=240,
                    what="completed")
     assert state_type(run) == "COMPLETED", svc.logs()
     print(f"killed -> Crashed in {crashed_after:.0f} s; killed -> Completed in {time.monotonic() - killed:.0f} s")
-    assert crashed_after <= CRASH_BOUND_S + HEARTBEAT_S
+    assert crashed_after <= CRASH_BOUND_S
     history = [(s["type"], s["name"]) for s in svc.state_history(run_id)]
     crash = [s for s in svc.state_history(run_id) if s["type"] == "CRASHED"]
     assert len(crash) == 1 and "heartbeat" in crash[0]["message"], history

@@ -21,20 +21,11 @@ import pytest
 import yaml
 
 import procs
-from service_helpers import TINY, Service, registered, service, state_type
+from service_helpers import TINY, Service, registered, state_type
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 INTERVAL_S = 6
-
-
-@pytest.fixture(scope="module")
-def svc(tmp_path_factory: pytest.TempPathFactory) -> Service:
-    token = procs.new_token()
-    with service(tmp_path_factory.mktemp("schedules"), token) as running:
-        yield running
-    stray = procs.kill_leftovers(token)
-    assert not stray, f"processes left running after the tests (killed now): {stray}"
 
 
 @pytest.fixture
