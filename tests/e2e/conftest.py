@@ -33,3 +33,12 @@ def svc(tmp_path_factory: pytest.TempPathFactory):
         yield running
     stray = procs.kill_leftovers(token)
     assert not stray, f"processes left running after the tests (killed now): {stray}"
+
+
+@pytest.fixture
+def workers(svc):
+    """The module's service; the workers a test starts are stopped at its end (the next test starts its own)."""
+    yield svc
+    for worker in svc.workers:
+        worker.stop()
+    svc.workers.clear()

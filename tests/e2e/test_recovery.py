@@ -39,7 +39,8 @@ def _wait_for_trials(svc: Service, run_id: str, count: int, timeout: float) -> N
         time.sleep(0.3)
 
 
-def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(svc: Service) -> None:
+def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(workers: Service) -> None:
+    svc = workers
     from service_helpers import flow_run_pids
 
     before = len(registered(svc.env))
@@ -78,7 +79,8 @@ def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(svc:
     assert [v.flow_run_id for v in versions].count(run_id) == 1
 
 
-def test_a_hung_trial_is_failed_and_retried_and_the_run_completes(svc: Service) -> None:
+def test_a_hung_trial_is_failed_and_retried_and_the_run_completes(workers: Service) -> None:
+    svc = workers
     marker = svc.tmp / "hung-once"
     before = len(registered(svc.env))
     # tests/e2e/inject/sitecustomize.py makes the second trial loop forever in its first epoch

@@ -28,14 +28,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 INTERVAL_S = 6
 
 
-@pytest.fixture
-def workers(svc: Service):
-    """Workers started by one test are stopped at its end."""
-    yield svc
-    for worker in svc.workers:
-        worker.stop()
-
-
 def _when(run: dict) -> datetime:
     return datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
 
@@ -99,7 +91,8 @@ def _automation_names(svc: Service) -> list[str]:
     return sorted(a["name"] for a in svc.post("/automations/filter"))
 
 
-def test_a_paused_nightly_schedule_stays_paused_after_make_deploy(svc: Service) -> None:
+def test_a_paused_nightly_schedule_stays_paused_after_make_deploy(workers: Service) -> None:
+    svc = workers
     schedule = _nightly(svc)
     assert schedule["active"] is True and schedule["slug"] == "nightly-retrain"
     automations = _automation_names(svc)
