@@ -28,6 +28,7 @@ from mnist_flow.registry import Registry
 from mnist_flow.scale import apply_threads
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
+from mnist_flow.watchdog import Watchdog, stage_timeout
 
 try:
     from reporting import publish_decision, publish_review  # flows/ on sys.path: a script, or Prefect's loader
@@ -80,7 +81,8 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
         warm_start = pipeline.champion_warm_start(registry, params.dataset)
     return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
                          progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
-                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
+                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
+                         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds))
 
 
 @task(cache_policy=NO_CACHE)
@@ -148,6 +150,7 @@ class CheckedFlow(Flow):
 
     def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
         pipeline.RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
+        self.retries = 0  # a direct call (terminal, script, test) fails fast; deployment runs keep their retries
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +164,17 @@ def checked_flow(**options: Any) -> Any:
     return lambda fn: CheckedFlow(fn=fn, **options)
 
 
-@checked_flow(name="mnist", log_prints=True)
+def _timeout(prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int],
+             history: Any = ()) -> float:
+    """A stage's timeout from its epoch budget (mnist_flow.watchdog.stage_timeout): a backstop for a hang."""
+    return stage_timeout(epochs, hidden, len(prepared.splits.train_y), history, multiple=settings.hang_multiple,
+                         min_seconds=settings.hang_min_seconds)
+
+
+# retries=1 (deployment runs): a run that failed (an outage outlasting the I/O tasks' retries, a stage timeout)
+# runs once more in its process, resuming its study (same run key). A crashed process is retried by the
+# service's automation (flows/automations.py, `make deploy`); see docs/service.md.
+@checked_flow(name="mnist", log_prints=True, retries=1, retry_delay_seconds=30)
 def mnist(
     dataset: Literal["mnist", "fashion-mnist"] = "mnist",
     source: Literal["auto", "download", "dir", "sample"] = "auto",
@@ -201,9 +214,15 @@ def mnist(
     with watch("tune"):
         if params.workers > 1:  # trial workers run the study; the task below then only finds it done
             run_trial_workers(prepared, params, run_key, settings)
-        study, best = tune(prepared, params, settings, run_key)
+        tune_epochs = -(-params.n_trials // params.workers) * params.max_epochs
+        study, best = tune.with_options(timeout_seconds=_timeout(
+            prepared, settings, tune_epochs, (params.hidden1_max, params.hidden2_max)))(
+            prepared, params, settings, run_key)
     with watch("train"):
-        fitted = train_best(prepared, best, params)
+        train_timeout = _timeout(prepared, settings, params.final_epochs,
+                                 (int(best.params["hidden1"]), int(best.params["hidden2"])),
+                                 study.get_trials(deepcopy=False))
+        fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params)
     with watch("evaluate"):
         test = evaluate(fitted.model, prepared)
     with watch("register"):

@@ -26,6 +26,7 @@ from mnist_flow.scale import apply_threads, check_shared_state, threads_per_work
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.train import select_device
 from mnist_flow.tune import study_name_for, worker_id
+from mnist_flow.watchdog import Watchdog
 
 WORKER_DEPLOYMENT = "mnist-trials/worker"
 #: How long the parent waits for a Prefect worker to pick its trial runs up before giving up.
@@ -70,7 +71,9 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
         logger.info("trial worker %d of %d (%s, %s torch threads) on run %s", worker_index, run_params.workers,
                     worker_id(), torch.get_num_threads(), run_key)
         study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run.id,
-                                 storage=storage, worker_index=worker_index, progress=LogProgress(logger))
+                                 storage=storage, worker_index=worker_index, progress=LogProgress(logger),
+                                 watchdog=Watchdog(multiple=settings.hang_multiple,
+                                                   min_seconds=settings.hang_min_seconds))
         mine = [t.number for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()]
     finally:

@@ -205,7 +205,7 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
          flow_run_id: str | None = None, progress: Progress | None = None,
          storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
          heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0,
-         warm_start: Sequence[dict[str, Any]] = ()) -> tuple[optuna.Study, FrozenTrial]:
+         warm_start: Sequence[dict[str, Any]] = (), watchdog: Any = None) -> tuple[optuna.Study, FrozenTrial]:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -225,7 +225,8 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
         study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
         fail_stale_trials(study)
         objective = Objective(prepared.splits, params.search_space(), params.base_config(),
-                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id)
+                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id,
+                              watchdog=watchdog)
         progress.start_trials(params.n_trials)
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
         60, ge=1, le=7 * 86400, description="Seconds without a heartbeat after which a trial is failed and retried "
         "(a killed worker's trial)."
     )
+    hang_multiple: float = Field(
+        10.0, ge=1.0, description="A trial with no progress for this many times its expected epoch time is "
+        "failed and retried (a stuck process; see docs/service.md)."
+    )
+    hang_min_seconds: float = Field(
+        120.0, gt=0.0, description="The hang limit of a trial is never shorter than this many seconds."
+    )
     multi_host: bool = Field(
         False, description="Trial workers (workers > 1) may run on other machines: SQLite and local-disk "
         "artifacts are then refused (see docs/scale-out.md)."

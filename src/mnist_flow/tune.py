@@ -10,6 +10,7 @@ run the same study at once: see :mod:`mnist_flow.budget` for the design.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -113,9 +114,11 @@ class Objective:
     def __init__(self, splits: Splits, space: SearchSpace, base: TrainConfig, *,
                  device: torch.device | str = "cpu", run_key: str | None = None,
                  flow_run_id: str | None = None,
-                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None) -> None:
+                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None,
+                 watchdog: Any = None) -> None:
         self.splits, self.space, self.base, self.device = splits, space, base, device
         self.run_key, self.flow_run_id, self.on_epoch = run_key, flow_run_id, on_epoch
+        self.watchdog = watchdog  # a mnist_flow.watchdog.Watchdog: fails (and re-queues) a trial that hangs
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
@@ -127,7 +130,13 @@ class Objective:
             trial.set_user_attr("flow_run_id", self.flow_run_id)
         curve: dict[str, list[float]] = {"val_accuracy": [], "train_loss": [], "epoch_seconds": []}
 
+        dog = None if self.watchdog is None else self.watchdog.watch(
+            trial, hidden=config.hidden, train_samples=len(self.splits.train_y),
+            history=trial.study.get_trials(deepcopy=False, states=FINISHED))
+
         def report(stats: EpochStats) -> None:
+            if watch is not None:
+                watch.beat(stats.seconds)
             curve["val_accuracy"].append(round(stats.val_accuracy, 6))
             curve["train_loss"].append(round(stats.train_loss, 6))
             curve["epoch_seconds"].append(round(stats.seconds, 4))
@@ -140,19 +149,20 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} (val_accuracy {stats.val_accuracy:.4f})")
 
         s = self.splits
-        try:
-            _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
-                                     on_epoch=report)
-        except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
-            reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
-            trial.set_user_attr("diverged", reason)
-            logger.warning("%s", reason)
-            raise optuna.TrialPruned(reason) from None
-        except RuntimeError as exc:
-            if is_out_of_memory(exc):  # a failed trial (run_study catches it); the study goes on
-                trial.set_user_attr("out_of_memory", str(exc).splitlines()[0][:500])
-                raise torch.OutOfMemoryError(f"trial #{trial.number} ran out of memory: {exc}") from exc
-            raise  # anything else is a bug: it propagates
+        with dog if dog is not None else contextlib.nullcontext() as watch:
+            try:
+                _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
+                                         on_epoch=report)
+            except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
+                reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
+                trial.set_user_attr("diverged", reason)
+                logger.warning("%s", reason)
+                raise optuna.TrialPruned(reason) from None
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):  # a failed trial (run_study catches it); the study goes on
+                    trial.set_user_attr("out_of_memory", str(exc).splitlines()[0][:500])
+                    raise torch.OutOfMemoryError(f"trial #{trial.number} ran out of memory: {exc}") from exc
+                raise  # anything else is a bug: it propagates
         return history.last.val_accuracy
 
 

@@ -56,7 +56,7 @@ def test_a_train_run_with_two_workers_finishes_exactly_n_trials_on_postgresql(tm
     server = procs.start("prefect-server", _bin(commands.prefect_server("127.0.0.1", port)),
                          env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db}, log_dir=logs)
     started = [server]
-    try:
+    with procs.stopped_at_exit(started):
         procs.wait_http(f"{api_url}/health", proc=server, timeout=120)
         env["PREFECT_API_URL"] = api_url
         procs.run(commands.DEPLOY, env=env, timeout=180)
@@ -91,11 +91,4 @@ def test_a_train_run_with_two_workers_finishes_exactly_n_trials_on_postgresql(tm
         studies_url = f"http://127.0.0.1:{dashboard_port}/api/studies"
         procs.wait_http(studies_url, proc=dashboard, timeout=60)
         assert summary.study_name in httpx.get(studies_url, timeout=10).text
-    except BaseException:
-        for proc in started:
-            print(f"--- {proc.name} log ---\n" + procs.tail(proc.log, 6000))
-        raise
-    finally:
-        for proc in reversed(started):
-            proc.stop()
     assert not procs.leftovers(e2e_token), "a process outlived the server and workers"
