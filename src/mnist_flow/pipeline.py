@@ -312,10 +312,20 @@ def dashboard_command(database_url: str) -> str:
     return f"mnist-flow dashboard   # optuna-dashboard on {mask_url(database_url)}"
 
 
+def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, trial_number: int) -> str:
+    """The registration key of a run's model: a rerun of the run (same run key) finds its version again."""
+    return f"{flow_run_id or run_key}:{study_name}:{trial_number}"
+
+
 def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
-                        run_key: str, flow_run_id: str | None) -> Any:
-    """Register the model with its lineage; idempotent per run and trial, so a retry registers once."""
+                        run_key: str, flow_run_id: str | None, decision: Any = None,
+                        champion_version: int | None = None) -> Any:
+    """Register the model with its lineage; idempotent per run and trial, so a retry registers once.
+
+    The study must still be in the database (a database deleted or replaced during the run is refused).
+    ``decision`` (against ``champion_version``) is recorded in the same transaction as the version.
+    """
     bundle = prepared.bundle
     metrics = {"val_accuracy": history.last.val_accuracy, "val_loss": history.last.val_loss,
                "test_accuracy": test.accuracy, "test_loss": test.loss, "train_loss": history.last.train_loss,
@@ -324,17 +334,36 @@ def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Modul
         model_name(bundle.name), model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics,
         dataset_name=bundle.name, dataset_fingerprint=bundle.fingerprint, study_name=study_name,
         trial_number=trial_number, flow_run_id=flow_run_id, seed=config.seed,
-        idempotency_key=f"{flow_run_id or run_key}:{study_name}:{trial_number}")
+        idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number), require_study=True,
+        decision=decision, champion_version=champion_version)
+
+
+def _gate(registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float,
+          alpha: float | None) -> Any:
+    """The gate's decision for a challenger with ``test`` results against ``champion`` (None: no champion yet)."""
+    from mnist_flow.promotion import decide
+
+    fingerprint = prepared.bundle.fingerprint
+    challenger_correct = test.predictions == prepared.test_y.cpu()
+    champion_correct = None
+    if champion is not None and champion.dataset_fingerprint == fingerprint:
+        champion_model, _, _ = registry.load(champion.name, champion.version)
+        champion_model.to(prepared.device)
+        champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
+    return decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
+                  champion_fingerprint=champion.dataset_fingerprint if champion else None,
+                  margin=margin, alpha=alpha)
 
 
 def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: EvalResult, *,
                      flow_run_id: str | None, margin: float, alpha: float | None) -> tuple[Any, Any]:
     """Compare the challenger with the champion on the same test set, record the decision, move the alias.
 
-    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run)
-    gets its recorded decision back instead of a second one.
+    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run, or
+    :func:`register_and_decide`, which records the decision with the version) gets its recorded
+    decision back instead of a second one.
     """
-    from mnist_flow.promotion import Decision, decide
+    from mnist_flow.promotion import Decision
 
     name = version.name
     earlier = [d for d in registry.history(name) if d["challenger_version"] == version.version and d["actor"] == "gate"]
@@ -344,29 +373,47 @@ def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: Eval
     champion = registry.champion(name)
     if champion is not None and champion.version == version.version:
         return version, None  # made champion by hand in the meantime: nothing to decide
-    fingerprint = prepared.bundle.fingerprint
-    challenger_correct = test.predictions == prepared.test_y.cpu()
-    champion_correct = None
-    if champion is not None and champion.dataset_fingerprint == fingerprint:
-        champion_model, _, _ = registry.load(name, champion.version)
-        champion_model.to(prepared.device)
-        champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
-    decision = decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
-                      champion_fingerprint=champion.dataset_fingerprint if champion else None,
-                      margin=margin, alpha=alpha)
+    decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
     registry.record_decision(name, decision, challenger_version=version.version,
                              champion_version=champion.version if champion else None, flow_run_id=flow_run_id)
     return registry.get(name, version.version), decision
+
+
+#: How often the gate compares again when another run moved the champion while it was deciding.
+GATE_ATTEMPTS = 5
 
 
 def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
                         run_key: str, flow_run_id: str | None, margin: float,
                         alpha: float | None) -> tuple[Any, Any]:
-    """:func:`register_challenger`, then :func:`decide_promotion`."""
-    version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
-                                  trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id)
-    return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
+    """Register the model and record the gate's decision in one transaction; return ``(version, decision)``.
+
+    There is no moment at which the version exists without its decision, so a process killed at any
+    point leaves either nothing (artifacts at most) or a decided version. A rerun with the same run key
+    finds its version: decided, it gets the recorded decision back; undecided (registered by
+    :func:`register_challenger` alone, e.g. by an older mnist-flow), it is decided once now.
+    """
+    from mnist_flow.registry import ChampionMovedError
+
+    existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
+    if existing is not None:
+        return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,
+                                alpha=alpha)
+    name = model_name(prepared.bundle.name)
+    for _ in range(GATE_ATTEMPTS):
+        champion = registry.champion(name)
+        decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
+        try:
+            version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
+                                          trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id,
+                                          decision=decision, champion_version=champion.version if champion else None)
+        except ChampionMovedError:
+            continue  # another run promoted its model meanwhile: compare with the new champion
+        # the recorded decision: ours, or that of a concurrent registration with the same key that won
+        return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin,
+                                alpha=alpha)
+    raise ChampionMovedError(name, None, None)
 
 
 def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, best: FrozenTrial, run_key: str,

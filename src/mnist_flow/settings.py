@@ -68,6 +68,19 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("artifacts_url")
+    @classmethod
+    def _persistent_artifacts(cls, value: str | None) -> str | None:
+        # memory:// (gone with the process) or http:// (read-only) cannot keep a registered model's files
+        from mnist_flow.artifacts import check_artifacts_url
+
+        if value is None:
+            return value
+        try:
+            return check_artifacts_url(value)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.message} {exc.fix}".rstrip(".")) from None
+
     @field_validator("promotion_alpha", mode="before")
     @classmethod
     def _empty_alpha_is_none(cls, value: object) -> object:
