@@ -396,6 +396,7 @@ def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Modul
     """
     from mnist_flow.registry import ChampionMovedError
 
+    registry.require_database(study_name)  # before any read: a read would create a deleted SQLite file again
     existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
     if existing is not None:
         return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,

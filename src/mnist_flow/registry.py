@@ -391,7 +391,7 @@ class Registry:
         params = _json_ready(params, "params")
         metrics = _json_ready(metrics, "metrics")
         if require_study:
-            self._require_database(study_name)
+            self.require_database(study_name)
         if idempotency_key is not None:
             existing = self._by_key(idempotency_key)
             if existing is not None:
@@ -443,13 +443,15 @@ class Registry:
             f"Could not allocate a version number for {name!r} after {INSERT_ATTEMPTS} attempts.",
             fix="Too many concurrent registrations; run the registration again.")
 
-    def _require_database(self, study_name: str | None) -> None:
-        db.database_must_exist(
-            self.database_url,
-            message=f"The database {db.mask_url(self.database_url)} no longer exists: it was deleted or moved during "
-            f"the run, and the study {study_name!r} with it; the model is not registered (its lineage would point "
-            "at a study that does not exist).",
-            fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+    def require_database(self, study_name: str | None) -> None:
+        """RegistryError if the (SQLite) database holding ``study_name`` no longer exists; nothing is created."""
+        path = db.sqlite_path(self.database_url) if db.is_sqlite(self.database_url) else None
+        if path is not None and not path.exists():
+            raise RegistryError(
+                f"The database {path} no longer exists: it was deleted or moved during the run, and the study "
+                f"{study_name!r} with it; the model is not registered (its lineage would point at a study that "
+                "does not exist).",
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
 
     def _require_study(self, session: Session, study_name: str | None) -> None:
         connection = session.connection()
