@@ -28,7 +28,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".mnist-flow"), description="Folder for the database, data cache and artifacts.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home)."
+        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home).",
+        repr=False,  # it may hold a password: never in a repr, a log line or a Prefect task's parameters
     )
     artifacts_url: str | None = Field(
         None, description="fsspec URL where model artifacts are written (default: home/artifacts)."

@@ -248,3 +248,45 @@ def test_a_flow_run_whose_artifacts_disk_is_full_fails_once_with_one_message(ful
                        "the register task fails once (no retries), exit 2, the message names the disk; nothing "
                        "registered", f"exit 2 after {took:.0f} s for the whole run, 0 retries, 0 versions",
                        group="faults")
+
+
+_REGISTER_AS_CHILD = """
+import sys, torch
+from mnist_flow.errors import StorageError
+from mnist_flow.model import MLP
+from mnist_flow.registry import Registry
+torch.manual_seed(0)
+with Registry(sys.argv[1], sys.argv[2]) as reg:
+    try:
+        reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={}, metrics={},
+                     dataset_name="mnist", dataset_fingerprint="fp")
+    except StorageError as exc:
+        print(exc)
+        sys.exit(3)
+"""
+
+
+def test_artifacts_in_a_folder_without_write_permission_end_in_one_storage_error(tmp_path: Path,
+                                                                                 reliability) -> None:
+    """EACCES for real: root without CAP_DAC_OVERRIDE (setpriv) is refused by a chmod 555 folder like anyone."""
+    import shutil
+    import sys
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop CAP_DAC_OVERRIDE")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    url = f"sqlite:///{tmp_path / 'mnist-flow.db'}"
+    drop = "-dac_override,-dac_read_search"
+    done = subprocess.run(["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c",
+                           _REGISTER_AS_CHILD, url, str(locked / "artifacts")], capture_output=True, text=True,
+                          timeout=120, env=clean_env(tmp_path / "home"))
+    locked.chmod(0o755)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "no permission to write in" in done.stdout and str(locked) in done.stdout
+    with Registry(url, str(tmp_path / "unused")) as reg:
+        assert reg.list_versions() == []
+    reliability.record("model artifacts written to a folder without write permission (chmod 555, EACCES)",
+                       "one StorageError naming the folder and the fix, nothing registered",
+                       done.stdout.splitlines()[0][:120], group="faults")
