@@ -71,7 +71,7 @@ def open_filesystem(url: str, *, volatile_ok: bool = False) -> tuple[fsspec.Abst
         raise ConfigError(f"The artifacts URL {url!r} is in memory: its files vanish when the process ends, "
                           "while the registry keeps pointing at them.", fix=ARTIFACTS_FIX)
     if protocols & READ_ONLY_PROTOCOLS:
-        raise ConfigError(f"The artifacts URL {url!r} uses {sorted(protocols & READ_ONLY_PROTOCOLS)[0]}://, "
+        raise ConfigError(f"The artifacts URL {url!r} uses {min(protocols & READ_ONLY_PROTOCOLS)}://, "
                           "which cannot be written to.", fix=ARTIFACTS_FIX)
     if isinstance(fs, LocalFileSystem) and os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"The artifacts folder {root} is a file, not a folder.", fix=ARTIFACTS_FIX)

@@ -20,8 +20,13 @@ from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from mnist_flow.errors import (ConfigError, DatabaseDamagedError, DatabaseUnavailableError, MnistFlowError,
-                               StorageError)
+from mnist_flow.errors import (
+    ConfigError,
+    DatabaseDamagedError,
+    DatabaseUnavailableError,
+    MnistFlowError,
+    StorageError,
+)
 
 T = TypeVar("T")
 

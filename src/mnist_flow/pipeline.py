@@ -402,6 +402,7 @@ def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Modul
         return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,
                                 alpha=alpha)
     name = model_name(prepared.bundle.name)
+    moved: ChampionMovedError | None = None
     for _ in range(GATE_ATTEMPTS):
         champion = registry.champion(name)
         decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
@@ -409,12 +410,14 @@ def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Modul
             version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
                                           trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id,
                                           decision=decision, champion_version=champion.version if champion else None)
-        except ChampionMovedError:
-            continue  # another run promoted its model meanwhile: compare with the new champion
+        except ChampionMovedError as exc:
+            moved = exc  # another run promoted its model meanwhile: compare with the new champion
+            continue
         # the recorded decision: ours, or that of a concurrent registration with the same key that won
         return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin,
                                 alpha=alpha)
-    raise ChampionMovedError(name, None, None)
+    assert moved is not None
+    raise moved
 
 
 def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, best: FrozenTrial, run_key: str,

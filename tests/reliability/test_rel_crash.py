@@ -340,7 +340,7 @@ def _champion_world(home: Path, inputs: tuple) -> None:
 def _gate_child(home: Path, kill: str) -> subprocess.CompletedProcess:
     settings = Settings(home=home)
     return subprocess.run([sys.executable, "-c", _KILL_AROUND_THE_GATE, settings.resolved_database_url,
-                           settings.resolved_artifacts_url, str(home), "run-2", kill], capture_output=True,
+                           settings.resolved_artifacts_url, str(home), "run-2", kill], check=False, capture_output=True,
                           text=True, timeout=180, env=clean_env(home))
 
 

@@ -276,7 +276,7 @@ def test_a_mistyped_sqlite_path_is_not_created_by_read_only_commands(args: list[
     monkeypatch.setenv("MNIST_FLOW_DATABASE_URL", f"sqlite:///{typo}")
     monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
     code = cli_main([a.format(out=tmp_path / "report") for a in args])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert code == 2 and str(typo) in err and "Traceback" not in err
     assert not typo.exists() and not typo.parent.exists()
     reliability.record(f"mistyped SQLite path, `mnist-flow {' '.join(args[:2])}`",
@@ -284,7 +284,7 @@ def test_a_mistyped_sqlite_path_is_not_created_by_read_only_commands(args: list[
                        group="bad input")
 
 
-def _tiny_run(home: Path):  # noqa: ANN202 - (prepared, study, best, model, config, history, test, url)
+def _tiny_run(home: Path) -> tuple:
     from mnist_flow import pipeline
     from mnist_flow.settings import Settings
 

@@ -22,7 +22,7 @@ from mnist_flow.model import MLP
 from mnist_flow.registry import Registry
 
 
-def _register(reg: Registry, key: str = "k"):  # noqa: ANN202
+def _register(reg: Registry, key: str = "k"):
     torch.manual_seed(0)
     return reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
                         metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
@@ -30,13 +30,13 @@ def _register(reg: Registry, key: str = "k"):  # noqa: ANN202
 
 
 def _mount(*args: str) -> None:
-    done = subprocess.run(["mount", *args], capture_output=True, text=True, timeout=30)
+    done = subprocess.run(["mount", *args], check=False, capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         pytest.skip(f"cannot mount here (needs root and CAP_SYS_ADMIN): {done.stderr.strip()}")
 
 
 def _umount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
 
 
 @pytest.fixture
@@ -280,7 +280,8 @@ def test_artifacts_in_a_folder_without_write_permission_end_in_one_storage_error
     url = f"sqlite:///{tmp_path / 'mnist-flow.db'}"
     drop = "-dac_override,-dac_read_search"
     done = subprocess.run(["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", sys.executable, "-c",
-                           _REGISTER_AS_CHILD, url, str(locked / "artifacts")], capture_output=True, text=True,
+                           _REGISTER_AS_CHILD, url, str(locked / "artifacts")], check=False, capture_output=True,
+                          text=True,
                           timeout=120, env=clean_env(tmp_path / "home"))
     locked.chmod(0o755)
     assert done.returncode == 3, done.stderr[-2000:]
