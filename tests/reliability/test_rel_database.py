@@ -329,3 +329,51 @@ def test_database_deleted_or_replaced_mid_run_registers_nothing(loss: str, tmp_p
     reliability.record(f"SQLite database {loss} between the tune and the register stage",
                        "registration refused (the study is gone), no new database, no champion",
                        text.splitlines()[0][:130], group="faults")
+
+
+def _tune_done(path: Path, n_trials: int) -> bool:
+    """Whether the study in ``path`` has ``n_trials`` finished trials and none running (read-only)."""
+    if not path.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.2) as con:
+            states = [row[0] for row in con.execute("SELECT state FROM trials")]
+    except sqlite3.Error:
+        return False
+    return sum(s in ("COMPLETE", "PRUNED") for s in states) >= n_trials and "RUNNING" not in states
+
+
+@pytest.mark.slow
+def test_a_flow_run_whose_database_is_deleted_during_the_final_fit_registers_nothing(tmp_path: Path,
+                                                                                    reliability) -> None:
+    import sys
+
+    from rel_helpers import FAST_TUNE, REPO, clean_env
+
+    home = tmp_path / "home"
+    path = home / "mnist-flow.db"
+    env = clean_env(home, PREFECT_HOME=str(tmp_path / "prefect"))
+    # two quick trials, then a final fit of a few seconds (a wide network) to delete the database in
+    args = [*FAST_TUNE, "--n-trials", "2", "--max-epochs", "1", "--final-epochs", "6", "--hidden1-max", "2048",
+            "--hidden1-min", "2048"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "flows" / "mnist.py"), *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _tune_done(path, 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the tune stage did not finish in time"
+            time.sleep(0.05)
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == 2, err[-3000:]
+    assert "no longer exists" in err and "not registered" in err
+    assert not path.exists()  # no new, empty database holding a champion whose study is gone
+    reliability.record("`python flows/mnist.py`: the SQLite database deleted after the tune stage, during the final fit",
+                       "the register stage refuses (the study is gone): exit 2, no new database, no champion",
+                       "exit 2: " + err[err.find("The database"):][:110], group="faults")
