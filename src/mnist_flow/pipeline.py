@@ -204,6 +204,13 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
                   callbacks=[on_trial, annotate_finished_trial],
                   lock=trial_lock(storage_url, study.study_name))
         return study, best_trial(study, recipe_of(params.base_config()))
+    except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
+        from mnist_flow.db import permanent_error
+
+        permanent = permanent_error(storage_url, exc.__cause__) if exc.__cause__ is not None else None
+        if permanent is None:
+            raise
+        raise permanent from None  # a full disk, a read-only or damaged database: one message, no retry
     finally:
         if owned:  # the returned study stays readable: a later read opens a fresh connection
             dispose_storage(storage)

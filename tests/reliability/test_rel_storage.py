@@ -291,3 +291,26 @@ def test_artifacts_in_a_folder_without_write_permission_end_in_one_storage_error
     reliability.record("model artifacts written to a folder without write permission (chmod 555, EACCES)",
                        "one StorageError naming the folder and the fix, nothing registered",
                        done.stdout.splitlines()[0][:120], group="faults")
+
+
+def test_the_study_database_filling_the_disk_during_tune_ends_in_one_message(
+        full_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        reliability) -> None:
+    path = full_disk / "mnist-flow.db"
+    (full_disk / "filler").unlink()
+    Registry(f"sqlite:///{path}", str(tmp_path / "artifacts")).migrate()  # the database exists, then the disk fills
+    with open(full_disk / "filler", "wb") as handle, pytest.raises(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MNIST_FLOW_DATABASE_URL", f"sqlite:///{path}")
+    monkeypatch.setenv("MNIST_FLOW_THREADS", "1")
+    code = cli_main(["tune", *FAST_TUNE, "--n-trials", "2", "--max-epochs", "1"])
+    _, err = capsys.readouterr()
+    message = err[err.find("error: "):]
+    assert code == 2 and "disk is full" in message and "Traceback" not in err, err[-2000:]
+    assert len(message.strip().splitlines()) == 2
+    reliability.record("study database on a full disk during `mnist-flow tune` (Optuna's writes)",
+                       "one message (disk full) and the fix, exit 2, no traceback", message.splitlines()[0][:120],
+                       group="faults")
