@@ -382,3 +382,55 @@ def test_sigkill_at_any_point_of_register_and_gate_leaves_one_version_with_one_d
                        f"after the kill: {len(after_kill) - 1} new version(s), {len(undecided)} undecided; after "
                        f"the reruns: versions {[v.version for v in versions]}, one gate decision each "
                        f"(v2 {gate[-1]['outcome']}), champion v{champion.version}", group="faults")
+
+
+def _versions_and_decisions(db: Path) -> tuple[list[int], list[int]] | None:
+    """(versions, challenger versions of gate decisions) read from the registry tables, None until they exist."""
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
+            versions = [row[0] for row in con.execute("SELECT version FROM mnist_flow_model_versions")]
+            decided = [row[0] for row in con.execute(
+                "SELECT challenger_version FROM mnist_flow_decisions WHERE actor = 'gate'")]
+    except sqlite3.Error:
+        return None
+    return versions, decided
+
+
+@pytest.mark.slow
+def test_a_flow_run_killed_the_moment_its_version_appears_leaves_it_decided(home: Path, reliability) -> None:
+    """SIGKILL of `python flows/mnist.py` as soon as a version row can be seen: its decision is already there."""
+    db = home / "mnist-flow.db"
+    env = clean_env(home, PREFECT_HOME=str(home.parent / "prefect"))
+    args = ["--source", "sample", "--hidden1-min", "64", "--hidden1-max", "64", "--hidden2-min", "64",
+            "--hidden2-max", "64", "--batch-size", "256", "--n-trials", "1", "--max-epochs", "1", "--final-epochs", "1"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "flows" / "mnist.py"), *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            found = _versions_and_decisions(db)
+            if found is not None and found[0]:
+                os.kill(proc.pid, signal.SIGKILL)
+                seen = found
+                break
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no version was registered in time"
+            time.sleep(0.005)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    after = _versions_and_decisions(db)
+    assert proc.returncode == -signal.SIGKILL
+    assert seen == ([1], [1]) and after == ([1], [1])  # the version was never visible without its decision
+    with Registry(f"sqlite:///{db}", str(home / "artifacts")) as registry:
+        assert registry.champion("mnist").version == 1
+        registry.load("mnist", 1)  # and never without its files
+    reliability.record("`python flows/mnist.py` SIGKILLed the moment its version row becomes visible (polled every 5 ms)",
+                       "the version already has its gate decision and its files (no register/gate window)",
+                       f"seen at the kill: versions {seen[0]}, decisions for {seen[1]}; v1 champion, loads",
+                       group="faults")
