@@ -20,7 +20,7 @@ PREFECT_SERVER_API_PORT ?= 4200
 WORK_POOL := mnist
 SERVICE_API_URL = $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_SERVER_API_PORT)/api)
 
-.PHONY: help install run test bench clean server deploy worker serve
+.PHONY: help install run test bench clean server deploy worker serve serve-model
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -57,6 +57,9 @@ worker: install  ## start a process worker polling the work pool (WORK_POOL=mnis
 serve: install  ## serve the deployments of deployments/prefect.yaml in one process, no work pool
 	mkdir -p "$$PREFECT_HOME"
 	PREFECT_API_URL="$(SERVICE_API_URL)" $(BIN)/python flows/serve.py
+
+serve-model: install  ## the champion as an HTTP API on http://127.0.0.1:8000 (mnist-flow serve; ARGS="--port 9000")
+	$(BIN)/mnist-flow serve $(ARGS)
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

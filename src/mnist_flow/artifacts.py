@@ -153,12 +153,22 @@ class ArtifactStore:
             raise
         return self._fs.unstrip_protocol(path)
 
-    def read(self, uri: str) -> bytes:
-        """The bytes at ``uri`` (as returned by ``write``); RegistryError if it is missing or outside the root."""
+    def read(self, uri: str, *, max_bytes: int | None = None) -> bytes:
+        """The bytes at ``uri`` (as returned by ``write``); RegistryError if it is missing or outside the root.
+
+        With ``max_bytes``, a larger file is refused (ArtifactIntegrityError) before it is read.
+        """
         self.relpath_of(uri)
         try:
             with fsspec.open(uri, "rb") as handle:
-                return handle.read()
+                if max_bytes is None:
+                    return handle.read()
+                data = handle.read(max_bytes + 1)
+                if len(data) > max_bytes:
+                    raise ArtifactIntegrityError(
+                        f"artifact {uri} is larger than {max_bytes:,} bytes: it is not a file mnist-flow wrote",
+                        fix="Restore the original file from a backup, or register the model again.")
+                return data
         except FileNotFoundError:
             raise RegistryError(
                 f"Artifact {uri} does not exist.",

@@ -268,9 +268,13 @@ def model_name(dataset: str) -> str:
 
 
 def sidecar(bundle: data_lib.DataBundle) -> dict[str, Any]:
+    """How the model's inputs were made, for `predict` and `serve` to repeat exactly (see predict.Preprocessing)."""
+    from mnist_flow.predict import preparation_for
+
     return {"normalization": {"mean": data_lib.MEAN, "std": data_lib.STD, "scale": 255.0},
             "classes": list(bundle.classes), "input": {"height": 28, "width": 28, "channels": 1,
-                                                       "background": "dark"}}
+                                                       "background": "dark",
+                                                       "preparation": preparation_for(bundle.name)}}
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
