@@ -113,7 +113,7 @@ def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: 
         version, _ = pipeline.register_and_decide(registry, prepared, model, config, history, test,
                                                   study_name=study_name, trial_number=trial_number, run_key=run_key,
                                                   flow_run_id=flow_run.id, margin=settings.promotion_margin,
-                                                  alpha=settings.promotion_alpha)
+                                                  alpha=settings.promotion_alpha, require_study=True)
     get_run_logger().info("registered %s v%d", version.name, version.version)
     return version
 

@@ -331,10 +331,11 @@ def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, tria
 def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
                         run_key: str, flow_run_id: str | None, decision: Any = None,
-                        champion_version: int | None = None) -> Any:
+                        champion_version: int | None = None, require_study: bool = False) -> Any:
     """Register the model with its lineage; idempotent per run and trial, so a retry registers once.
 
-    The study must still be in the database (a database deleted or replaced during the run is refused).
+    ``require_study`` (the flow, whose tune stage made the study): the study must still be in the database,
+    so a database deleted or replaced during the run is refused instead of re-created empty.
     ``decision`` (against ``champion_version``) is recorded in the same transaction as the version.
     """
     bundle = prepared.bundle
@@ -345,8 +346,8 @@ def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Modul
         model_name(bundle.name), model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics,
         dataset_name=bundle.name, dataset_fingerprint=bundle.fingerprint, study_name=study_name,
         trial_number=trial_number, flow_run_id=flow_run_id, seed=config.seed,
-        idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number), require_study=True,
-        decision=decision, champion_version=champion_version)
+        idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number),
+        require_study=require_study, decision=decision, champion_version=champion_version)
 
 
 def _gate(registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float,
@@ -397,17 +398,21 @@ GATE_ATTEMPTS = 5
 def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
                         run_key: str, flow_run_id: str | None, margin: float,
-                        alpha: float | None) -> tuple[Any, Any]:
+                        alpha: float | None, require_study: bool = False) -> tuple[Any, Any]:
     """Register the model and record the gate's decision in one transaction; return ``(version, decision)``.
 
     There is no moment at which the version exists without its decision, so a process killed at any
     point leaves either nothing (artifacts at most) or a decided version. A rerun with the same run key
     finds its version: decided, it gets the recorded decision back; undecided (registered by
     :func:`register_challenger` alone, e.g. by an older mnist-flow), it is decided once now.
+
+    ``require_study``: see :func:`register_challenger` (checked before anything is read, as a read would
+    create a deleted SQLite file again).
     """
     from mnist_flow.registry import ChampionMovedError
 
-    registry.require_database(study_name)  # before any read: a read would create a deleted SQLite file again
+    if require_study:
+        registry.require_database(study_name)
     existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
     if existing is not None:
         return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,
@@ -420,7 +425,8 @@ def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Modul
         try:
             version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
                                           trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id,
-                                          decision=decision, champion_version=champion.version if champion else None)
+                                          decision=decision, champion_version=champion.version if champion else None,
+                                          require_study=require_study)
         except ChampionMovedError as exc:
             moved = exc  # another run promoted its model meanwhile: compare with the new champion
             continue

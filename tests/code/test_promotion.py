@@ -84,7 +84,6 @@ def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sa
     test = evaluate_test(model, sample_prepared)
     kwargs = dict(study_name="s", trial_number=0, flow_run_id=None, margin=0.0, alpha=None)
     with Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "artifacts")) as registry:
-        registry.migrate()  # register_and_decide refuses a database that does not exist (deleted during a run)
         first, _ = register_and_decide(registry, sample_prepared, model, config, history, test, run_key="a",
                                        **kwargs)
         other_data = replace(sample_prepared, bundle=replace(sample_prepared.bundle, fingerprint="f" * 64))

@@ -297,7 +297,7 @@ _KILL_AROUND_THE_GATE = textwrap.dedent("""
             pipeline.register_challenger(registry, prepared, model, config, history, test, **kwargs)
             die()
         pipeline.register_and_decide(registry, prepared, model, config, history, test, margin=0.0, alpha=0.05,
-                                     **kwargs)
+                                     require_study=True, **kwargs)
 """)
 
 KILL_POINTS = ["scoring the champion", "writing the weights", "before the row", "inside the transaction",
@@ -364,7 +364,7 @@ def test_sigkill_at_any_point_of_register_and_gate_leaves_one_version_with_one_d
         with Registry.from_settings(Settings(home=home)) as registry:
             version, decision = pipeline.register_and_decide(
                 registry, prepared, model, config, history, test, study_name="mnist-study", trial_number=7,
-                run_key="run-2", flow_run_id=None, margin=0.0, alpha=0.05)
+                run_key="run-2", flow_run_id=None, margin=0.0, alpha=0.05, require_study=True)
         answers.append((version.version, decision.outcome, decision.p_value))
     assert answers[0] == answers[1] and answers[0][0] == 2
     with Registry.from_settings(Settings(home=home)) as registry:
