@@ -366,7 +366,7 @@ def test_a_flow_run_whose_database_is_deleted_during_the_final_fit_registers_not
             time.sleep(0.05)
         for suffix in ("", "-wal", "-shm"):
             path.with_name(path.name + suffix).unlink(missing_ok=True)
-        out, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
