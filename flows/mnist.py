@@ -22,7 +22,7 @@ from pydantic import Field
 
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
-from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError
+from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.fsutil import PERMANENT_ERRNOS
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
@@ -132,11 +132,17 @@ def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Setting
 
 # Constraints in the signature go into the deployment's parameter schema, so Prefect refuses
 # `--param n_trials=0` before a run exists; RunParams checks the rest (e.g. inverted bounds).
-AtLeast1 = Annotated[int, Field(ge=1)]
-AtLeast0 = Annotated[int, Field(ge=0)]
-Positive = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
+# The caps of RunParams (pipeline.MAX_*), repeated here so the deployment's schema refuses them too.
+Trials = Annotated[int, Field(ge=1, le=pipeline.MAX_TRIALS)]
+Epochs = Annotated[int, Field(ge=1, le=pipeline.MAX_EPOCHS)]
+Seed = Annotated[int, Field(ge=0, le=pipeline.MAX_SEED)]
+Workers = Annotated[int, Field(ge=1, le=pipeline.MAX_WORKERS)]
+BatchSize = Annotated[int, Field(ge=1, le=pipeline.MAX_BATCH_SIZE)]
+Width = Annotated[int, Field(ge=1, le=pipeline.MAX_WIDTH)]
+LearningRate = Annotated[float, Field(gt=0, le=pipeline.MAX_LR, allow_inf_nan=False)]
+WeightDecay = Annotated[float, Field(ge=0, le=pipeline.MAX_WEIGHT_DECAY, allow_inf_nan=False)]
 
 
 class CheckedFlow(Flow):
@@ -162,27 +168,28 @@ def mnist(
     dataset: Literal["mnist", "fashion-mnist"] = "mnist",
     source: Literal["auto", "download", "dir", "sample"] = "auto",
     data_dir: str | None = None,
-    n_trials: AtLeast1 = 20,
-    max_epochs: AtLeast1 = 8,
-    final_epochs: AtLeast1 = 24,
-    seed: AtLeast0 = 0,
-    workers: AtLeast1 = 1,
+    n_trials: Trials = 20,
+    max_epochs: Epochs = 8,
+    final_epochs: Epochs = 24,
+    seed: Seed = 0,
+    workers: Workers = 1,
     val_fraction: Fraction = 0.1,
-    batch_size: AtLeast1 = 128,
-    weight_decay: Annotated[float, Field(ge=0)] = 5e-4,
+    batch_size: BatchSize = 128,
+    weight_decay: WeightDecay = 5e-4,
     schedule: Literal["constant", "onecycle"] = "onecycle",
     precision: Literal["auto", "fp32", "bf16"] = "auto",
-    lr_min: Positive = 1e-3,
-    lr_max: Positive = 0.3,
+    lr_min: LearningRate = 1e-3,
+    lr_max: LearningRate = 0.3,
     momentum_min: Momentum = 0.5,
     momentum_max: Momentum = 0.98,
-    hidden1_min: AtLeast1 = 128,
-    hidden1_max: AtLeast1 = 1024,
-    hidden2_min: AtLeast1 = 64,
-    hidden2_max: AtLeast1 = 512,
+    hidden1_min: Width = 128,
+    hidden1_max: Width = 1024,
+    hidden2_min: Width = 64,
+    hidden2_max: Width = 512,
 ) -> dict[str, Any]:
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
     params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
+    quiet_user_error_tracebacks()  # Prefect's handlers exist now: a user error is logged as one message
     settings = load_settings()
     apply_threads(settings.threads)
     quiet_optuna()
@@ -212,11 +219,43 @@ def mnist(
     return summary
 
 
+#: Seconds to wait for the temporary server at least: on a busy machine it takes longer than Prefect's 20 s.
+TEMPORARY_SERVER_STARTUP_S = 90
+
+
+def start_temporary_server() -> None:
+    """Without PREFECT_API_URL, start Prefect's temporary API now, tied to this process.
+
+    Prefect would start the same server (a singleton) on first use and stop it at exit; started here,
+    a watchdog also kills it when this process is killed (SIGKILL leaves no exit handler to run).
+    """
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
+
+    from mnist_flow.cli_flow import tie_to_this_process
+    from mnist_flow.errors import ConfigError
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_SERVER_STARTUP_S)
+    try:
+        server.start(timeout=timeout)
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(f"Prefect's temporary API server did not start: {str(exc).splitlines()[0][:200]}",
+                          fix="Run a server (`make server`) and set PREFECT_API_URL, or raise "
+                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine.") from None
+    if server.server_process is not None:
+        tie_to_this_process(server.server_process.pid)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python flows/mnist.py [--param value ...]`: validate, run the flow, print the summary."""
     from mnist_flow.cli_flow import run_flow_cli
 
-    return run_flow_cli(mnist, argv)
+    return run_flow_cli(mnist, argv, before_run=start_temporary_server)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,7 +16,12 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from mnist_flow.errors import ConfigError, MnistFlowError
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer 0.29 bundles its own click
+from typer.exceptions import Abort as TyperAbort
+from typer.exceptions import Exit as TyperExit
+from typer.exceptions import TyperException
+
+from mnist_flow.errors import INTERRUPTED, ConfigError, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.progress import quiet_optuna
 from mnist_flow.scale import apply_threads
 
@@ -35,6 +41,30 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ConfigError(f"--hidden must be comma-separated integers, got {text!r}.",
                           fix="Pass e.g. --hidden 500,256.") from None
+
+
+def _check_train_values(hidden: tuple[int, ...], **values: float) -> None:
+    """Refuse non-finite numbers and values past the flow's caps (pipeline.MAX_*) before any work."""
+    from mnist_flow import pipeline
+
+    caps = {"lr": pipeline.MAX_LR, "weight_decay": pipeline.MAX_WEIGHT_DECAY, "epochs": pipeline.MAX_EPOCHS,
+            "batch_size": pipeline.MAX_BATCH_SIZE, "seed": pipeline.MAX_SEED}
+    problems = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            problems.append(f"{flag} must be a finite number, got {value}")
+        elif name in caps and value > caps[name]:
+            problems.append(f"{flag} is at most {caps[name]}, got {value}" + (
+                f" ({pipeline.CAP_REASONS[name]})" if name in pipeline.CAP_REASONS else ""))
+    if values.get("seed", 0) < 0:
+        problems.append(f"--seed must be >= 0, got {values['seed']}")
+    if any(h > pipeline.MAX_WIDTH for h in hidden):
+        problems.append(f"--hidden widths are at most {pipeline.MAX_WIDTH}, got {list(hidden)} "
+                        f"({pipeline.CAP_REASONS['hidden']})")
+    if problems:
+        raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
+                          fix="Correct the value and run again.")
 
 
 @app.command()
@@ -60,7 +90,10 @@ def train(
     from mnist_flow.settings import load_settings
     from mnist_flow.train import TrainConfig, resolve_precision, select_device
 
-    config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
+    widths = _parse_hidden(hidden)
+    _check_train_values(widths, lr=lr, momentum=momentum, weight_decay=weight_decay, val_fraction=val_fraction,
+                        epochs=epochs, batch_size=batch_size, seed=seed)
+    config = TrainConfig(hidden=widths, lr=lr, momentum=momentum, batch_size=batch_size,
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
                          precision=resolve_precision(precision)).validate()
     settings = load_settings(device=device)
@@ -145,24 +178,57 @@ def _mount_subcommands() -> None:
     mount_review(app)  # dashboard, report, predict
 
 
+def _usage_line(exc: TyperException) -> str:
+    """A Typer/click usage error as one line: what was wrong, and where the help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "mnist-flow --help"
+    return f"error: {message} (see `{where}`)"
+
+
+_commands: dict[int, typer.core.TyperGroup] = {}
+
+
+def _command() -> typer.core.TyperGroup:
+    """The click command of ``app``, built once per set of commands (Typer rebuilds it on every call)."""
+    key = len(app.registered_commands) + 1000 * len(app.registered_groups)
+    if key not in _commands:
+        _commands[key] = typer.main.get_command(app)  # type: ignore[assignment]
+    return _commands[key]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one message on stderr and exit code 2, without a traceback."""
+    """Entry point: user errors become one message on stderr and exit code 2, without a traceback.
+
+    Usage errors (unknown option or command, a value of the wrong type or out of range, a missing
+    argument) are one line and exit 2; Ctrl-C is one line and exit 130.
+    """
     _mount_subcommands()
     quiet_optuna()
+    quiet_user_error_tracebacks()
     try:
-        app(args=argv, standalone_mode=False)
+        code = _command().main(args=argv, prog_name="mnist-flow", standalone_mode=False)
     except MnistFlowError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
+    except (click.exceptions.Exit, TyperExit) as exc:
+        code = exc.exit_code
+    except (click.exceptions.Abort, TyperAbort, KeyboardInterrupt):
+        code = 130
+    except SystemExit as exc:  # `tune`'s argparse: --help (0) or a usage error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    except NoArgsIsHelpError:  # `mnist-flow` or `mnist-flow registry` alone: Typer printed the help; exit 2
+        return 2
+    except TyperException as exc:  # Typer 0.29's bundled click: not click.ClickException
+        typer.echo(_usage_line(exc) if isinstance(exc, UsageError) else f"error: {exc.format_message()}", err=True)
+        return exc.exit_code if isinstance(exc, UsageError) else 2
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    return 0
+    if code == 130:  # Typer turns KeyboardInterrupt into Exit(130) and, not standalone, returns it
+        typer.echo(INTERRUPTED, err=True)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -26,12 +26,18 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 exposes it to the network).")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8080,
+    allow_write: Annotated[bool, typer.Option(
+        "--allow-write", help="Let the dashboard change the study (notes, deletes); read-only by default.")] = False,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", help="Another host name the dashboard answers to (e.g. behind a proxy); repeatable.")]
+    = None,
 ) -> None:
-    """Serve optuna-dashboard on the study database (MNIST_FLOW_DATABASE_URL) until Ctrl-C."""
+    """Serve optuna-dashboard on the study database (MNIST_FLOW_DATABASE_URL) until Ctrl-C (read-only by default)."""
     from mnist_flow.dashboard import serve
     from mnist_flow.settings import load_settings
 
-    serve(load_settings().resolved_database_url, host, port)
+    serve(load_settings().resolved_database_url, host, port, allow_write=allow_write,
+          allowed_hosts=allowed_host or ())
 
 
 def report(
@@ -81,10 +87,12 @@ def predict(
     = False,
 ) -> None:
     """Classify image files with a registered model (loaded through the registry, checksum checked)."""
+    from mnist_flow.cli_registry import check_ref
     from mnist_flow.predict import predict_images
     from mnist_flow.registry import Registry
     from mnist_flow.settings import load_settings
 
+    model = check_ref(model)
     settings = load_settings()
     apply_threads(settings.threads)
     with Registry.from_settings(settings, create=False) as registry:  # a mistyped path creates nothing

@@ -36,33 +36,50 @@ DatasetName = Literal["mnist", "fashion-mnist"]
 SourceName = Literal["auto", "download", "dir", "sample"]
 
 
-class RunParams(BaseModel):
-    """The flow's parameters: flat, typed and checked before any work."""
+#: Caps on the flow's parameters, so an absurd value is refused before any work instead of running
+#: for days or exhausting memory. Widths: a 4096-4096 MLP holds about 20 M weights (with momentum and
+#: bf16 copies well under 1 GB); one of its epochs took 15.6-25.2 s on 3,600 sample digits (2 threads,
+#: 2 cores at load average 16), so minutes for 54,000. The search's default maximum is 1024. Seeds: NumPy (Optuna's samplers) takes seeds below 2**32; the sampler's seed is
+#: the run's seed plus offsets for trial workers and earlier trials, so seeds stop at 2**31 - 1.
+MAX_WIDTH = 4096
+MAX_TRIALS = 10_000
+MAX_EPOCHS = 1_000
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 64
+MAX_SEED = 2**31 - 1
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 1.0
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class RunParams(BaseModel):
+    """The flow's parameters: flat, typed and checked before any work (flows/mnist.py repeats the bounds)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     dataset: DatasetName = Field("mnist", description="Which dataset: mnist or fashion-mnist.")
     source: SourceName = Field("auto", description="Where the data comes from: auto, download, dir or sample.")
     data_dir: Path | None = Field(None, description="Folder with the four IDX files (source=dir).")
-    n_trials: int = Field(20, ge=1, description="Optuna trials to finish in this run.")
-    max_epochs: int = Field(8, ge=1, description="Epochs per trial (the pruner may stop a trial earlier).")
-    final_epochs: int = Field(24, ge=1, description="Epochs of the final fit of the best configuration.")
-    seed: int = Field(0, ge=0, description="Seed of the split, the sampler, the initial weights and the batches.")
-    workers: int = Field(1, ge=1, description="Trial workers running the study at the same time.")
+    n_trials: int = Field(20, ge=1, le=MAX_TRIALS, description="Optuna trials to finish in this run.")
+    max_epochs: int = Field(8, ge=1, le=MAX_EPOCHS,
+                            description="Epochs per trial (the pruner may stop a trial earlier).")
+    final_epochs: int = Field(24, ge=1, le=MAX_EPOCHS, description="Epochs of the final fit of the best configuration.")
+    seed: int = Field(0, ge=0, le=MAX_SEED,
+                      description="Seed of the split, the sampler, the initial weights and the batches.")
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Trial workers running the study at the same time.")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
-    batch_size: int = Field(128, ge=1, description="Mini-batch size.")
-    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE, description="Mini-batch size.")
+    weight_decay: float = Field(5e-4, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 weight decay of SGD.")
     schedule: Literal["constant", "onecycle"] = Field("onecycle", description="Learning-rate schedule.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training arithmetic: bf16 matmuls where the hardware has them natively, else fp32.")
-    lr_min: float = Field(1e-3, gt=0.0, description="Lower bound of the learning rate (log scale).")
-    lr_max: float = Field(0.3, gt=0.0, description="Upper bound of the learning rate.")
+    lr_min: float = Field(1e-3, gt=0.0, le=MAX_LR, description="Lower bound of the learning rate (log scale).")
+    lr_max: float = Field(0.3, gt=0.0, le=MAX_LR, description="Upper bound of the learning rate.")
     momentum_min: float = Field(0.5, ge=0.0, lt=1.0, description="Lower bound of the momentum.")
     momentum_max: float = Field(0.98, ge=0.0, lt=1.0, description="Upper bound of the momentum.")
-    hidden1_min: int = Field(128, ge=1, description="Lower bound of the first hidden layer's width.")
-    hidden1_max: int = Field(1024, ge=1, description="Upper bound of the first hidden layer's width.")
-    hidden2_min: int = Field(64, ge=1, description="Lower bound of the second hidden layer's width.")
-    hidden2_max: int = Field(512, ge=1, description="Upper bound of the second hidden layer's width.")
+    hidden1_min: int = Field(128, ge=1, le=MAX_WIDTH, description="Lower bound of the first hidden layer's width.")
+    hidden1_max: int = Field(1024, ge=1, le=MAX_WIDTH, description="Upper bound of the first hidden layer's width.")
+    hidden2_min: int = Field(64, ge=1, le=MAX_WIDTH, description="Lower bound of the second hidden layer's width.")
+    hidden2_max: int = Field(512, ge=1, le=MAX_WIDTH, description="Upper bound of the second hidden layer's width.")
 
     @model_validator(mode="after")
     def _check(self) -> "RunParams":
@@ -80,7 +97,11 @@ class RunParams(BaseModel):
             raise ConfigError(describe_validation_error(exc), fix="Correct the parameter(s) and run again.") from None
         except ConfigError:
             raise
-        data_lib.validate_source(params.dataset, params.source, params.data_dir)
+        try:
+            data_lib.validate_source(params.dataset, params.source, params.data_dir)
+        except (ValueError, OSError) as exc:  # e.g. a NUL byte or an over-long name in data_dir
+            raise ConfigError(f"Invalid parameter(s): data_dir: {exc} (got {str(params.data_dir)[:60]!r}).",
+                              fix="Pass the folder holding the four IDX files.") from None
         return params
 
     def search_space(self) -> SearchSpace:
@@ -94,14 +115,31 @@ class RunParams(BaseModel):
                            schedule=self.schedule, seed=self.seed, precision=resolve_precision(self.precision))
 
 
+#: Why a parameter has its cap (said when a value is refused for exceeding it).
+CAP_REASONS = {
+    "hidden": f"widths are capped at {MAX_WIDTH} to bound an epoch's time and memory; the default maximum is 1024",
+    "seed": f"seeds stop at {MAX_SEED}: Optuna's sampler (NumPy) takes seeds below 2**32 and adds offsets",
+    "epochs": f"epochs are capped at {MAX_EPOCHS}", "n_trials": f"a run is capped at {MAX_TRIALS} trials",
+    "batch_size": f"batches are capped at {MAX_BATCH_SIZE} (more than the training set)",
+    "workers": f"a run has at most {MAX_WORKERS} trial workers",
+    "lr": f"learning rates above {MAX_LR} diverge", "weight_decay": f"weight decay is capped at {MAX_WEIGHT_DECAY}",
+}
+
+
+def _cap_reason(field: str) -> str | None:
+    return next((why for key, why in CAP_REASONS.items() if key in field), None)
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "parameters"
         msg = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
-        parts.append(f"{loc}: {msg}" + (f" (got {given!r})" if loc != "parameters" and not isinstance(given, dict)
-                                        else ""))
+        shown = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
+        reason = _cap_reason(loc) if err["type"] in ("less_than_equal", "less_than") else None
+        parts.append(f"{loc}: {msg}" + (f" (got {shown})" if loc != "parameters" and not isinstance(given, dict)
+                                        else "") + (f" ({reason})" if reason else ""))
     return "Invalid parameter(s): " + "; ".join(parts) + "."
 
 
@@ -229,7 +267,7 @@ def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.
                       user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
                                   "search_space": params.search_space().to_dict(),
                                   "recipe": params.base_config().to_dict()},
-                      warm_start=warm_start)
+                      warm_start=warm_start, space=params.search_space())
 
 
 def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:

@@ -39,10 +39,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra dataset mirrors (comma-separated URLs), tried before torchvision's."
     )
     device: Device = Field("auto", description="Training device: auto picks CUDA, then MPS, then CPU.")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's choice).")
+    threads: int | None = Field(None, ge=1, le=4096, description="Torch intra-op threads (default: torch's choice).")
     dashboard_url: str | None = Field(None, description="URL of a running optuna-dashboard, linked from runs.")
     max_image_pixels: int = Field(
-        20_000_000, ge=1, description="Largest image (in pixels) that `mnist-flow predict` accepts."
+        20_000_000, ge=1, le=1_000_000_000, description="Largest image (in pixels) that `mnist-flow predict` accepts."
     )
     promotion_margin: float = Field(
         0.0, ge=0.0, le=1.0, description="Test-accuracy gain a challenger needs over the champion."
@@ -51,10 +51,10 @@ class Settings(BaseSettings):
         0.05, gt=0.0, le=1.0, description="Significance level of the McNemar test for promotion (unset: no test)."
     )
     heartbeat_interval: int = Field(
-        10, ge=1, description="Seconds between a running trial's heartbeats in the study database."
+        10, ge=1, le=3600, description="Seconds between a running trial's heartbeats in the study database."
     )
     heartbeat_grace: int = Field(
-        60, ge=1, description="Seconds without a heartbeat after which a trial is failed and retried "
+        60, ge=1, le=7 * 86400, description="Seconds without a heartbeat after which a trial is failed and retried "
         "(a killed worker's trial)."
     )
     multi_host: bool = Field(
@@ -82,6 +82,22 @@ class Settings(BaseSettings):
         except ConfigError as exc:
             raise ValueError(f"{exc.message} {exc.fix}".rstrip(".")) from None
 
+    @field_validator("home", "data_dir")
+    @classmethod
+    def _folder_or_nothing_yet(cls, value: Path | None) -> Path | None:
+        """A folder setting must name a folder, or a path that can become one (not a file, nor under one)."""
+        if value is None:
+            return value
+        try:
+            path = value.expanduser().absolute()
+            existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, no home for ~
+            raise ValueError(f"{str(value)[:80]!r} is not a usable path ({exc})") from None
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == path else f"is under the file {existing}"
+            raise ValueError(f"{str(value)[:80]!r} {where}, not a folder")
+        return value
+
     @field_validator("promotion_alpha", mode="before")
     @classmethod
     def _empty_alpha_is_none(cls, value: object) -> object:
@@ -107,8 +123,10 @@ class Settings(BaseSettings):
 
 
 def _unknown_env_keys() -> list[str]:
+    # Case-insensitive, like pydantic-settings itself: `mnist_flow_threads` is honoured, so a lower-case
+    # typo (`mnist_flow_theads`) must be refused too, not silently ignored.
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k.upper() not in known)
+    return sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -124,6 +142,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
         )
         raise ConfigError(f"Invalid setting: {problems}.", fix="Correct the value and run again.") from None

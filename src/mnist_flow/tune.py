@@ -165,14 +165,31 @@ def make_pruner(max_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
 
 
+def fit_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """``point`` moved into ``space``: lr and momentum clipped to the bounds, widths to the nearest grid step.
+
+    A queued trial is run as given, even outside the distributions (Optuna only warns), so the seed
+    and champion configurations are fitted to the user's bounds before they are queued.
+    """
+    def width(value: Any, low: int, high: int) -> int:
+        top = (high - low) // space.hidden_step  # Optuna's suggest_int(step=...) tops out at the last full step
+        return low + min(max(round((int(value) - low) / space.hidden_step), 0), top) * space.hidden_step
+
+    return {"lr": min(max(float(point["lr"]), space.lr_min), space.lr_max),
+            "momentum": min(max(float(point["momentum"]), space.momentum_min), space.momentum_max),
+            "hidden1": width(point["hidden1"], space.hidden1_min, space.hidden1_max),
+            "hidden2": width(point["hidden2"], space.hidden2_min, space.hidden2_max)}
+
+
 def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, seed: int, max_epochs: int,
                user_attrs: dict[str, Any] | None = None, enqueue_seed: bool = True,
-               warm_start: Sequence[dict[str, Any]] = ()) -> optuna.Study:
+               warm_start: Sequence[dict[str, Any]] = (), space: SearchSpace | None = None) -> optuna.Study:
     """Create or resume (``load_if_exists``) the study; a seeded TPE sampler and a successive-halving pruner.
 
     A new study first runs the seed configuration, then the ``warm_start`` points (e.g. the champion
     of an earlier study, whose data changed), so what earlier runs learnt is not thrown away.
-    A URL string becomes one storage, shared by the probe and the returned study.
+    A URL string becomes one storage, shared by the probe and the returned study. With ``space``,
+    each queued point is first fitted to it (:func:`fit_to_space`; the original is kept as ``fitted_from``).
     """
     if isinstance(storage, str):
         storage = optuna.storages.get_storage(storage)
@@ -186,14 +203,16 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
     if not study.trials:
-        if enqueue_seed:
+        queued: list[tuple[dict[str, Any], dict[str, Any]]] = (
+            [(SEED_PARAMS, {"baseline": "seed tutorial configuration"})] if enqueue_seed else [])
+        queued += [(point, {"warm_start": "champion of an earlier study"}) for point in warm_start]
+        for point, attrs in queued:
+            fitted = fit_to_space(point, space) if space is not None else dict(point)
+            if fitted != {key: point[key] for key in fitted}:
+                attrs = {**attrs, "fitted_from": dict(point)}  # moved into the user's bounds
             # skip_if_exists: two processes opening a new study at once both get here; the later one finds
-            # the seed trial already queued (Optuna checks existing trials' params) and adds none
-            study.enqueue_trial(SEED_PARAMS, user_attrs={"baseline": "seed tutorial configuration"},
-                                skip_if_exists=True)
-        for point in warm_start:
-            study.enqueue_trial(point, user_attrs={"warm_start": "champion of an earlier study"},
-                                skip_if_exists=True)
+            # the point already queued (Optuna checks existing trials' params) and adds none
+            study.enqueue_trial(fitted, user_attrs=attrs, skip_if_exists=True)
     return study
 
 
@@ -216,6 +235,29 @@ def finished_trials(study: optuna.Study, run_key: str | None = None) -> list[Fro
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
+#: User attribute of a trial stopped by Ctrl-C (Optuna then records it as FAIL).
+INTERRUPTED_REASON = "interrupted by the user (Ctrl-C, SIGINT)"
+
+
+def record_interrupt(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """``objective``, writing the reason on a trial that Ctrl-C stops (user attribute ``fail_reason``).
+
+    Optuna marks such a trial FAIL and re-raises the interrupt; the reason says why it failed.
+    """
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            try:
+                trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
+            except Exception:  # noqa: BLE001 - the interrupt matters more than its label
+                logger.debug("could not record the interrupt on trial #%d", trial.number)
+            raise
+
+    return run
+
+
 
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, n_trials: int,
               run_key: str | None, callbacks: Sequence[TrialCallback] = (), lock: Lock | None = None,
@@ -229,7 +271,7 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}.", fix="Pass --n-trials 1 or more.")
     budget = TrialBudget(n_trials, run_key, lock)
-    guarded = budget.guard(objective)
+    guarded = record_interrupt(budget.guard(objective))
     last: list[FrozenTrial] = []
     failed_in_a_row = 0
     waited = False

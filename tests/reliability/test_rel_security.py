@@ -226,3 +226,116 @@ def test_a_real_flow_run_on_postgres_with_an_odd_password_shows_it_nowhere(pg_ur
                        "password in no output, no Prefect flow-run log line, no Prefect artifact",
                        f"{len(logs)} log lines and {len(artifacts)} artifacts on the Prefect server and the summary "
                        "checked: 0 leaks (summary shows postgres:***@)", group="security")
+
+
+# --- the dashboard: read-only by default, only for its own Host ------------------------------------------------
+
+
+def _dashboard_process(database: Path, *extra: str):  # noqa: ANN202 - (Popen, port)
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_FLOW_")}
+    env.update({"MNIST_FLOW_DATABASE_URL": f"sqlite:///{database}", "MNIST_FLOW_HOME": str(database.parent / "h")})
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_flow.cli", "dashboard", "--port", str(port), *extra],
+                            env=env, cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, port
+        assert time.monotonic() < deadline, "the dashboard did not listen in time"
+        time.sleep(0.2)
+
+
+def _request(port: int, method: str, path: str, *, host: str | None = None, origin: str | None = None,
+             body: dict | None = None) -> tuple[int, dict]:
+    """A real HTTP request (http.client), with the Host and Origin a browser or an attacker's page would send."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest(method, path, skip_host=True)
+    conn.putheader("Host", host if host is not None else f"127.0.0.1:{port}")
+    if origin:
+        conn.putheader("Origin", origin)
+    data = json.dumps(body).encode() if body is not None else b""
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(len(data)))
+    conn.endheaders(data)
+    response = conn.getresponse()
+    raw = response.read()
+    conn.close()
+    try:
+        return response.status, json.loads(raw)
+    except ValueError:
+        return response.status, {}
+
+
+@pytest.mark.slow
+def test_the_dashboard_is_read_only_and_answers_only_its_own_host(tmp_path: Path, reliability) -> None:
+    import optuna
+
+    database = tmp_path / "studies.db"
+    url = f"sqlite:///{database}"
+    study = optuna.create_study(storage=url, study_name="precious")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    proc, port = _dashboard_process(database)
+    try:
+        reads = _request(port, "GET", "/api/studies")
+        refused = {f"{method} {path}": _request(port, method, path, body=body) for method, path, body in (
+            ("DELETE", "/api/studies/1", None), ("POST", "/api/studies", {"study_name": "new", "directions": []}),
+            ("PUT", "/api/studies/1/note", {"version": 0, "body": "defaced"}),
+            ("POST", "/api/studies/1/rename", {"study_name": "gone"}), ("PATCH", "/api/studies/1", {}))}
+        rebound = [_request(port, "GET", "/api/studies", host=host)[0]
+                   for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", "")]
+        localhost = _request(port, "GET", "/api/studies", host=f"localhost:{port}")[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert reads[0] == 200 and [s["study_name"] for s in reads[1]["study_summaries"]] == ["precious"]
+    assert {m: r[0] for m, r in refused.items()} == dict.fromkeys(refused, 403)
+    assert all("read-only" in r[1]["reason"] and "--allow-write" in r[1]["reason"] for r in refused.values())
+    assert rebound == [421] * 4 and localhost == 200
+    assert optuna.get_all_study_names(url) == ["precious"] and len(optuna.load_study(
+        study_name="precious", storage=url).trials) == 2
+    reliability.record("`DELETE /api/studies/1`, POST, PUT note, rename, PATCH to a running `mnist-flow dashboard`; "
+                       "GET with a rebound Host (evil.example), a wrong port, no Host",
+                       "writes refused 403 with one message (read-only unless --allow-write); other Hosts 421; "
+                       "the study intact",
+                       f"{len(refused)}/{len(refused)} writes 403, {len(rebound)}/{len(rebound)} foreign Hosts 421, "
+                       "localhost and 127.0.0.1 200; study and its 2 trials intact", group="security")
+
+
+@pytest.mark.slow
+def test_with_allow_write_the_dashboard_edits_but_refuses_cross_site_writes(tmp_path: Path, reliability) -> None:
+    import optuna
+
+    database = tmp_path / "studies.db"
+    url = f"sqlite:///{database}"
+    optuna.create_study(storage=url, study_name="notes").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    proc, port = _dashboard_process(database, "--allow-write")
+    try:
+        own = _request(port, "PUT", "/api/studies/1/note", body={"version": 1, "body": "reviewed"},
+                       origin=f"http://127.0.0.1:{port}")
+        cross = _request(port, "PUT", "/api/studies/1/note", body={"version": 2, "body": "defaced"},
+                         origin="http://evil.example")
+        rebound = _request(port, "DELETE", "/api/studies/1", host="evil.example")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert own[0] in (200, 204), own
+    assert cross[0] == 403 and "Cross-site" in cross[1]["reason"]
+    assert rebound[0] == 421 and optuna.get_all_study_names(url) == ["notes"]
+    reliability.record("`mnist-flow dashboard --allow-write`: a note edited from its own page, the same PUT from "
+                       "another Origin, a DELETE with a rebound Host",
+                       "own edit accepted; cross-site write 403; foreign Host 421",
+                       f"own PUT {own[0]}, cross-site PUT {cross[0]}, rebound DELETE {rebound[0]}; study kept",
+                       group="security")
