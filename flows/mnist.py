@@ -23,6 +23,7 @@ from pydantic import Field
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
 from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError, quiet_user_error_tracebacks
+from mnist_flow.fsutil import PERMANENT_ERRNOS
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
 from mnist_flow.scale import apply_threads
@@ -48,6 +49,8 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
         return True
     except MnistFlowError:
         return False
+    except OSError as exc:  # a full disk or a read-only folder stays so: fail at once, not after 22 s of retries
+        return exc.errno not in PERMANENT_ERRNOS
     except Exception:
         return True
     return False
@@ -108,19 +111,21 @@ def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
 def register(prepared: pipeline.Prepared, fitted: pipeline.FinalFit, test: Any, study_name: str, trial_number: int,
              run_key: str, settings: Settings) -> Any:
-    """Register the model with its lineage (idempotent: a retry registers it once)."""
+    """Register the model with its lineage and the gate's decision, in one transaction (idempotent per run)."""
     model, config, history = fitted.model, fitted.config, fitted.history
     with Registry.from_settings(settings) as registry:
-        version = pipeline.register_challenger(registry, prepared, model, config, history, test,
-                                               study_name=study_name, trial_number=trial_number, run_key=run_key,
-                                               flow_run_id=flow_run.id)
+        # registered and decided together: a crash never leaves a version without its decision
+        version, _ = pipeline.register_and_decide(registry, prepared, model, config, history, test,
+                                                  study_name=study_name, trial_number=trial_number, run_key=run_key,
+                                                  flow_run_id=flow_run.id, margin=settings.promotion_margin,
+                                                  alpha=settings.promotion_alpha, require_study=True)
     get_run_logger().info("registered %s v%d", version.name, version.version)
     return version
 
 
 @task(cache_policy=NO_CACHE)
 def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Settings) -> tuple:
-    """Champion/challenger gate: paired comparison on the same test set, decision recorded once."""
+    """Champion/challenger gate: the decision recorded with the version (a version without one is decided once)."""
     with Registry.from_settings(settings) as registry:
         version, decision = pipeline.decide_promotion(registry, prepared, version, test, flow_run_id=flow_run.id,
                                                       margin=settings.promotion_margin,

@@ -43,8 +43,11 @@ def check_ref(ref: str) -> str:
 
 
 def _registry() -> Registry:
-    """The settings' registry; use it in a ``with`` block so its connections are closed."""
-    return Registry.from_settings(load_settings())
+    """The settings' registry; use it in a ``with`` block so its connections are closed.
+
+    A SQLite database that does not exist is refused (a mistyped path must not create an empty one).
+    """
+    return Registry.from_settings(load_settings(), create=False)
 
 
 def _echo_json(value: Any) -> None:

@@ -95,7 +95,7 @@ def predict(
     model = check_ref(model)
     settings = load_settings()
     apply_threads(settings.threads)
-    with Registry.from_settings(settings) as registry:
+    with Registry.from_settings(settings, create=False) as registry:  # a mistyped path creates nothing
         network, sidecar, version = registry.load(registry.resolve_name(name), model)
     # str arguments, not Path: the output names each file exactly as it was given
     results = predict_images(images, network, sidecar, max_pixels=settings.max_image_pixels)

@@ -44,6 +44,14 @@ class DatabaseUnavailableError(MnistFlowError):
     """The study or registry database cannot be reached."""
 
 
+class DatabaseDamagedError(MnistFlowError):
+    """The database exists but cannot be used as it is: corrupt, an unknown schema revision, a missing table."""
+
+
+class StorageError(MnistFlowError):
+    """A file cannot be written or kept where it must go (disk full, read-only, not persistent)."""
+
+
 class ImageError(MnistFlowError):
     """An image given for prediction cannot be used."""
 

@@ -244,6 +244,13 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
                   callbacks=[on_trial, annotate_finished_trial],
                   lock=trial_lock(storage_url, study.study_name))
         return study, best_trial(study, recipe_of(params.base_config()))
+    except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
+        from mnist_flow.db import permanent_error
+
+        permanent = permanent_error(storage_url, exc.__cause__) if exc.__cause__ is not None else None
+        if permanent is None:
+            raise
+        raise permanent from None  # a full disk, a read-only or damaged database: one message, no retry
     finally:
         if owned:  # the returned study stays readable: a later read opens a fresh connection
             dispose_storage(storage)
@@ -441,13 +448,22 @@ def dashboard_command(database_url: str) -> str:
     return f"mnist-flow dashboard   # optuna-dashboard on {mask_url(database_url)}"
 
 
+def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, trial_number: int) -> str:
+    """The registration key of a run's model: a rerun of the run (same run key) finds its version again."""
+    return f"{flow_run_id or run_key}:{study_name}:{trial_number}"
+
+
 def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
-                        run_key: str, flow_run_id: str | None) -> Any:
+                        run_key: str, flow_run_id: str | None, decision: Any = None,
+                        champion_version: int | None = None, require_study: bool = False) -> Any:
     """Register the model with its lineage; idempotent per run and trial, so a retry registers once.
 
     The metrics are those of the epoch whose weights the model holds (``history.best``). A model with a
     non-finite weight or metric is refused as the divergence it is (TrainingDiverged), before the registry.
+    ``require_study`` (the flow, whose tune stage made the study): the study must still be in the database,
+    so a database deleted or replaced during the run is refused instead of re-created empty.
+    ``decision`` (against ``champion_version``) is recorded in the same transaction as the version.
     """
     bundle = prepared.bundle
     kept = history.best
@@ -465,17 +481,36 @@ def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Modul
         model_name(bundle.name), model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics,
         dataset_name=bundle.name, dataset_fingerprint=bundle.fingerprint, study_name=study_name,
         trial_number=trial_number, flow_run_id=flow_run_id, seed=config.seed,
-        idempotency_key=f"{flow_run_id or run_key}:{study_name}:{trial_number}")
+        idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number),
+        require_study=require_study, decision=decision, champion_version=champion_version)
+
+
+def _gate(registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float,
+          alpha: float | None) -> Any:
+    """The gate's decision for a challenger with ``test`` results against ``champion`` (None: no champion yet)."""
+    from mnist_flow.promotion import decide
+
+    fingerprint = prepared.bundle.fingerprint
+    challenger_correct = test.predictions == prepared.test_y.cpu()
+    champion_correct = None
+    if champion is not None and champion.dataset_fingerprint == fingerprint:
+        champion_model, _, _ = registry.load(champion.name, champion.version)
+        champion_model.to(prepared.device)
+        champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
+    return decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
+                  champion_fingerprint=champion.dataset_fingerprint if champion else None,
+                  margin=margin, alpha=alpha)
 
 
 def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: EvalResult, *,
                      flow_run_id: str | None, margin: float, alpha: float | None) -> tuple[Any, Any]:
     """Compare the challenger with the champion on the same test set, record the decision, move the alias.
 
-    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run)
-    gets its recorded decision back instead of a second one.
+    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run, or
+    :func:`register_and_decide`, which records the decision with the version) gets its recorded
+    decision back instead of a second one.
     """
-    from mnist_flow.promotion import Decision, decide
+    from mnist_flow.promotion import Decision
 
     name = version.name
     earlier = [d for d in registry.history(name) if d["challenger_version"] == version.version and d["actor"] == "gate"]
@@ -485,29 +520,56 @@ def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: Eval
     champion = registry.champion(name)
     if champion is not None and champion.version == version.version:
         return version, None  # made champion by hand in the meantime: nothing to decide
-    fingerprint = prepared.bundle.fingerprint
-    challenger_correct = test.predictions == prepared.test_y.cpu()
-    champion_correct = None
-    if champion is not None and champion.dataset_fingerprint == fingerprint:
-        champion_model, _, _ = registry.load(name, champion.version)
-        champion_model.to(prepared.device)
-        champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
-    decision = decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
-                      champion_fingerprint=champion.dataset_fingerprint if champion else None,
-                      margin=margin, alpha=alpha)
+    decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
     registry.record_decision(name, decision, challenger_version=version.version,
                              champion_version=champion.version if champion else None, flow_run_id=flow_run_id)
     return registry.get(name, version.version), decision
 
 
+#: How often the gate compares again when another run moved the champion while it was deciding.
+GATE_ATTEMPTS = 5
+
+
 def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
                         run_key: str, flow_run_id: str | None, margin: float,
-                        alpha: float | None) -> tuple[Any, Any]:
-    """:func:`register_challenger`, then :func:`decide_promotion`."""
-    version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
-                                  trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id)
-    return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
+                        alpha: float | None, require_study: bool = False) -> tuple[Any, Any]:
+    """Register the model and record the gate's decision in one transaction; return ``(version, decision)``.
+
+    There is no moment at which the version exists without its decision, so a process killed at any
+    point leaves either nothing (artifacts at most) or a decided version. A rerun with the same run key
+    finds its version: decided, it gets the recorded decision back; undecided (registered by
+    :func:`register_challenger` alone, e.g. by an older mnist-flow), it is decided once now.
+
+    ``require_study``: see :func:`register_challenger` (checked before anything is read, as a read would
+    create a deleted SQLite file again).
+    """
+    from mnist_flow.registry import ChampionMovedError
+
+    if require_study:
+        registry.require_database(study_name)
+    existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
+    if existing is not None:
+        return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,
+                                alpha=alpha)
+    name = model_name(prepared.bundle.name)
+    moved: ChampionMovedError | None = None
+    for _ in range(GATE_ATTEMPTS):
+        champion = registry.champion(name)
+        decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
+        try:
+            version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
+                                          trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id,
+                                          decision=decision, champion_version=champion.version if champion else None,
+                                          require_study=require_study)
+        except ChampionMovedError as exc:
+            moved = exc  # another run promoted its model meanwhile: compare with the new champion
+            continue
+        # the recorded decision: ours, or that of a concurrent registration with the same key that won
+        return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin,
+                                alpha=alpha)
+    assert moved is not None
+    raise moved
 
 
 def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, best: FrozenTrial, run_key: str,

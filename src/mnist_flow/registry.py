@@ -3,7 +3,8 @@
 Rows live in the study database (SQLite or PostgreSQL, tables prefixed ``mnist_flow_``); weights
 and their JSON sidecar live in an :class:`~mnist_flow.artifacts.ArtifactStore`. Artifacts are
 written before the row is inserted, so a crash leaves at worst an orphan artifact, never a row
-without its artifact. Loading verifies every file that decides behaviour before using it: the
+without its artifact. A gate decision passed to :meth:`Registry.register` is recorded in the same
+transaction as the row, so a crash never leaves a version without its decision. Loading verifies every file that decides behaviour before using it: the
 weights' and the sidecar's SHA-256 recorded in the row (rows registered before the sidecar's digest
 was recorded: the content key in the artifact folder's name, which hashes both files), then the
 sidecar's values, and it builds the network from the shapes in the verified weights' safetensors
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKeyConstraint, Integer, String, Text,
-                        UniqueConstraint, func, select)
+                        UniqueConstraint, func, inspect, select, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -43,6 +44,15 @@ SIDECAR_FILE = "model.json"
 INSERT_ATTEMPTS = 10
 #: 8 attempts, backoff 0.1 s doubling to 2 s (x1-2 jitter): a write rides out a 7-14 s database outage.
 WRITE_ATTEMPTS = 8
+
+
+class ChampionMovedError(RegistryError):
+    """The champion changed between computing a gate decision and recording it: compare again."""
+
+    def __init__(self, name: str, expected: int | None, current: int | None) -> None:
+        super().__init__(f"The champion of {name!r} changed from {expected} to {current} during the gate.",
+                         fix="Run the gate again: the challenger must be compared with the current champion.")
+        self.current = current
 
 
 class Base(DeclarativeBase):
@@ -203,17 +213,19 @@ def _json_ready(value: Any, what: str) -> Any:
 class Registry:
     """Model versions, aliases and promotion decisions in ``database_url``; artifacts in ``artifacts_url``."""
 
-    def __init__(self, database_url: str, artifacts_url: str) -> None:
+    def __init__(self, database_url: str, artifacts_url: str, *, create: bool = True) -> None:
+        """``create=False`` (read-only commands): a SQLite file that does not exist is refused, not created."""
         self.database_url = database_url
         self.artifacts_url = artifacts_url
+        self.create = create
         self._engine: Engine | None = None
         self._store: ArtifactStore | None = None
         self._migrated = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Registry:
+    def from_settings(cls, settings: Settings, *, create: bool = True) -> Registry:
         """A registry on the settings' database and artifacts URLs."""
-        return cls(settings.resolved_database_url, settings.resolved_artifacts_url)
+        return cls(settings.resolved_database_url, settings.resolved_artifacts_url, create=create)
 
     def __repr__(self) -> str:
         return f"Registry({db.mask_url(self.database_url)!r}, {db.mask_url(self.artifacts_url)!r})"
@@ -255,6 +267,8 @@ class Registry:
 
     def _ready(self) -> None:
         if not self._migrated:
+            if not self.create:
+                db.database_must_exist(self.database_url)
             self.migrate()
 
     def _read(self, fn: Any, attempts: int = 2) -> Any:
@@ -366,11 +380,24 @@ class Registry:
     def register(self, name: str, model: MLP, *, sidecar: dict, params: dict, metrics: dict,
                  dataset_name: str, dataset_fingerprint: str, study_name: str | None = None,
                  trial_number: int | None = None, flow_run_id: str | None = None, seed: int | None = None,
-                 idempotency_key: str | None = None) -> ModelVersion:
-        """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``)."""
+                 idempotency_key: str | None = None, require_study: bool = False, decision: Decision | None = None,
+                 champion_version: int | None = None) -> ModelVersion:
+        """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``).
+
+        ``require_study``: refuse (RegistryError) when the database no longer holds ``study_name``: a SQLite
+        file deleted during the run, or a database replaced by one whose studies do not include it. The
+        lineage of a registered model never points at a study that does not exist.
+
+        ``decision``: the gate's decision against ``champion_version``, recorded (and the champion alias
+        moved) in the same transaction as the new row; ChampionMovedError if the champion is no longer
+        ``champion_version`` by then. A version returned for an existing ``idempotency_key`` is returned
+        as it is, with whatever decision it has.
+        """
         validate_name(name)
         params = _json_ready(params, "params")
         metrics = _json_ready(metrics, "metrics")
+        if require_study:
+            self.require_database(study_name)
         if idempotency_key is not None:
             existing = self._by_key(idempotency_key)
             if existing is not None:
@@ -396,9 +423,21 @@ class Registry:
                 artifact_uri=uri, artifact_sha256=digest, study_name=study_name, trial_number=trial_number,
                 flow_run_id=flow_run_id, code_version=versions, seed=seed, idempotency_key=idempotency_key,
                 sidecar_sha256=sidecar_digest)
+            if require_study:
+                self._require_study(session, study_name)
             session.add(row)
             session.flush()
-            return _to_version(row, ())
+            aliases: tuple[str, ...] = ()
+            if decision is not None:
+                current = self._current_champion(session, name)
+                if current != champion_version:
+                    raise ChampionMovedError(name, champion_version, current)
+                self._log(session, name, row.version, champion_version, decision.outcome, decision.reason,
+                          actor="gate", decision=decision, flow_run_id=flow_run_id)
+                if decision.outcome in ("promoted", "first"):
+                    self._move_alias(session, name, CHAMPION, row.version)
+                    aliases = (CHAMPION,)
+            return _to_version(row, aliases)
 
         for _ in range(INSERT_ATTEMPTS):
             try:
@@ -412,6 +451,33 @@ class Registry:
         raise RegistryError(
             f"Could not allocate a version number for {name!r} after {INSERT_ATTEMPTS} attempts.",
             fix="Too many concurrent registrations; run the registration again.")
+
+    def require_database(self, study_name: str | None) -> None:
+        """RegistryError if the (SQLite) database holding ``study_name`` no longer exists; nothing is created."""
+        path = db.sqlite_path(self.database_url) if db.is_sqlite(self.database_url) else None
+        if path is not None and not path.exists():
+            raise RegistryError(
+                f"The database {path} no longer exists: it was deleted or moved during the run, and the study "
+                f"{study_name!r} with it; the model is not registered (its lineage would point at a study that "
+                "does not exist).",
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+
+    def _require_study(self, session: Session, study_name: str | None) -> None:
+        connection = session.connection()
+        if not inspect(connection).has_table("studies"):
+            return  # a registry-only database (no Optuna study was ever run here): nothing to check against
+        found = connection.execute(text("SELECT 1 FROM studies WHERE study_name = :name"),
+                                   {"name": study_name}).first()
+        if found is None:
+            raise RegistryError(
+                f"The study {study_name!r} is not in the database {db.mask_url(self.database_url)}: the database "
+                "was replaced or the study deleted during the run; the model is not registered (its lineage would "
+                "point at a study that does not exist).",
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+
+    def by_key(self, key: str) -> ModelVersion | None:
+        """The version registered with idempotency key ``key``, or None."""
+        return self._by_key(key)
 
     def _by_key(self, key: str) -> ModelVersion | None:
         def query(session: Session) -> ModelVersion | None:

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".mnist-flow"), description="Folder for the database, data cache and artifacts.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home)."
+        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home).",
+        repr=False,  # it may hold a password: never in a repr, a log line or a Prefect task's parameters
     )
     artifacts_url: str | None = Field(
         None, description="fsspec URL where model artifacts are written (default: home/artifacts)."
@@ -74,6 +75,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _persistent_artifacts(cls, value: str | None) -> str | None:
+        # memory:// (gone with the process) or http:// (read-only) cannot keep a registered model's files
+        from mnist_flow.artifacts import check_artifacts_url
+
+        if value is None:
+            return value
+        try:
+            return check_artifacts_url(value)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.message} {exc.fix}".rstrip(".")) from None
 
     @field_validator("home", "data_dir")
     @classmethod

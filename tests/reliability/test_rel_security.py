@@ -120,6 +120,114 @@ def test_names_aliases_and_paths_cannot_escape_the_artifact_root(name: str, tmp_
                        "outside the artifact root", "refused x3, 0 files outside the root", group="security")
 
 
+# --- passwords with URL delimiters: / @ : % # ? and blanks, raw and URL-encoded (issue 15, class 1) ---------------
+
+#: (password as written in the URL, what SQLAlchemy hands the driver, a fragment that must never be shown)
+ODD_PASSWORDS = [
+    ("pa/ssS3cretPW", "pa/ssS3cretPW", "ssS3cret"),
+    ("se cret S3cretPW", "se cret S3cretPW", "S3cretPW"),
+    ("a:b%c#d?e S3cretPW", "a:b%c#d?e S3cretPW", "b%c#d"),
+    ("p%40ss%2Fw%3Ard%20S3cretPW", "p@ss/w:rd S3cretPW", "S3cretPW"),
+    ("x%25y%23z%3Fq%20S3cretPW", "x%y#z?q S3cretPW", "S3cretPW"),
+]
+
+
+def _fragments(written: str, decoded: str, fragment: str) -> list[str]:
+    return [written, decoded, fragment, "S3cret"]
+
+
+def _leaks(texts: list[str], fragments: list[str]) -> list[str]:
+    return [f"{frag!r} in …{text[max(0, text.find(frag) - 60):text.find(frag) + 30]}…" for text in texts
+            for frag in fragments if frag in text]
+
+
+@pytest.mark.parametrize("written,decoded,fragment", ODD_PASSWORDS)
+def test_odd_passwords_are_masked_by_the_parser_and_in_free_text(written: str, decoded: str, fragment: str,
+                                                                   reliability) -> None:
+    from sqlalchemy.engine import make_url
+
+    from mnist_flow.db import mask_url
+
+    url = f"postgresql+psycopg://mnist:{written}@db.example:5432/registry"
+    assert make_url(url).password == decoded  # the URL is valid: SQLAlchemy hands the driver this password
+    texts = [mask_url(url), mask_url(f"Cannot use the database {url}: refused\nFix: x"), mask_url(f"'{url}'"),
+             mask_url(f"error for {decoded!r} and {url}", url), mask_url(f"password='{decoded}' host=db")]
+    assert _leaks(texts, _fragments(written, decoded, fragment)) == []
+    assert all("***" in t for t in texts) and "mnist:***@db.example:5432/registry" in texts[0]
+    reliability.record(f"mask a database URL whose password is {written!r} (raw delimiters or URL-encoded)",
+                       "password masked as ***, host/port/database kept",
+                       f"{texts[0]}; 5 text forms, 0 leaks", group="security")
+
+
+def test_a_raw_at_sign_in_the_password_is_refused_without_showing_it(reliability) -> None:
+    from mnist_flow.db import make_engine
+
+    url = "postgresql+psycopg://mnist:p@ssS3cretPW@db.example/registry"
+    with pytest.raises(ConfigError) as caught:
+        make_engine(url)
+    text = str(caught.value)
+    assert "ssS3cret" not in text and "***" in text and "%40" in text
+    reliability.record("database URL with a raw '@' in its password",
+                       "refused before connecting: says to URL-encode it (%40), password not shown",
+                       text.splitlines()[0][:120], group="security")
+
+
+@pytest.mark.parametrize("written,decoded,fragment", ODD_PASSWORDS)
+def test_unreachable_postgres_with_an_odd_password_never_shows_it(written: str, decoded: str, fragment: str,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture, reliability) -> None:
+    from rel_helpers import dead_port
+
+    from mnist_flow import db
+    from mnist_flow.errors import DatabaseUnavailableError
+
+    monkeypatch.setattr(db.time, "sleep", lambda _s: None)  # backoff sleeps skipped, attempts kept
+    url = f"postgresql+psycopg://mnist:{written}@127.0.0.1:{dead_port()}/registry"
+    reg = Registry(url, str(tmp_path / "artifacts"))
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        _register(reg)
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MNIST_FLOW_DATABASE_URL", url)
+    code = cli_main(["registry", "list"])
+    out, err = capsys.readouterr()
+    texts = [str(caught.value), repr(reg), out, err, pipeline.dashboard_command(url)]
+    assert _leaks(texts, _fragments(written, decoded, fragment)) == []
+    assert code == 2 and err.startswith("error: Cannot use the database postgresql+psycopg://mnist:***@127.0.0.1")
+    reliability.record(f"PostgreSQL unreachable, password {written!r}: registry error, `registry list`, repr, "
+                       "dashboard command", "one message with the masked URL, exit 2, password never shown",
+                       err.splitlines()[0][:110], group="security")
+
+
+@pytest.mark.slow
+def test_a_real_flow_run_on_postgres_with_an_odd_password_shows_it_nowhere(pg_url: str, tmp_path: Path,
+                                                                          reliability) -> None:
+    """stdout/stderr of `python flows/mnist.py`, and the Prefect server's own log and artifact tables."""
+    import sqlite3
+
+    from rel_helpers import FAST_TUNE, clean_env, flow_script
+
+    written = "p/a:ss%w#o?r d%40S3cretPW"  # raw / : % # ? and a blank; '@' URL-encoded
+    url = pg_url.replace("postgres@", f"postgres:{written}@")  # trust auth: accepted, unused
+    home = tmp_path / "home"
+    env = clean_env(home, MNIST_FLOW_DATABASE_URL=url, PREFECT_HOME=str(tmp_path / "prefect"),
+                    MNIST_FLOW_DASHBOARD_URL="http://admin:dashS3cretPW@127.0.0.1:8080/")
+    done = flow_script([*FAST_TUNE, "--n-trials", "2", "--max-epochs", "1", "--final-epochs", "1"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as con:
+        logs = [row[0] for row in con.execute("SELECT message FROM log")]
+        artifacts = [" ".join(map(str, row)) for row in con.execute("SELECT key, description, data FROM artifact")]
+    summary = [line for line in logs if "summary:" in line]
+    texts = [done.stdout, done.stderr, *logs, *artifacts]
+    assert _leaks(texts, [written, "S3cret", "ss%w#o", "o?r d"]) == []
+    assert summary and "postgres:***@" in summary[0] and "postgres:***@" in done.stdout
+    assert {a.split()[0] for a in artifacts} >= {"promotion-decision", "mnist-summary", "optuna-dashboard"}
+    reliability.record("real flow run (`python flows/mnist.py`) on PostgreSQL, password with / : % # ? blank and "
+                       "%40, a dashboard URL with credentials",
+                       "password in no output, no Prefect flow-run log line, no Prefect artifact",
+                       f"{len(logs)} log lines and {len(artifacts)} artifacts on the Prefect server and the summary "
+                       "checked: 0 leaks (summary shows postgres:***@)", group="security")
+
+
 # --- the dashboard: read-only by default, only for its own Host ------------------------------------------------
 
 

@@ -2,6 +2,10 @@
 
 Concurrent starts are serialised: PostgreSQL takes a transaction-scoped advisory lock, SQLite
 holds an exclusive lock on a ``<database>.migrate.lock`` file next to the database.
+
+A database whose registry revision this package does not know (written by a newer mnist-flow, or
+edited), or whose registry tables are missing although its revision says they exist, is refused
+with one :class:`~mnist_flow.errors.DatabaseDamagedError`.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from alembic.util.exc import CommandError
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-from mnist_flow.db import sqlite_path
+from mnist_flow.db import DAMAGED_FIX, mask_url, sqlite_path
+from mnist_flow.errors import DatabaseDamagedError
 
 VERSION_TABLE = "mnist_flow_alembic_version"
+#: The registry's tables at head (checked after every upgrade: a dropped one is reported, not re-created).
+TABLES = ("mnist_flow_model_versions", "mnist_flow_aliases", "mnist_flow_decisions")
 _ADVISORY_KEY = zlib.crc32(b"mnist_flow.migrations")  # fixed 32-bit key, fits a bigint
 
 
@@ -44,8 +52,14 @@ def current_revision(connection: Connection) -> str | None:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        # a read-only folder: nobody can migrate there, so there is nothing to serialise; a write that the
+        # upgrade needs fails in SQLite with "readonly database" (one StorageError, see db.permanent_error)
+        yield
+        return
     try:
         if os.name == "nt":  # pragma: no cover - exercised on Windows only
             import msvcrt
@@ -68,7 +82,23 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _upgrade(connection: Connection) -> None:
     config = _config()
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except CommandError as exc:
+        where = mask_url(connection.engine.url.render_as_string(hide_password=True))
+        raise DatabaseDamagedError(
+            f"The registry tables of the database {where} are at a schema revision this mnist-flow does not know "
+            f"({current_revision(connection)!r}; it knows up to {head_revision()!r}): the database was written by a "
+            f"newer mnist-flow, or its {VERSION_TABLE} table was edited ({exc}).",
+            fix="Upgrade mnist-flow to the version that wrote the database, or set MNIST_FLOW_DATABASE_URL to "
+            "another database.") from None
+    missing = [table for table in TABLES if not inspect(connection).has_table(table)]
+    if missing:
+        where = mask_url(connection.engine.url.render_as_string(hide_password=True))
+        raise DatabaseDamagedError(
+            f"The database {where} lacks the registry table(s) {', '.join(missing)} although its schema revision "
+            f"({current_revision(connection)}) says they exist: they were dropped or the database was damaged.",
+            fix=DAMAGED_FIX)
 
 
 def upgrade(engine: Engine) -> None:
