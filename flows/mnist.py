@@ -25,8 +25,10 @@ from mnist_flow.data import DataBundle
 from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
-from mnist_flow.scale import apply_threads
+from mnist_flow.scale import resolve_workers
 from mnist_flow.settings import Settings, load_settings
+from mnist_flow.threads import bound_native_caches, policy_for
+from mnist_flow.threads import describe as describe_threads
 from mnist_flow.train import select_device
 
 try:
@@ -34,9 +36,9 @@ try:
 except ModuleNotFoundError:
     from flows.reporting import publish_decision, publish_review  # imported as the namespace package `flows`
 try:
-    from trials import check_trial_workers, run_trial_workers
+    from trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 except ModuleNotFoundError:
-    from flows.trials import check_trial_workers, run_trial_workers
+    from flows.trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -75,20 +77,24 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
+    After trial processes (``workers > 1``) it only finds the run's trials done (or runs what they left).
     """
     with Registry.from_settings(settings) as registry:
         warm_start = pipeline.champion_warm_start(registry, params.dataset)
     return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
                          progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
-                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
+                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
+                         threads=policy_for(settings.threads))
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams) -> tuple:
-    """Train the best configuration for the final number of epochs."""
+def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams, settings: Settings) -> tuple:
+    """Train the best configuration for the final number of epochs (more than one thread only while faster)."""
     config = pipeline.final_config(best, params)
     get_run_logger().info("final fit of trial #%d: %s", best.number, config.to_dict())
-    model, history = pipeline.fit_best(prepared, config, progress=LogProgress(get_run_logger()))
+    threads = policy_for(settings.threads)
+    model, history = pipeline.fit_best(prepared, config, progress=LogProgress(get_run_logger()), threads=threads)
+    get_run_logger().info("final fit: %s", describe_threads(threads))
     return model, config, history
 
 
@@ -161,7 +167,8 @@ def mnist(
     max_epochs: AtLeast1 = 8,
     final_epochs: AtLeast1 = 24,
     seed: AtLeast0 = 0,
-    workers: AtLeast1 = 1,
+    workers: AtLeast1 | Literal["auto"] = "auto",
+    trial_runner: Literal["local", "deployment"] = "local",
     val_fraction: Fraction = 0.1,
     batch_size: AtLeast1 = 128,
     weight_decay: Annotated[float, Field(ge=0)] = 5e-4,
@@ -179,21 +186,26 @@ def mnist(
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
     params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
     settings = load_settings()
-    apply_threads(settings.threads)
+    bound_native_caches()  # before the first matmul: oneDNN's kernel caches would grow with every trial
     quiet_optuna()
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)
     run_key = str(flow_run.id or pipeline.new_run_key())
-    check_trial_workers(params.workers, settings)  # workers > 1: a worker deployment and shared storage
+    n_workers = resolve_workers(params.workers, params.n_trials)
+    if params.trial_runner == "deployment":  # a worker deployment and storage that suits where its runs go
+        check_trial_workers(n_workers, settings)
     with watch("data"):
         bundle = fetch_data(params, settings)
         prepared = split_data(bundle, params, str(device))
     with watch("tune"):
-        if params.workers > 1:  # trial workers run the study; the task below then only finds it done
-            run_trial_workers(prepared, params, run_key, settings)
+        # trial processes or trial worker runs run the study; the task below then only finds it done
+        if n_workers > 1 and params.trial_runner == "deployment":
+            run_trial_workers(prepared, params, run_key, settings, n_workers)
+        elif n_workers > 1:
+            run_local_trial_workers(prepared, params, run_key, settings, n_workers)
         study, best = tune(prepared, params, settings, run_key)
     with watch("train"):
-        fitted = train_best(prepared, best, params)
+        fitted = train_best(prepared, best, params, settings)
     with watch("evaluate"):
         test = evaluate(fitted[0], prepared)
     with watch("register"):

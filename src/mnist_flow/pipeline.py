@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import optuna
 import torch
@@ -48,7 +48,12 @@ class RunParams(BaseModel):
     max_epochs: int = Field(8, ge=1, description="Epochs per trial (the pruner may stop a trial earlier).")
     final_epochs: int = Field(24, ge=1, description="Epochs of the final fit of the best configuration.")
     seed: int = Field(0, ge=0, description="Seed of the split, the sampler, the initial weights and the batches.")
-    workers: int = Field(1, ge=1, description="Trial workers running the study at the same time.")
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Trial processes running the study at the same time: auto (one per available CPU, "
+        "no more than n_trials and than the memory holds) or a number; 1 runs the trials in the flow's process.")
+    trial_runner: Literal["local", "deployment"] = Field(
+        "local", description="Where workers > 1 run: local (processes on this machine, Prefect's "
+        "ProcessPoolTaskRunner) or deployment (runs of mnist-trials/worker on any Prefect worker).")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
     batch_size: int = Field(128, ge=1, description="Mini-batch size.")
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
@@ -166,7 +171,7 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
          flow_run_id: str | None = None, progress: Progress | None = None,
          storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
          heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0,
-         warm_start: Sequence[dict[str, Any]] = ()) -> tuple[optuna.Study, FrozenTrial]:
+         warm_start: Sequence[dict[str, Any]] = (), threads: Any = None) -> tuple[optuna.Study, FrozenTrial]:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -186,7 +191,7 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
         study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
         fail_stale_trials(study)
         objective = Objective(prepared.splits, params.search_space(), params.base_config(),
-                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id)
+                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id, threads=threads)
         progress.start_trials(params.n_trials)
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -236,13 +241,14 @@ def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
 
 
 def fit_best(prepared: Prepared, config: TrainConfig, *, progress: Progress | None = None,
-             label: str = "final fit") -> tuple[torch.nn.Module, History]:
-    """Train ``config`` on the training split, watching the validation split."""
+             label: str = "final fit", threads: Any = None) -> tuple[torch.nn.Module, History]:
+    """Train ``config`` on the training split, watching the validation split (``threads``: a
+    :mod:`mnist_flow.threads` policy)."""
     progress = progress or NullProgress()
     progress.start_epochs(label, config.epochs)
     s = prepared.splits
     return train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=prepared.device,
-                       on_epoch=lambda stats: progress.epoch_done(stats, config.epochs))
+                       on_epoch=lambda stats: progress.epoch_done(stats, config.epochs), threads=threads)
 
 
 def final_config(trial: FrozenTrial, params: RunParams) -> TrainConfig:

@@ -219,11 +219,17 @@ EpochCallback = Callable[[EpochStats], None]
 
 
 def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor,
-        val_x: torch.Tensor, val_y: torch.Tensor, *, on_epoch: EpochCallback | None = None) -> History:
-    """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop."""
+        val_x: torch.Tensor, val_y: torch.Tensor, *, on_epoch: EpochCallback | None = None,
+        threads: Any = None) -> History:
+    """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop.
+
+    ``threads``: a :mod:`mnist_flow.threads` policy choosing the intra-op threads (None: torch's current).
+    """
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)
     step = make_step(model, config, train_samples=train_x.shape[0])
+    if threads is not None:  # the thread policy times the steps and sets the thread count
+        step = threads.wrap(step, steps_per_epoch=math.ceil(train_x.shape[0] / config.batch_size))
     history = History()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
@@ -239,9 +245,9 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
 
 def train_model(config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                 val_y: torch.Tensor, *, device: torch.device | str = "cpu",
-                on_epoch: EpochCallback | None = None) -> tuple[MLP, History]:
+                on_epoch: EpochCallback | None = None, threads: Any = None) -> tuple[MLP, History]:
     """Build a seeded model on ``device`` and fit it; the tensors must already be on ``device``."""
     config.validate()
     model = build_model(config, device)
-    history = fit(model, config, train_x, train_y, val_x, val_y, on_epoch=on_epoch)
+    history = fit(model, config, train_x, train_y, val_x, val_y, on_epoch=on_epoch, threads=threads)
     return model, history

@@ -113,9 +113,10 @@ class Objective:
     def __init__(self, splits: Splits, space: SearchSpace, base: TrainConfig, *,
                  device: torch.device | str = "cpu", run_key: str | None = None,
                  flow_run_id: str | None = None,
-                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None) -> None:
+                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None, threads: Any = None) -> None:
         self.splits, self.space, self.base, self.device = splits, space, base, device
         self.run_key, self.flow_run_id, self.on_epoch = run_key, flow_run_id, on_epoch
+        self.threads = threads  # a mnist_flow.threads policy (None: torch's current thread count)
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
@@ -141,7 +142,7 @@ class Objective:
 
         s = self.splits
         _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
-                                 on_epoch=report)
+                                 on_epoch=report, threads=self.threads)
         return history.last.val_accuracy
 
 
