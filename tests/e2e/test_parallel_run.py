@@ -25,7 +25,7 @@ ARGS = f"--source sample --n-trials {N_TRIALS} --max-epochs 3 --final-epochs 2 -
 
 def test_make_run_with_two_trial_processes_finishes_exactly_n_trials_and_registers_a_champion(
         tmp_path: Path, e2e_token: str) -> None:
-    env = procs.base_env(tmp_path, e2e_token)
+    env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     result = procs.run(["make", "-o", "install", "run", f"ARGS={ARGS}"], env=env, timeout=600)
     out = result.stdout
     summary, _ = json.JSONDecoder().raw_decode(out[out.index("{\n"):])
