@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import optuna
 import torch
 from optuna.trial import FrozenTrial
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mnist_flow import data as data_lib
 from mnist_flow.budget import fail_stale_trials, trial_lock
@@ -68,6 +68,16 @@ class RunParams(BaseModel):
     hidden1_max: int = Field(1024, ge=1, description="Upper bound of the first hidden layer's width.")
     hidden2_min: int = Field(64, ge=1, description="Lower bound of the second hidden layer's width.")
     hidden2_max: int = Field(512, ge=1, description="Upper bound of the second hidden layer's width.")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        """One message for ``workers`` (the union would report both of its members)."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("workers must be 'auto' or a whole number >= 1")
 
     @model_validator(mode="after")
     def _check(self) -> "RunParams":
