@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
 from mnist_flow.db import dispose_storage, mask_url
-from mnist_flow.errors import ConfigError
+from mnist_flow.errors import ConfigError, MnistFlowError
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.scale import check_shared_state
 from mnist_flow.settings import Settings, load_settings
@@ -189,8 +189,9 @@ def run_local_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunPar
     Prefect's ``ProcessPoolTaskRunner`` starts the processes (spawned; each loads the data itself from
     the cache or folder the flow read, so only a few parameters are pickled) and runs one
     :func:`trial_process` task in each; their trial logs reach this flow run. Together they finish
-    exactly ``n_trials`` (mnist_flow.budget). A process that failed while others completed costs only
-    its unfinished trial, which the others (or the flow's own tune task) run again.
+    exactly ``n_trials`` (mnist_flow.budget). A process that crashed (a kill breaks the whole pool)
+    costs only the trials that were running: they are failed once their heartbeat is stale and the
+    flow's own tune task, which runs next, finishes the budget (their configurations first).
     """
     from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -209,18 +210,34 @@ def run_local_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunPar
                                                  "study_name": study.study_name, "worker_index": index,
                                                  "settings": settings})
                    for index in range(1, workers + 1)]
-        states = [future.wait() or future.state for future in futures]
-        logger.info("trial processes finished; stopping them")
-    logger.info("trial processes stopped")
+        outcomes = [_outcome(future) for future in futures]
     done = []
-    for index, state in enumerate(states, 1):
-        if state.is_completed():
+    for index, (state, error) in enumerate(outcomes, 1):
+        if state is not None and state.is_completed():
             done.append(state.result())
-        else:
-            logger.warning("trial process %d ended %s: %s", index, state.name, state.message)
-    if not done:
-        states[0].result()  # raises the first process's error
+            continue
+        if isinstance(error, MnistFlowError):  # bad input or data: every process, and the flow, would fail so
+            raise error
+        # a crash (a killed process breaks the whole pool): go on without it
+        logger.warning("trial process %d ended %s (%s); the flow's tune task runs what is left of the run's "
+                       "trials", index, state.name if state is not None else "broken", error)
     return done
+
+
+def _outcome(future: Any) -> tuple[Any, BaseException | None]:
+    """A trial process's final state and error (a broken pool raises instead of giving a state)."""
+    try:
+        future.wait()
+        state = future.state
+    except Exception as exc:
+        return None, exc
+    if state.is_completed():
+        return state, None
+    try:
+        state.result()
+    except Exception as exc:
+        return state, exc
+    return state, None
 
 
 def _shared_api() -> Any:
