@@ -25,7 +25,7 @@ from mnist_flow.errors import ConfigError, MnistFlowError
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.scale import check_shared_state
 from mnist_flow.settings import Settings, load_settings
-from mnist_flow.threads import (AdaptiveThreads, FixedThreads, Policy, bound_native_caches,
+from mnist_flow.threads import (AdaptiveThreads, FixedThreads, Policy, bound_native_caches, child_environment,
                                 describe, single_threaded_process)
 from mnist_flow.train import select_device
 from mnist_flow.tune import study_name_for, worker_id
@@ -204,8 +204,9 @@ def run_local_trial_workers(prepared: pipeline.Prepared, params: pipeline.RunPar
         dispose_storage(storage)
     payload = params.model_copy(update={"workers": workers}).model_dump(mode="json")
     logger.info("running the trials in %d single-threaded processes (ProcessPoolTaskRunner)", workers)
-    with _shared_api(), ProcessPoolTaskRunner(max_workers=workers, initializer=single_threaded_process,
-                                              initargs=(settings.threads,)) as runner:
+    with _shared_api(), child_environment(settings.threads), \
+            ProcessPoolTaskRunner(max_workers=workers, initializer=single_threaded_process,
+                                  initargs=(settings.threads,)) as runner:
         futures = [runner.submit(trial_process, {"params": payload, "run_key": run_key,
                                                  "study_name": study.study_name, "worker_index": index,
                                                  "settings": settings})

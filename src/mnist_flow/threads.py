@@ -29,6 +29,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +70,27 @@ def single_threaded_process(threads: int | None = None) -> None:
         import torch
 
         torch.set_num_threads(threads or 1)
+
+
+@contextmanager
+def child_environment(threads: int | None = None) -> Iterator[None]:
+    """While open, processes started from this one begin single-threaded (``threads``): OpenMP reads
+    ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` once, when it starts, before any initializer could set
+    them. This process's own OpenMP has started already and is unaffected; the variables are restored."""
+    env = {**CACHE_ENV, **SINGLE_THREAD_ENV}
+    if threads and threads > 1:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update({key: os.environ.get(key, value) if key in CACHE_ENV else value
+                       for key, value in env.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class FixedThreads:

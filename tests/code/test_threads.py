@@ -128,3 +128,17 @@ def test_a_trial_process_is_single_threaded_with_passive_openmp_and_bounded_kern
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
                          timeout=120).stdout.split()
     assert out[3] == "7"
+
+
+def test_processes_started_in_the_child_environment_begin_single_threaded_and_the_variables_are_restored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")  # the user's value is kept
+    code = "import os, torch; print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], os.environ['LRU_CACHE_CAPACITY'])"
+    with th.child_environment():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             timeout=120).stdout.split()
+    assert out == ["1", "PASSIVE", "5"]
+    assert "OMP_NUM_THREADS" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+    assert os.environ["LRU_CACHE_CAPACITY"] == "5"
