@@ -15,8 +15,8 @@ within each round.
   `workers=1` with `MNIST_FLOW_THREADS=1`.
 - make run: the whole default run on Fashion-MNIST (wall, peak RSS of the largest process, test accuracy).
 
-    python benchmarks/bench_contention.py --out /tmp/contention.json            # full: about 60 minutes
-    python benchmarks/bench_contention.py --quick --out /tmp/contention.json    # short check: about 8 minutes
+    python benchmarks/bench_contention.py --out /tmp/contention.json            # full: about 70 minutes (estimated)
+    python benchmarks/bench_contention.py --quick --out /tmp/contention.json    # short check: 10-15 minutes
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = args.only or ["epoch", "tune", "make-run"]
-    repeats = args.repeats or (1 if args.quick else 3)
-    epochs = 2 if args.quick else 3
+    repeats = args.repeats or (1 if args.quick else 2)
+    epochs = 1 if args.quick else 3
     tune_budget = (["--n-trials", "4", "--max-epochs", "2", "--final-epochs", "1"] if args.quick
                    else ["--n-trials", "20", "--max-epochs", "8", "--final-epochs", "1"])
     run_budget = ["--n-trials", "4", "--max-epochs", "2", "--final-epochs", "2"] if args.quick else []

@@ -221,8 +221,8 @@ def section_memory(r: dict | None) -> list[str]:
 def section_contention(r: dict | None) -> list[str]:
     lines = ["## Contention", ""]
     if r is None:
-        return lines + ["Not run (`python benchmarks/run_all.py --only contention`, about 60 minutes; add `--quick` "
-                        "for an 8-minute check at small budgets).", ""]
+        return lines + ["Not run (`python benchmarks/run_all.py --only contention`, about 70 minutes; add `--quick` "
+                        "for a 10-15 minute check at small budgets).", ""]
     conditions = r["conditions"]
     head = "| | " + " | ".join(conditions) + " |"
     rule = "|---|" + "---:|" * len(conditions)
