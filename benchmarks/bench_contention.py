@@ -102,9 +102,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small budgets: checks the benchmark, not the targets")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--only", nargs="*", choices=["epoch", "tune", "make-run"], default=None)
+    parser.add_argument("--conditions", nargs="*", choices=list(CONDITIONS), default=None,
+                        help="only these conditions (default: all three)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = args.only or ["epoch", "tune", "make-run"]
+    conditions = {c: n for c, n in CONDITIONS.items() if not args.conditions or c in args.conditions}
     repeats = args.repeats or (1 if args.quick else 2)
     epochs = 1 if args.quick else 3
     tune_budget = (["--n-trials", "4", "--max-epochs", "2", "--final-epochs", "1"] if args.quick
@@ -121,7 +124,7 @@ def main() -> None:
 
     for r in range(repeats):
         print(f"round {r + 1}/{repeats}", flush=True)
-        for condition, count in CONDITIONS.items():
+        for condition, count in conditions.items():
             if "epoch" in parts:
                 for name, threads in EPOCH_POLICIES.items():
                     record("epoch", name, condition, run_epoch(epochs, threads, count))
@@ -144,33 +147,34 @@ def main() -> None:
                     **{k: common.median([x[k] for x in results]) for k in keys},
                     "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()}
                              for x in results]}
-    targets: dict[str, Any] = {}
-    if "epoch" in parts:
-        one_quiet = med("epoch", "MNIST_FLOW_THREADS=1", "quiet", "median_s")
-        two_quiet = med("epoch", "MNIST_FLOW_THREADS=2", "quiet", "median_s")
-        default_busy = med("epoch", "default (adaptive threads)", "1 CPU-bound neighbour", "median_s")
-        default_quiet = med("epoch", "default (adaptive threads)", "quiet", "median_s")
-        targets["default epoch next to 1 neighbour / quiet 1-thread epoch (<= 1.3)"] = default_busy / one_quiet
-        targets["quiet default epoch / best of quiet 1 and 2 threads (<= 1.10)"] = default_quiet / min(one_quiet,
-                                                                                                      two_quiet)
-    if "tune" in parts:
-        auto = med("tune", "workers=auto (default)", "quiet", "trials_per_minute")
-        single = med("tune", "workers=1, adaptive threads", "quiet", "trials_per_minute")
-        targets["quiet tuning throughput workers=auto / workers=1 (>= 1.7)"] = auto / single
-    if "make-run" in parts:
-        targets["make run wall s, quiet (<= 180)"] = med("make-run", "make run (defaults)", "quiet", "wall_s")
-        targets["make run wall s, 1 neighbour (<= 240)"] = med("make-run", "make run (defaults)",
-                                                               "1 CPU-bound neighbour", "wall_s")
-        targets["make run test accuracy, quiet (>= 0.900)"] = med("make-run", "make run (defaults)", "quiet",
-                                                                  "test_accuracy")
-        targets["make run peak RSS of the largest process MB (<= 1536)"] = max(
-            x["process_peak_mb"] for c in runs["make-run"]["make run (defaults)"].values() for x in c)
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    one_quiet = med("epoch", "MNIST_FLOW_THREADS=1", "quiet", "median_s")
+    two_quiet = med("epoch", "MNIST_FLOW_THREADS=2", "quiet", "median_s")
+    run = "make run (defaults)"
+    peaks = [x["process_peak_mb"] for c in runs["make-run"].get(run, {}).values() for x in c]
+    targets: dict[str, Any] = {
+        "default epoch next to 1 neighbour / quiet 1-thread epoch (<= 1.3)": ratio(
+            med("epoch", "default (adaptive threads)", "1 CPU-bound neighbour", "median_s"), one_quiet),
+        "quiet default epoch / best of quiet 1 and 2 threads (<= 1.10)": ratio(
+            med("epoch", "default (adaptive threads)", "quiet", "median_s"),
+            min(one_quiet, two_quiet) if one_quiet and two_quiet else None),
+        "quiet tuning throughput workers=auto / workers=1 (>= 1.7)": ratio(
+            med("tune", "workers=auto (default)", "quiet", "trials_per_minute"),
+            med("tune", "workers=1, adaptive threads", "quiet", "trials_per_minute")),
+        "make run wall s, quiet (<= 180)": med("make-run", run, "quiet", "wall_s"),
+        "make run wall s, 1 neighbour (<= 240)": med("make-run", run, "1 CPU-bound neighbour", "wall_s"),
+        "make run test accuracy, quiet (>= 0.900)": med("make-run", run, "quiet", "test_accuracy"),
+        "make run peak RSS of the largest process MB (<= 1536)": max(peaks) if peaks else None,
+    }
+    targets = {k: v for k, v in targets.items() if v is not None}
     common.write_result(args.out, {
         "benchmark": "contention", "command": "python benchmarks/bench_contention.py"
         + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats else "")
         + (f" --only {' '.join(args.only)}" if args.only else ""),
         "quick": args.quick, "repeats": repeats, "epochs": epochs, "tune_budget": tune_budget,
-        "run_budget": run_budget or "defaults", "conditions": list(CONDITIONS), "summary": summary,
+        "run_budget": run_budget or "defaults", "conditions": list(conditions), "summary": summary,
         "targets": targets, "cpus": common.machine().get("CPU(s)"), "load_after": common.load_average()})
 
 

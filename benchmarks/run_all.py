@@ -248,7 +248,8 @@ def section_contention(r: dict | None) -> list[str]:
                 for c in conditions) + " |")
         lines.append("")
     if s.get("make-run"):
-        lines += [f"`make run` on Fashion-MNIST ({r['run_budget']} budgets): wall seconds, peak RSS of the largest "
+        budget = r["run_budget"] if isinstance(r["run_budget"], str) else "`" + " ".join(r["run_budget"]) + "`"
+        lines += [f"`make run` on Fashion-MNIST ({budget} budgets): wall seconds, peak RSS of the largest "
                   "process, test accuracy.", "", "| condition | wall s | largest process peak MB | process tree peak MB "
                   "| test accuracy | stages s |", "|---|---:|---:|---:|---:|---|"]
         for condition, x in s["make-run"]["make run (defaults)"].items():
