@@ -130,6 +130,8 @@ class AdaptiveThreads:
     probe_steps: int = 8
     margin: float = 0.05
     fallback: float = 1.2
+    #: A probe of more threads stops once its steps cost this share of a one-thread epoch over one thread.
+    probe_share: float = 0.02
     decisions: list[Decision] = field(default_factory=list)
 
     @classmethod
@@ -225,6 +227,8 @@ class AdaptiveStep:
         target = (1 - self._policy.margin) * self._best(-1)[1]
         if times[0] > HOPELESS * target:  # even the warm-up step is far off
             return True
+        if sum(times) - len(times) * self._single > self._policy.probe_share * self._per_epoch * self._single:
+            return True  # a contended core: the probe already cost more than its share of the epoch
         slow = sum(t >= target for t in times[1:])
         return slow > self._policy.probe_steps // 2  # the median can no longer beat the target
 

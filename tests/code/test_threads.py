@@ -70,6 +70,14 @@ def test_one_thread_is_kept_when_more_threads_are_slower() -> None:
     assert step.used[-20:] == [1] * 20
 
 
+def test_a_probe_of_more_threads_on_a_contended_core_stops_after_one_step() -> None:
+    # three times slower is not hopeless at first sight, but one such step already costs the probe's share
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=8)
+    step = _run(policy, TimedStep({1: 0.004, 2: 0.012}), epochs=3, per_epoch=40)
+    assert [d.threads for d in policy.decisions] == [1, 1, 1]
+    assert step.used.count(2) <= 3 * 2  # one probe step per epoch (two on a hiccup); without the share: 6 each
+
+
 def test_an_epoch_falls_back_to_one_thread_as_soon_as_the_steps_slow_down() -> None:
     # two threads are fast until step 40 (a neighbour starts), then six times slower than one
     def seconds(call: int) -> float:
