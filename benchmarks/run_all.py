@@ -39,12 +39,20 @@ BENCHES: dict[str, list[str]] = {
     "stability": ["bench_stability.py", "--parts", "guard", "corners", "final", "runs", "--datasets", "sample",
                   "fashion-mnist", "--seeds", "0", "1", "2", "--threads", "1"],
     "search": ["bench_search.py", "--n-trials", "20", "--max-epochs", "8", "--seeds", "0", "1", "2", "--threads", "0"],
+    "contention": ["bench_contention.py"],
+    "memory_trials": ["bench_memory_trials.py", "--trials", "50"],
+}
+#: ``--quick``: the same benchmarks at small budgets, to check them (the figures do not meet the targets' budgets).
+QUICK: dict[str, list[str]] = {
+    "contention": ["bench_contention.py", "--quick"],
+    "memory_trials": ["bench_memory_trials.py", "--trials", "12"],
 }
 
 
-def run_bench(name: str, outdir: Path) -> dict[str, Any] | None:
+def run_bench(name: str, outdir: Path, quick: bool = False) -> dict[str, Any] | None:
     out = outdir / f"{name}.json"
-    cmd = [common.PYTHON, str(HERE / BENCHES[name][0]), *BENCHES[name][1:], "--out", str(out)]
+    spec = QUICK.get(name, BENCHES[name]) if quick else BENCHES[name]
+    cmd = [common.PYTHON, str(HERE / spec[0]), *spec[1:], "--out", str(out)]
     print(f"== {name}: {' '.join(cmd[1:])} (load {common.load_average()})", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE, stdout=subprocess.DEVNULL, text=True)
@@ -212,6 +220,73 @@ def section_memory(r: dict | None) -> list[str]:
     return lines + [""]
 
 
+def section_contention(r: dict | None) -> list[str]:
+    lines = ["## Contention", ""]
+    if r is None:
+        return lines + ["Not run (`python benchmarks/run_all.py --only contention`, about 70 minutes; add `--quick` "
+                        "for a 10-15 minute check at small budgets).", ""]
+    conditions = r["conditions"]
+    head = "| | " + " | ".join(conditions) + " |"
+    rule = "|---|" + "---:|" * len(conditions)
+    lines += [f"`{r['command']}` (load after: {r['load_after']}; median of {r['repeats']} round(s), every figure "
+              "of a round measured side by side, conditions and variants alternating). The neighbours are "
+              "`python -c \"while True: pass\"` processes. " + ("**Quick mode: small budgets, a check of the "
+                                                                "benchmark, not the targets' figures.**" if r["quick"]
+                                                                else ""), ""]
+    s = r["summary"]
+    if s.get("epoch"):
+        lines += [f"Seed configuration (784-500-256-10, SGD lr 0.01 momentum 0.9, batch 64) on Fashion-MNIST, "
+                  f"`mnist-flow train --epochs {r['epochs']} --json`: median seconds per epoch.", "", head, rule]
+        for variant, by in s["epoch"].items():
+            lines.append(f"| {variant} | " + " | ".join(f(by.get(c, {}).get("median_s")) for c in conditions) + " |")
+        lines.append("")
+    if s.get("tune"):
+        budget = " ".join(r["tune_budget"])
+        lines += [f"Tuning throughput: `flows/mnist.py` on Fashion-MNIST, `{budget}`: trials per minute of the tune "
+                  "stage (best validation accuracy).", "", head, rule]
+        for variant, by in s["tune"].items():
+            lines.append(f"| {variant} | " + " | ".join(
+                f"{f(by[c]['trials_per_minute'])} ({f(by[c]['best_val_accuracy'], 4)})" if c in by else "n/a"
+                for c in conditions) + " |")
+        lines.append("")
+    if s.get("make-run"):
+        budget = r["run_budget"] if isinstance(r["run_budget"], str) else "`" + " ".join(r["run_budget"]) + "`"
+        lines += [f"`make run` on Fashion-MNIST ({budget} budgets): wall seconds, peak RSS of the largest "
+                  "process, test accuracy.", "", "| condition | wall s | largest process peak MB | process tree peak MB "
+                  "| test accuracy | stages s |", "|---|---:|---:|---:|---:|---|"]
+        for condition, x in s["make-run"]["make run (defaults)"].items():
+            stages = x["runs"][-1]["stages"]
+            lines.append(f"| {condition} | {f(x['wall_s'], 1)} | {f(x['process_peak_mb'], 0)} | "
+                         f"{f(x['tree_peak_mb'], 0)} | {f(x['test_accuracy'], 4)} | "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + " |")
+        lines.append("")
+    if r.get("targets"):
+        lines += ["| target | measured |", "|---|---:|"]
+        lines += [f"| {name} | {f(value, 2)} |" for name, value in r["targets"].items()]
+        lines.append("")
+    return lines
+
+
+def section_memory_trials(r: dict | None) -> list[str]:
+    lines = ["## Memory per trial", ""]
+    if r is None:
+        return lines + ["Not run (`python benchmarks/run_all.py --only memory_trials`).", ""]
+    lines += [f"`{r['command']}` ({r['env']}; load after: {r['load_after']}). RSS of the flow process "
+              f"(`flows/mnist.py --workers 1`, the trials in its own process) when it logs each trial; the slope is "
+              f"a least-squares fit from trial {r['slope_from_trial']} on.", "",
+              "| variant | RSS MB at trial 1 | at the last | MB per trial (RSS) | MB per trial (anonymous) |",
+              "|---|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        rss = list(row["rss_mb_by_trial"].values())
+        lines.append(f"| {row['variant']} | {f(rss[0], 0)} | {f(rss[-1], 0)} | "
+                     f"{', '.join(f(x) for x in row['slope_rss_mb_per_trial'])} | "
+                     f"{', '.join(f(x) for x in row['slope_anon_mb_per_trial'])} |")
+    lines += ["", "RSS (MB) by trial: " + "; ".join(
+        f"{row['variant']}: " + " ".join(f"{k}:{v:.0f}" for k, v in row["rss_mb_by_trial"].items()
+                                         if int(k) % 5 == 0 or int(k) == 1) for row in r["rows"]), ""]
+    return lines
+
+
 def section_search(r: dict | None) -> list[str]:
     lines = ["## Search efficiency", ""]
     if r is None:
@@ -358,6 +433,8 @@ def render(results: dict[str, dict | None], info: dict[str, Any], meta: dict[str
     lines += section_stability(results.get("stability"))
     lines += section_orchestration([results.get("orchestration"), results.get("orchestration_full")])
     lines += section_memory(results.get("memory"))
+    lines += section_contention(results.get("contention"))
+    lines += section_memory_trials(results.get("memory_trials"))
     if notes:
         lines += ["## Findings", "", notes.strip(), ""]
     return "\n".join(lines) + "\n"
@@ -370,6 +447,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", action="store_true", help="also run the pruner comparison (~10 minutes)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    parser.add_argument("--quick", action="store_true",
+                        help="small budgets for the contention and memory-per-trial benchmarks (a check, minutes)")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--keep", type=Path, default=None, help="also keep the JSON results in this folder")
     parser.add_argument("--from-results", type=Path, default=None,
@@ -385,7 +464,7 @@ def main() -> None:
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {**meta, "load": "see each section"}
     else:
         with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
-            results = {name: run_bench(name, Path(tmp)) for name in names}
+            results = {name: run_bench(name, Path(tmp), quick=args.quick) for name in names}
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 for out in Path(tmp).glob("*.json"):

@@ -26,8 +26,10 @@ from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError, quiet_user_error
 from mnist_flow.fsutil import PERMANENT_ERRNOS
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
-from mnist_flow.scale import apply_threads
+from mnist_flow.scale import resolve_workers
 from mnist_flow.settings import Settings, load_settings
+from mnist_flow.threads import bound_native_caches, policy_for
+from mnist_flow.threads import describe as describe_threads
 from mnist_flow.train import select_device
 from mnist_flow.watchdog import Watchdog, stage_timeout
 
@@ -36,9 +38,9 @@ try:
 except ModuleNotFoundError:
     from flows.reporting import publish_decision, publish_review  # imported as the namespace package `flows`
 try:
-    from trials import check_trial_workers, run_trial_workers
+    from trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 except ModuleNotFoundError:
-    from flows.trials import check_trial_workers, run_trial_workers
+    from flows.trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -79,24 +81,32 @@ def tune(prepared: pipeline.Prepared, params: pipeline.RunParams, settings: Sett
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
+    After trial processes (``workers > 1``) it only finds the run's trials done (or runs what they left).
     """
     with Registry.from_settings(settings) as registry:
         warm_start = pipeline.champion_warm_start(registry, params.dataset)
     return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
                          progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
                          heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
-                         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds))
+                         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
+                         threads=policy_for(settings.threads))
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams) -> pipeline.FinalFit:
-    """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit)."""
+def train_best(prepared: pipeline.Prepared, best: Any, params: pipeline.RunParams,
+               settings: Settings) -> pipeline.FinalFit:
+    """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit).
+
+    More than one intra-op thread only while measured faster (mnist_flow.threads).
+    """
     logger = get_run_logger()
     logger.info("final fit of trial #%d (val accuracy %.4f): %s", best.number, best.value,
                 pipeline.final_config(best, params).to_dict())
-    fitted = pipeline.final_fit(prepared, best, params, progress=LogProgress(logger))
+    threads = policy_for(settings.threads)
+    fitted = pipeline.final_fit(prepared, best, params, progress=LogProgress(logger), threads=threads)
     for note in fitted.notes:
         logger.info("final fit: %s", note)
+    logger.info("final fit: %s", describe_threads(threads))
     return fitted
 
 
@@ -188,7 +198,8 @@ def mnist(
     max_epochs: Epochs = 8,
     final_epochs: Epochs = 24,
     seed: Seed = 0,
-    workers: Workers = 1,
+    workers: Workers | Literal["auto"] = "auto",
+    trial_runner: Literal["local", "deployment"] = "local",
     val_fraction: Fraction = 0.1,
     batch_size: BatchSize = 128,
     weight_decay: WeightDecay = 5e-4,
@@ -207,19 +218,24 @@ def mnist(
     params = pipeline.RunParams.parse(**{k: v for k, v in locals().items()})
     quiet_user_error_tracebacks()  # Prefect's handlers exist now: a user error is logged as one message
     settings = load_settings()
-    apply_threads(settings.threads)
+    bound_native_caches()  # before the first matmul: oneDNN's kernel caches would grow with every trial
     quiet_optuna()
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)
     run_key = str(flow_run.id or pipeline.new_run_key())
-    check_trial_workers(params.workers, settings)  # workers > 1: a worker deployment and shared storage
+    n_workers = resolve_workers(params.workers, params.n_trials)
+    if params.trial_runner == "deployment":  # a worker deployment and storage that suits where its runs go
+        check_trial_workers(n_workers, settings)
     with watch("data"):
         bundle = fetch_data(params, settings)
         prepared = split_data(bundle, params, str(device))
     with watch("tune"):
-        if params.workers > 1:  # trial workers run the study; the task below then only finds it done
-            run_trial_workers(prepared, params, run_key, settings)
-        tune_epochs = -(-params.n_trials // params.workers) * params.max_epochs
+        # trial processes or trial worker runs run the study; the task below then only finds it done
+        if n_workers > 1 and params.trial_runner == "deployment":
+            run_trial_workers(prepared, params, run_key, settings, n_workers)
+        elif n_workers > 1:
+            run_local_trial_workers(prepared, params, run_key, settings, n_workers)
+        tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
         study, best = tune.with_options(timeout_seconds=_timeout(
             prepared, settings, tune_epochs, (params.hidden1_max, params.hidden2_max)))(
             prepared, params, settings, run_key)
@@ -227,7 +243,7 @@ def mnist(
         train_timeout = _timeout(prepared, settings, params.final_epochs,
                                  (int(best.params["hidden1"]), int(best.params["hidden2"])),
                                  study.get_trials(deepcopy=False))
-        fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params)
+        fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params, settings)
     with watch("evaluate"):
         test = evaluate(fitted.model, prepared)
     with watch("register"):

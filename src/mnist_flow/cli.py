@@ -23,7 +23,7 @@ from typer.exceptions import TyperException
 
 from mnist_flow.errors import INTERRUPTED, ConfigError, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.progress import quiet_optuna
-from mnist_flow.scale import apply_threads
+from mnist_flow.threads import bound_native_caches, policy_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Tune, train, evaluate and register MNIST classifiers.")
@@ -97,14 +97,15 @@ def train(
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
                          precision=resolve_precision(precision)).validate()
     settings = load_settings(device=device)
-    apply_threads(settings.threads)
+    bound_native_caches()
     params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
                                       val_fraction=val_fraction)
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
     progress = _progress(not as_json)
     try:
-        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train")
+        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train",
+                                           threads=policy_for(settings.threads))
     finally:
         progress.close()
     test = pipeline.evaluate_test(model, prepared)
@@ -142,7 +143,7 @@ def tune(ctx: typer.Context) -> None:
     as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
     params = pipeline.RunParams.parse(**args)
     settings = load_settings()
-    apply_threads(settings.threads)
+    bound_native_caches()
     watch = pipeline.Stopwatch()
     with watch("data"):
         bundle = pipeline.load_data(params, settings)
@@ -157,7 +158,8 @@ def tune(ctx: typer.Context) -> None:
         with watch("tune"):
             study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
                                         progress=progress, heartbeat_interval=settings.heartbeat_interval,
-                                        heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
+                                        heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
+                                        threads=policy_for(settings.threads))
     finally:
         progress.close()
     result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,

@@ -22,6 +22,8 @@ def _arg_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) is typing.Literal:
         return str, [str(a) for a in typing.get_args(annotation)]
+    if len(args) > 1:  # int | Literal["auto"]: RunParams converts the text
+        return str, None
     if args:  # Optional[X] / X | None
         return _arg_type(args[0])
     if annotation in (int, float):

@@ -13,12 +13,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mnist_flow import data as data_lib
 from mnist_flow.budget import fail_stale_trials, trial_lock
@@ -66,7 +66,12 @@ class RunParams(BaseModel):
     final_epochs: int = Field(24, ge=1, le=MAX_EPOCHS, description="Epochs of the final fit of the best configuration.")
     seed: int = Field(0, ge=0, le=MAX_SEED,
                       description="Seed of the split, the sampler, the initial weights and the batches.")
-    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Trial workers running the study at the same time.")
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+        "auto", description="Trial processes running the study at the same time: auto (one per available CPU, "
+        "no more than n_trials and than the memory holds) or a number; 1 runs the trials in the flow's process.")
+    trial_runner: Literal["local", "deployment"] = Field(
+        "local", description="Where workers > 1 run: local (processes on this machine, Prefect's "
+        "ProcessPoolTaskRunner) or deployment (runs of mnist-trials/worker on any Prefect worker).")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
     batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE, description="Mini-batch size.")
     weight_decay: float = Field(5e-4, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 weight decay of SGD.")
@@ -81,6 +86,16 @@ class RunParams(BaseModel):
     hidden1_max: int = Field(1024, ge=1, le=MAX_WIDTH, description="Upper bound of the first hidden layer's width.")
     hidden2_min: int = Field(64, ge=1, le=MAX_WIDTH, description="Lower bound of the second hidden layer's width.")
     hidden2_max: int = Field(512, ge=1, le=MAX_WIDTH, description="Upper bound of the second hidden layer's width.")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        """One message for ``workers`` (the union would report both of its members)."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"workers must be 'auto' or a whole number from 1 to {MAX_WORKERS}")
 
     @model_validator(mode="after")
     def _check(self) -> "RunParams":
@@ -205,7 +220,8 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
          flow_run_id: str | None = None, progress: Progress | None = None,
          storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
          heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0,
-         warm_start: Sequence[dict[str, Any]] = (), watchdog: Any = None) -> tuple[optuna.Study, FrozenTrial]:
+         warm_start: Sequence[dict[str, Any]] = (), watchdog: Any = None,
+         threads: Any = None) -> tuple[optuna.Study, FrozenTrial]:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -226,7 +242,7 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
         fail_stale_trials(study)
         objective = Objective(prepared.splits, params.search_space(), params.base_config(),
                               device=prepared.device, run_key=run_key, flow_run_id=flow_run_id,
-                              watchdog=watchdog)
+                              watchdog=watchdog, threads=threads)
         progress.start_trials(params.n_trials)
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -290,20 +306,20 @@ FINAL_FIT_TOLERANCE = 0.003
 
 
 def fit_best(prepared: Prepared, config: TrainConfig, *, progress: Progress | None = None,
-             label: str = "final fit") -> tuple[torch.nn.Module, History]:
+             label: str = "final fit", threads: Any = None) -> tuple[torch.nn.Module, History]:
     """Train ``config`` on the training split, watching the validation split.
 
     Guarded (:func:`mnist_flow.train.fit`): a diverging epoch restores the best state so far and goes on
     at a lower rate (``history.events``), and the model ends with the weights of its best epoch by
     validation accuracy (``history.best_epoch``). Raises TrainingDiverged only when the recoveries
-    run out; the model returned has finite weights.
+    run out; the model returned has finite weights. ``threads``: a :mod:`mnist_flow.threads` policy.
     """
     progress = progress or NullProgress()
     progress.start_epochs(label, config.epochs)
     s = prepared.splits
     model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=prepared.device,
                                  on_epoch=lambda stats: progress.epoch_done(stats, config.epochs),
-                                 recover=FINAL_RECOVERIES, keep_best=True)
+                                 recover=FINAL_RECOVERIES, keep_best=True, threads=threads)
     if not all_finite(model):  # cannot happen with a finite best checkpoint; never hand on a NaN model
         raise TrainingDiverged(f"The {label} of {config.to_dict()} ended with non-finite weights.",
                                fix="Lower the learning rate (lr_max) or the momentum (momentum_max).")
@@ -331,7 +347,7 @@ class FinalFit:
 
 
 def final_fit(prepared: Prepared, trial: FrozenTrial, params: RunParams, *,
-              progress: Progress | None = None) -> FinalFit:
+              progress: Progress | None = None, threads: Any = None) -> FinalFit:
     """Fit the best trial's configuration over ``final_epochs``; never below the trial by more than 0.3 points.
 
     1. The trial's configuration with its one-cycle stretched over ``final_epochs`` (longer training is
@@ -341,13 +357,15 @@ def final_fit(prepared: Prepared, trial: FrozenTrial, params: RunParams, *,
        :data:`FINAL_FIT_TOLERANCE` below the trial's, the trial's own recipe (``max_epochs``, its schedule,
        its seed) is retrained, which reproduces the trial, and the better of the two by validation
        accuracy is registered. ``notes`` says what happened, for the log and the summary.
+
+    ``threads``: a :mod:`mnist_flow.threads` policy for both fits.
     """
     config, recipe = final_config(trial, params), trial_config(trial, params)
     floor = (trial.value or 0.0) - FINAL_FIT_TOLERANCE
     notes: list[str] = []
     first: tuple[torch.nn.Module, History] | None = None
     try:
-        first = fit_best(prepared, config, progress=progress)
+        first = fit_best(prepared, config, progress=progress, threads=threads)
         notes += first[1].events
         best = first[1].best
         notes.append(f"final fit of trial #{trial.number}: {config.epochs} epochs, kept epoch {best.epoch} "
@@ -364,7 +382,7 @@ def final_fit(prepared: Prepared, trial: FrozenTrial, params: RunParams, *,
         notes.append(f"final fit of trial #{trial.number} diverged ({exc.message}): retraining the trial's "
                      f"recipe ({recipe.epochs} epochs)")
     try:
-        model, history = fit_best(prepared, recipe, progress=progress, label="trial recipe")
+        model, history = fit_best(prepared, recipe, progress=progress, label="trial recipe", threads=threads)
     except TrainingDiverged as exc:
         if first is None:
             raise TrainingDiverged(f"The final fit of trial #{trial.number} diverged, and so did its trial recipe "

@@ -343,7 +343,7 @@ def _check_collapse(val: EvalResult, val_y: torch.Tensor, best: _Checkpoint, sam
 
 def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor,
         val_x: torch.Tensor, val_y: torch.Tensor, *, on_epoch: EpochCallback | None = None,
-        recover: int = 0, keep_best: bool = False, check_every: int = CHECK_EVERY) -> History:
+        recover: int = 0, keep_best: bool = False, check_every: int = CHECK_EVERY, threads: Any = None) -> History:
     """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop.
 
     A non-finite, exploding or relapsed loss (:class:`LossWatch`; a non-finite validation loss too) stops
@@ -355,12 +355,16 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
     the fit is multiplied by :data:`RECOVERY_FACTOR` and the epoch is trained again, from the same point
     of the schedule; ``history.events`` says what was done. With ``keep_best`` the model ends with the
     weights of its best epoch by validation accuracy (``history.best_epoch``).
+
+    ``threads``: a :mod:`mnist_flow.threads` policy choosing the intra-op threads (None: torch's current).
     """
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)
     step = make_step(model, config, train_samples=train_x.shape[0])
     steps_per_epoch = math.ceil(train_x.shape[0] / config.batch_size)
     schedule, scale = step.lr, 1.0
+    # the thread policy times the steps and sets the thread count; the step itself stays the one restored
+    runner = threads.wrap(step, steps_per_epoch=steps_per_epoch) if threads is not None else step
     history = History()
     watch = LossWatch(step.weights[-1].shape[0])
     guarded = recover > 0 or keep_best
@@ -369,7 +373,7 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
         while True:  # once, or again after a recovery
             start = time.perf_counter()
             try:
-                train_loss = train_epoch(step, train_x, train_y, config.batch_size, generator,
+                train_loss = train_epoch(runner, train_x, train_y, config.batch_size, generator,
                                          check_every=check_every, watch=watch)
                 seconds = time.perf_counter() - start
                 val = evaluate(model, val_x, val_y, precision=config.precision)
@@ -410,10 +414,10 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
 def train_model(config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
                 val_y: torch.Tensor, *, device: torch.device | str = "cpu",
                 on_epoch: EpochCallback | None = None, recover: int = 0,
-                keep_best: bool = False) -> tuple[MLP, History]:
+                keep_best: bool = False, threads: Any = None) -> tuple[MLP, History]:
     """Build a seeded model on ``device`` and fit it (see :func:`fit`); the tensors must already be on ``device``."""
     config.validate()
     model = build_model(config, device)
     history = fit(model, config, train_x, train_y, val_x, val_y, on_epoch=on_epoch, recover=recover,
-                  keep_best=keep_best)
+                  keep_best=keep_best, threads=threads)
     return model, history

@@ -115,10 +115,11 @@ class Objective:
                  device: torch.device | str = "cpu", run_key: str | None = None,
                  flow_run_id: str | None = None,
                  on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None,
-                 watchdog: Any = None) -> None:
+                 watchdog: Any = None, threads: Any = None) -> None:
         self.splits, self.space, self.base, self.device = splits, space, base, device
         self.run_key, self.flow_run_id, self.on_epoch = run_key, flow_run_id, on_epoch
         self.watchdog = watchdog  # a mnist_flow.watchdog.Watchdog: fails (and re-queues) a trial that hangs
+        self.threads = threads  # a mnist_flow.threads policy (None: torch's current thread count)
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
@@ -152,7 +153,7 @@ class Objective:
         with dog if dog is not None else contextlib.nullcontext() as watch:
             try:
                 _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
-                                         on_epoch=report)
+                                         on_epoch=report, threads=self.threads)
             except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
                 reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
                 trial.set_user_attr("diverged", reason)

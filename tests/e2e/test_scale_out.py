@@ -1,6 +1,7 @@
 """Scale out for real: a Prefect server on PostgreSQL, `make deploy`, two workers on the pool `mnist`.
 
-`prefect deployment run mnist/train --param workers=2 ...` starts two runs of `mnist-trials/worker`;
+`prefect deployment run mnist/train --param workers=2 --param trial_runner=deployment ...` starts two runs
+of `mnist-trials/worker`;
 the two Prefect workers run them as separate processes on one PostgreSQL study. Exactly n_trials
 finish, none fails, at least two processes ran trials, and the model is registered. The services are
 started with the commands of tests/e2e/commands.py, the ones docker/compose.yaml runs.
@@ -24,7 +25,8 @@ import procs
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 N_TRIALS = 8
-RUN = ["deployment", "run", "mnist/train", "--param", "workers=2", "--param", f"n_trials={N_TRIALS}",
+RUN = ["deployment", "run", "mnist/train", "--param", "workers=2", "--param", "trial_runner=deployment",
+       "--param", f"n_trials={N_TRIALS}",
        "--param", "source=sample", "--param", "max_epochs=2", "--param", "final_epochs=1", "--watch"]
 
 
