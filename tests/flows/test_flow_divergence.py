@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_flow_completes_and_registers_a_finite_model_when_its_trials_diverge(home):
-    # every point the sampler can draw has lr 5 (diverges at once); only the enqueued seed configuration
-    # (lr 0.01) can complete
-    summary = flow_module.mnist(source="sample", n_trials=3, max_epochs=2, final_epochs=3, seed=0, lr_min=5.0,
-                                lr_max=5.0, hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64)
+    # with seed 4 the sampler's first two points have lr 7.96 and 8.28 (they diverge at once); the enqueued
+    # seed configuration (lr 0.01, inside these bounds) completes
+    summary = flow_module.mnist(source="sample", n_trials=3, max_epochs=2, final_epochs=3, seed=4, workers=1,
+                                lr_min=0.01, lr_max=10.0, momentum_min=0.9, momentum_max=0.98, hidden1_min=64,
+                                hidden1_max=64, hidden2_min=64, hidden2_max=64)
     assert (summary["trials"]["finished"], summary["trials"]["complete"], summary["trials"]["pruned"]) == (3, 1, 2)
     assert summary["best"]["params"]["lr"] == 0.01
     assert summary["model"]["version"] == 1
