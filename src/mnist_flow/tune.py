@@ -354,6 +354,14 @@ def best_trial(study: optuna.Study, recipe: dict[str, Any] | None = None) -> Fro
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if recipe is None or t.user_attrs.get("recipe") == recipe]
     if not complete:
+        diverged = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                    if "diverged" in t.user_attrs]
+        if diverged:
+            raise TrainingDiverged(
+                f"No trial of the study completed: {len(diverged)} diverged (trials "
+                f"{', '.join(f'#{n}' for n in diverged[:10])}{', ...' if len(diverged) > 10 else ''}), "
+                "so there is no configuration to train.",
+                fix="Lower the learning rate's upper bound (lr_max) or the momentum's (momentum_max) and run again.")
         raise ConfigError("No trial of the study completed, so there is no configuration to train.",
                           fix="Run more trials (--n-trials) or more epochs (--max-epochs) so some finish unpruned.")
     return max(complete, key=lambda t: (t.value, -t.number))

@@ -32,3 +32,13 @@ def test_the_flow_completes_and_registers_a_finite_model_when_its_trials_diverge
         reasons = [v for (v,) in db.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'diverged'")]
     assert len(reasons) == 2
     assert all("diverged in epoch 1 of 2" in r and "pruned; the study goes on" in r for r in reasons)
+
+
+def test_a_run_whose_every_trial_diverges_ends_in_one_divergence_message(home):
+    from mnist_flow.errors import TrainingDiverged
+
+    # every point of this space (the fitted seed configuration too) has lr 5: all trials diverge
+    with pytest.raises(TrainingDiverged, match=r"No trial of the study completed: 2 diverged") as caught:
+        flow_module.mnist(source="sample", n_trials=2, max_epochs=2, final_epochs=2, seed=0, workers=1, lr_min=5.0,
+                          lr_max=5.0, hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64)
+    assert "lr_max" in caught.value.fix
