@@ -19,8 +19,14 @@ PREFECT_SERVER_API_PORT ?= 4200
 # The work pool deployments/prefect.yaml names.
 WORK_POOL := mnist
 SERVICE_API_URL = $(or $(PREFECT_API_URL),http://127.0.0.1:$(PREFECT_SERVER_API_PORT)/api)
+# Flow-run heartbeats (seconds; Prefect's minimum is 30) sent by the runs `make worker` starts, and the
+# silence after which `make deploy`'s zombie automation marks a run Crashed (docs/service.md).
+PREFECT_FLOWS_HEARTBEAT_FREQUENCY ?= 30
+ZOMBIE_SECONDS ?= 90
+# Extra options of `prefect worker start`, e.g. WORKER_ARGS="--limit 1" (one flow run at a time).
+WORKER_ARGS ?=
 
-.PHONY: help install run test bench clean server deploy worker serve
+.PHONY: help install run test bench clean server deploy worker serve serve-model
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -42,21 +48,26 @@ server: install  ## start a Prefect server on 127.0.0.1:$PREFECT_SERVER_API_PORT
 	mkdir -p "$$PREFECT_HOME"
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_SERVER_API_PORT) --analytics-off
 
-deploy: install  ## create the process work pool if missing, then deploy deployments/prefect.yaml
+deploy: install  ## create the work pool if missing, deploy deployments/prefect.yaml, create/update the automations
 	mkdir -p "$$PREFECT_HOME"
 	export PREFECT_API_URL="$(SERVICE_API_URL)"; \
 	  $(BIN)/prefect work-pool inspect $(WORK_POOL) >/dev/null 2>&1 \
 	  || $(BIN)/prefect work-pool create $(WORK_POOL) --type process
 	cd "$(CURDIR)" && PWD="$(CURDIR)" PREFECT_API_URL="$(SERVICE_API_URL)" \
 	  $(BIN)/prefect deploy --prefect-file deployments/prefect.yaml --all --no-prompt
+	PREFECT_API_URL="$(SERVICE_API_URL)" $(BIN)/python flows/automations.py --zombie-seconds $(ZOMBIE_SECONDS)
 
 worker: install  ## start a process worker polling the work pool (WORK_POOL=mnist)
 	mkdir -p "$$PREFECT_HOME"
-	PREFECT_API_URL="$(SERVICE_API_URL)" $(BIN)/prefect worker start --pool $(WORK_POOL) --type process
+	PREFECT_API_URL="$(SERVICE_API_URL)" PREFECT_FLOWS_HEARTBEAT_FREQUENCY=$(PREFECT_FLOWS_HEARTBEAT_FREQUENCY) \
+	  $(BIN)/prefect worker start --pool $(WORK_POOL) --type process $(WORKER_ARGS)
 
 serve: install  ## serve the deployments of deployments/prefect.yaml in one process, no work pool
 	mkdir -p "$$PREFECT_HOME"
 	PREFECT_API_URL="$(SERVICE_API_URL)" $(BIN)/python flows/serve.py
+
+serve-model: install  ## the champion as an HTTP API on http://127.0.0.1:8000 (mnist-flow serve; ARGS="--port 9000")
+	$(BIN)/mnist-flow serve $(ARGS)
 
 test: install  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

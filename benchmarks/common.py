@@ -56,7 +56,8 @@ def fresh_home_env(home: str, threads: int = 1) -> dict[str, str]:
     no analytics, no server from the caller's shell, ``threads`` intra-op threads (one by default: see the
     threads section; OpenMP's own variable is pinned only then)."""
     env = {**os.environ, "MNIST_FLOW_HOME": home, "PREFECT_HOME": f"{home}/prefect",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": str(threads)}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MNIST_FLOW_THREADS": str(threads),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}  # a busy machine starts it slowly
     env.pop("PREFECT_API_URL", None)
     env.pop("OMP_NUM_THREADS", None)
     if threads == 1:

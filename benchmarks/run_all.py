@@ -36,13 +36,23 @@ BENCHES: dict[str, list[str]] = {
                            "--max-epochs", "4"],
     "memory": ["bench_memory.py", "--repeats", "3"],
     "compile": ["bench_compile.py", "--threads", "0", "--repeats", "3"],
+    "stability": ["bench_stability.py", "--parts", "guard", "corners", "final", "runs", "--datasets", "sample",
+                  "fashion-mnist", "--seeds", "0", "1", "2", "--threads", "1"],
     "search": ["bench_search.py", "--n-trials", "20", "--max-epochs", "8", "--seeds", "0", "1", "2", "--threads", "0"],
+    "contention": ["bench_contention.py"],
+    "memory_trials": ["bench_memory_trials.py", "--trials", "50"],
+}
+#: ``--quick``: the same benchmarks at small budgets, to check them (the figures do not meet the targets' budgets).
+QUICK: dict[str, list[str]] = {
+    "contention": ["bench_contention.py", "--quick"],
+    "memory_trials": ["bench_memory_trials.py", "--trials", "12"],
 }
 
 
-def run_bench(name: str, outdir: Path) -> dict[str, Any] | None:
+def run_bench(name: str, outdir: Path, quick: bool = False) -> dict[str, Any] | None:
     out = outdir / f"{name}.json"
-    cmd = [common.PYTHON, str(HERE / BENCHES[name][0]), *BENCHES[name][1:], "--out", str(out)]
+    spec = QUICK.get(name, BENCHES[name]) if quick else BENCHES[name]
+    cmd = [common.PYTHON, str(HERE / spec[0]), *spec[1:], "--out", str(out)]
     print(f"== {name}: {' '.join(cmd[1:])} (load {common.load_average()})", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE, stdout=subprocess.DEVNULL, text=True)
@@ -210,6 +220,73 @@ def section_memory(r: dict | None) -> list[str]:
     return lines + [""]
 
 
+def section_contention(r: dict | None) -> list[str]:
+    lines = ["## Contention", ""]
+    if r is None:
+        return lines + ["Not run (`python benchmarks/run_all.py --only contention`, about 70 minutes; add `--quick` "
+                        "for a 10-15 minute check at small budgets).", ""]
+    conditions = r["conditions"]
+    head = "| | " + " | ".join(conditions) + " |"
+    rule = "|---|" + "---:|" * len(conditions)
+    lines += [f"`{r['command']}` (load after: {r['load_after']}; median of {r['repeats']} round(s), every figure "
+              "of a round measured side by side, conditions and variants alternating). The neighbours are "
+              "`python -c \"while True: pass\"` processes. " + ("**Quick mode: small budgets, a check of the "
+                                                                "benchmark, not the targets' figures.**" if r["quick"]
+                                                                else ""), ""]
+    s = r["summary"]
+    if s.get("epoch"):
+        lines += [f"Seed configuration (784-500-256-10, SGD lr 0.01 momentum 0.9, batch 64) on Fashion-MNIST, "
+                  f"`mnist-flow train --epochs {r['epochs']} --json`: median seconds per epoch.", "", head, rule]
+        for variant, by in s["epoch"].items():
+            lines.append(f"| {variant} | " + " | ".join(f(by.get(c, {}).get("median_s")) for c in conditions) + " |")
+        lines.append("")
+    if s.get("tune"):
+        budget = " ".join(r["tune_budget"])
+        lines += [f"Tuning throughput: `flows/mnist.py` on Fashion-MNIST, `{budget}`: trials per minute of the tune "
+                  "stage (best validation accuracy).", "", head, rule]
+        for variant, by in s["tune"].items():
+            lines.append(f"| {variant} | " + " | ".join(
+                f"{f(by[c]['trials_per_minute'])} ({f(by[c]['best_val_accuracy'], 4)})" if c in by else "n/a"
+                for c in conditions) + " |")
+        lines.append("")
+    if s.get("make-run"):
+        budget = r["run_budget"] if isinstance(r["run_budget"], str) else "`" + " ".join(r["run_budget"]) + "`"
+        lines += [f"`make run` on Fashion-MNIST ({budget} budgets): wall seconds, peak RSS of the largest "
+                  "process, test accuracy.", "", "| condition | wall s | largest process peak MB | process tree peak MB "
+                  "| test accuracy | stages s |", "|---|---:|---:|---:|---:|---|"]
+        for condition, x in s["make-run"]["make run (defaults)"].items():
+            stages = x["runs"][-1]["stages"]
+            lines.append(f"| {condition} | {f(x['wall_s'], 1)} | {f(x['process_peak_mb'], 0)} | "
+                         f"{f(x['tree_peak_mb'], 0)} | {f(x['test_accuracy'], 4)} | "
+                         + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + " |")
+        lines.append("")
+    if r.get("targets"):
+        lines += ["| target | measured |", "|---|---:|"]
+        lines += [f"| {name} | {f(value, 2)} |" for name, value in r["targets"].items()]
+        lines.append("")
+    return lines
+
+
+def section_memory_trials(r: dict | None) -> list[str]:
+    lines = ["## Memory per trial", ""]
+    if r is None:
+        return lines + ["Not run (`python benchmarks/run_all.py --only memory_trials`).", ""]
+    lines += [f"`{r['command']}` ({r['env']}; load after: {r['load_after']}). RSS of the flow process "
+              f"(`flows/mnist.py --workers 1`, the trials in its own process) when it logs each trial; the slope is "
+              f"a least-squares fit from trial {r['slope_from_trial']} on.", "",
+              "| variant | RSS MB at trial 1 | at the last | MB per trial (RSS) | MB per trial (anonymous) |",
+              "|---|---:|---:|---:|---:|"]
+    for row in r["rows"]:
+        rss = list(row["rss_mb_by_trial"].values())
+        lines.append(f"| {row['variant']} | {f(rss[0], 0)} | {f(rss[-1], 0)} | "
+                     f"{', '.join(f(x) for x in row['slope_rss_mb_per_trial'])} | "
+                     f"{', '.join(f(x) for x in row['slope_anon_mb_per_trial'])} |")
+    lines += ["", "RSS (MB) by trial: " + "; ".join(
+        f"{row['variant']}: " + " ".join(f"{k}:{v:.0f}" for k, v in row["rss_mb_by_trial"].items()
+                                         if int(k) % 5 == 0 or int(k) == 1) for row in r["rows"]), ""]
+    return lines
+
+
 def section_search(r: dict | None) -> list[str]:
     lines = ["## Search efficiency", ""]
     if r is None:
@@ -240,6 +317,101 @@ def section_search(r: dict | None) -> list[str]:
     return lines
 
 
+def _acc(part: dict | None, key: str = "val") -> str:
+    if part and part.get("diverged"):
+        return "diverged"
+    return "n/a" if part is None or part.get(key) is None else f"{part[key]:.4f}"
+
+
+def section_stability(r: dict | None) -> list[str]:
+    lines = ["## Stability and the final fit", ""]
+    if r is None:
+        return lines + ["Not run.", ""]
+    lines += [f"`{r['command']}` ({r['threads']} thread(s); load after: {r['load_after']}).", "",
+              "The design these figures justify (README, \"Final fit\"): the final fit keeps the stretched one-cycle, "
+              "because longer training is what reaches the MNIST bar, and is guarded instead: a diverging epoch "
+              "restores the best state and goes on at half the rate, the best epoch by validation accuracy is "
+              "kept, and the trial's own recipe is retrained when the fit ends more than 0.3 points below the "
+              "trial.", ""]
+    if guard := r.get("guard"):
+        lines += ["### Divergence guard", "",
+                  f"One Fashion-MNIST epoch of `train_epoch` ({guard['steps_per_epoch']} steps of batch 128, 512-256, "
+                  f"bf16), median of {guard['repeats']} alternating rounds; the guard reads the running loss sum "
+                  "back (one device sync each) every `check_every` steps.", "",
+                  "| loss read back | reads per epoch | wall s | CPU s | vs end of epoch only |", "|---|---:|---:|---:|---:|"]
+        for row in guard["rows"]:
+            lines.append(f"| {row['variant']} | {row['reads']} | {f(row['wall_s'], 3)} | {f(row['cpu_s'], 3)} | "
+                         f"{100 * row['overhead']:+.1f} % |")
+        lines += [""]
+    if corners := r.get("corners"):
+        lines += ["### Every corner of the default search space, final fit", "",
+                  "`pipeline.fit_best` (guarded; best epoch kept) of each corner for the final budget; a recovery "
+                  "restores the best state so far and halves the rate.", "",
+                  "| data | hidden | lr | momentum | precision | recoveries | kept epoch | val acc | test acc | "
+                  "finite | s |", "|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|"]
+        for row in corners:
+            if row.get("failed"):
+                lines.append(f"| {row['dataset']} | {row['hidden']} | {row['lr']} | {row['momentum']} | "
+                             f"{row['precision']} | FAILED: {row['failed']} | | | | no | {row['seconds']} |")
+                continue
+            lines.append(f"| {row['dataset']} | {'-'.join(map(str, row['hidden']))} | {row['lr']} | {row['momentum']} | "
+                         f"{row['precision']} | {row['recoveries']} | {row['best_epoch']}/{row['epochs']} | "
+                         f"{row['val_accuracy']:.4f} | {row['test_accuracy']:.4f} | "
+                         f"{'yes' if row['finite'] else 'NO'} | {row['seconds']} |")
+        failed = sum(1 for row in corners if row.get("failed") or not row.get("finite"))
+        lines += ["", f"{len(corners)} fits, {failed} failed or non-finite.", ""]
+    if final := r.get("final"):
+        lines += ["### The final fit against its trial", "",
+                  "For one configuration (the best trial of issue 11 on the full MNIST) and each seed: the trial's own "
+                  "recipe (as the trial measured it), the one-cycle stretched over the final epochs without the guard "
+                  "(the final fit before issue 11) and `pipeline.final_fit` (stretched, guarded, best epoch kept, "
+                  "falling back to the trial's recipe when more than 0.3 points below it).", "",
+                  "| data | seed | trial val / test | stretched, unguarded val / test | final fit val / test | "
+                  "kept epoch | recoveries | final - trial val |", "|---|---:|---|---|---|---:|---:|---:|"]
+        for row in final:
+            trial, plain, fit = row["trial"], row["stretched_unguarded"], row["final_fit"]
+            gap = fit["val"] - trial["val"] if not trial.get("diverged") else float("nan")
+            lines.append(f"| {row['dataset']} | {row['seed']} | {_acc(trial)} / {_acc(trial, 'test')} | "
+                         f"{_acc(plain)} / {_acc(plain, 'test')} | {fit['val']:.4f} / {fit['test']:.4f} | "
+                         f"{fit['best_epoch']}/{fit['epochs']} | {fit['recoveries']} | "
+                         f"{'n/a (trial diverged)' if gap != gap else f'{100 * gap:+.2f} pt'} |")
+        lines += [""]
+        both = [row for row in final if row["stretched_unguarded"].get("test") is not None]
+        if both:
+            diffs = [row["final_fit"]["test"] - row["stretched_unguarded"]["test"] for row in both]
+            longer = [row["stretched_unguarded"]["test"] - row["trial"]["test"] for row in both]
+            lines += [f"- Where the stretched fit did not diverge ({len(both)} rows): training over the final epochs "
+                      f"instead of the trial's changed the test accuracy by {100 * min(longer):+.2f} to "
+                      f"{100 * max(longer):+.2f} points; keeping the best-validation epoch instead of the last by "
+                      f"{100 * min(diffs):+.2f} to {100 * max(diffs):+.2f} points (the validation split is small: "
+                      "the kept epoch is chosen on noise when the last epochs are level).", ""]
+    if runs := r.get("runs"):
+        lines += ["### The default run, three seeds (the quality bar)", "",
+                  "`flows/mnist.py` with every default (`make run`), a fresh home and a temporary Prefect API each, "
+                  "one intra-op thread, one run at a time. Bar: Fashion-MNIST test >= 0.895 every seed (target "
+                  "0.900); the full MNIST (>= 0.985 within 15 minutes on 2 cores) is not available here.", "",
+                  "| data | seed | best trial | trial val | final val | test | kept epoch | recoveries | "
+                  "registered | wall s |", "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+        for row in runs:
+            if row.get("failed"):
+                lines.append(f"| {row['dataset']} | {row['seed']} | FAILED: {row['failed']} | | | | | | | "
+                             f"{row['wall_s']} |")
+                continue
+            lines.append(f"| {row['dataset']} | {row['seed']} | #{row['best_trial']} | {row['trial_val']:.4f} | "
+                         f"{row['final_val']:.4f} | {row['test']:.4f} | {row['kept_epoch']}/{row['epochs']} | "
+                         f"{row['recoveries']} | v{row['version']} | {f(row['wall_s'], 0)} |")
+        lines += [""]
+        for dataset in dict.fromkeys(row["dataset"] for row in runs):
+            tests = [row["test"] for row in runs if row["dataset"] == dataset and not row.get("failed")]
+            failed = sum(1 for row in runs if row["dataset"] == dataset and row.get("failed"))
+            if tests:
+                lines.append(f"- {dataset}: test {min(tests):.4f} to {max(tests):.4f} (spread "
+                             f"{100 * (max(tests) - min(tests)):.2f} points, mean {sum(tests) / len(tests):.4f}) "
+                             f"over {len(tests)} runs; {failed} failed.")
+        lines += [""]
+    return lines
+
+
 def render(results: dict[str, dict | None], info: dict[str, Any], meta: dict[str, str], notes: str) -> str:
     lines = ["# Benchmarks", "",
              f"Generated by `{meta['command']}` (`make bench` runs `python benchmarks/run_all.py`, which skips the "
@@ -258,8 +430,11 @@ def render(results: dict[str, dict | None], info: dict[str, Any], meta: dict[str
     lines += section_threads(results.get("threads"))
     lines += section_compile(results.get("compile"))
     lines += section_search(results.get("search"))
+    lines += section_stability(results.get("stability"))
     lines += section_orchestration([results.get("orchestration"), results.get("orchestration_full")])
     lines += section_memory(results.get("memory"))
+    lines += section_contention(results.get("contention"))
+    lines += section_memory_trials(results.get("memory_trials"))
     if notes:
         lines += ["## Findings", "", notes.strip(), ""]
     return "\n".join(lines) + "\n"
@@ -272,6 +447,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", action="store_true", help="also run the pruner comparison (~10 minutes)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
+    parser.add_argument("--quick", action="store_true",
+                        help="small budgets for the contention and memory-per-trial benchmarks (a check, minutes)")
     parser.add_argument("--doc", type=Path, default=DOC)
     parser.add_argument("--keep", type=Path, default=None, help="also keep the JSON results in this folder")
     parser.add_argument("--from-results", type=Path, default=None,
@@ -287,7 +464,7 @@ def main() -> None:
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {**meta, "load": "see each section"}
     else:
         with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
-            results = {name: run_bench(name, Path(tmp)) for name in names}
+            results = {name: run_bench(name, Path(tmp), quick=args.quick) for name in names}
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 for out in Path(tmp).glob("*.json"):

@@ -93,7 +93,7 @@ def render(results: list[dict], args: argparse.Namespace, cpus: int, load: str, 
                      f"| {r['wall_s']} | {r['trials_per_min']} |")
     goal = "meets" if speedup >= 1.5 else "misses"
     fair = "meets" if vs_one_thread >= 1.5 else "misses"
-    lines += ["", f"**workers=2 against workers=1 (the flow's default: one process, every thread): {speedup:.2f}x** "
+    lines += ["", f"**workers=2 against workers=1 (the flow's default before issue 13: one process, every thread; the default is now workers=auto, single-threaded trial processes): {speedup:.2f}x** "
               f"({goal} the 1.5x goal).", "",
               f"**workers=2 against the best single process (one thread): {vs_one_thread:.2f}x** ({fair} it). "
               "This row is a reference, not a mode of the flow; it separates the two effects. Running two "

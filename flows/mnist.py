@@ -21,22 +21,26 @@ from prefect.utilities.callables import get_call_parameters
 
 from mnist_flow import pipeline
 from mnist_flow.data import DataBundle
-from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError
+from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError, quiet_user_error_tracebacks
+from mnist_flow.fsutil import PERMANENT_ERRNOS
 from mnist_flow.params import RunParams, with_run_parameters
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.registry import Registry
-from mnist_flow.scale import apply_threads
+from mnist_flow.scale import resolve_workers
 from mnist_flow.settings import Settings, load_settings
+from mnist_flow.threads import bound_native_caches, policy_for
+from mnist_flow.threads import describe as describe_threads
 from mnist_flow.train import select_device
+from mnist_flow.watchdog import Watchdog, stage_timeout
 
 try:
     from reporting import publish_decision, publish_review  # flows/ on sys.path: a script, or Prefect's loader
 except ModuleNotFoundError:
     from flows.reporting import publish_decision, publish_review  # imported as the namespace package `flows`
 try:
-    from trials import check_trial_workers, run_trial_workers
+    from trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 except ModuleNotFoundError:
-    from flows.trials import check_trial_workers, run_trial_workers
+    from flows.trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -47,6 +51,8 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
         return True
     except MnistFlowError:
         return False
+    except OSError as exc:  # a full disk or a read-only folder stays so: fail at once, not after 22 s of retries
+        return exc.errno not in PERMANENT_ERRNOS
     except Exception:
         return True
     return False
@@ -75,21 +81,33 @@ def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
+    After trial processes (``workers > 1``) it only finds the run's trials done (or runs what they left).
     """
     with Registry.from_settings(settings) as registry:
         warm_start = pipeline.champion_warm_start(registry, params.dataset)
     return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
                          progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
-                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
+                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
+                         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
+                         threads=policy_for(settings.threads))
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams) -> tuple:
-    """Train the best configuration for the final number of epochs."""
-    config = pipeline.final_config(best, params)
-    get_run_logger().info("final fit of trial #%d: %s", best.number, config.to_dict())
-    model, history = pipeline.fit_best(prepared, config, progress=LogProgress(get_run_logger()))
-    return model, config, history
+def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams,
+               settings: Settings) -> pipeline.FinalFit:
+    """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit).
+
+    More than one intra-op thread only while measured faster (mnist_flow.threads).
+    """
+    logger = get_run_logger()
+    logger.info("final fit of trial #%d (val accuracy %.4f): %s", best.number, best.value,
+                pipeline.final_config(best, params).to_dict())
+    threads = policy_for(settings.threads)
+    fitted = pipeline.final_fit(prepared, best, params, progress=LogProgress(logger), threads=threads)
+    for note in fitted.notes:
+        logger.info("final fit: %s", note)
+    logger.info("final fit: %s", describe_threads(threads))
+    return fitted
 
 
 @task(cache_policy=NO_CACHE)
@@ -101,21 +119,23 @@ def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
 
 
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
-def register(prepared: pipeline.Prepared, fitted: tuple, test: Any, study_name: str, trial_number: int,
+def register(prepared: pipeline.Prepared, fitted: pipeline.FinalFit, test: Any, study_name: str, trial_number: int,
              run_key: str, settings: Settings) -> Any:
-    """Register the model with its lineage (idempotent: a retry registers it once)."""
-    model, config, history = fitted
+    """Register the model with its lineage and the gate's decision, in one transaction (idempotent per run)."""
+    model, config, history = fitted.model, fitted.config, fitted.history
     with Registry.from_settings(settings) as registry:
-        version = pipeline.register_challenger(registry, prepared, model, config, history, test,
-                                               study_name=study_name, trial_number=trial_number, run_key=run_key,
-                                               flow_run_id=flow_run.id)
+        # registered and decided together: a crash never leaves a version without its decision
+        version, _ = pipeline.register_and_decide(registry, prepared, model, config, history, test,
+                                                  study_name=study_name, trial_number=trial_number, run_key=run_key,
+                                                  flow_run_id=flow_run.id, margin=settings.promotion_margin,
+                                                  alpha=settings.promotion_alpha, require_study=True)
     get_run_logger().info("registered %s v%d", version.name, version.version)
     return version
 
 
 @task(cache_policy=NO_CACHE)
 def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Settings) -> tuple:
-    """Champion/challenger gate: paired comparison on the same test set, decision recorded once."""
+    """Champion/challenger gate: the decision recorded with the version (a version without one is decided once)."""
     with Registry.from_settings(settings) as registry:
         version, decision = pipeline.decide_promotion(registry, prepared, version, test, flow_run_id=flow_run.id,
                                                       margin=settings.promotion_margin,
@@ -130,6 +150,7 @@ class CheckedFlow(Flow):
 
     def __call__(self, *args: Any, return_state: bool = False, wait_for: Any = None, **kwargs: Any) -> Any:
         RunParams.parse(**get_call_parameters(self.fn, args, kwargs))
+        self.retries = 0  # a direct call (terminal, script, test) fails fast; deployment runs keep their retries
         return super().__call__(*args, return_state=return_state, wait_for=wait_for, **kwargs)
 
     def validate_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -142,45 +163,99 @@ def checked_flow(**options: Any) -> Any:
     return lambda fn: CheckedFlow(fn=fn, **options)
 
 
-@checked_flow(name="mnist", log_prints=True)
+def _timeout(prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int],
+             history: Any = ()) -> float:
+    """A stage's timeout from its epoch budget (mnist_flow.watchdog.stage_timeout): a backstop for a hang."""
+    return stage_timeout(epochs, hidden, len(prepared.splits.train_y), history, multiple=settings.hang_multiple,
+                         min_seconds=settings.hang_min_seconds)
+
+
+# retries=1 (deployment runs): a run that failed (an outage outlasting the I/O tasks' retries, a stage timeout)
+# runs once more in its process, resuming its study (same run key). A crashed process is retried by the
+# service's automation (flows/automations.py, `make deploy`); see docs/service.md.
+@checked_flow(name="mnist", log_prints=True, retries=1, retry_delay_seconds=30)
 @with_run_parameters  # one keyword per RunParams field: Prefect's parameter schema comes from it
 def mnist(**parameters: Any) -> dict[str, Any]:
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
     params = RunParams.parse(**parameters)
+    quiet_user_error_tracebacks()  # Prefect's handlers exist now: a user error is logged as one message
     settings = load_settings()
-    apply_threads(settings.threads)
+    bound_native_caches()  # before the first matmul: oneDNN's kernel caches would grow with every trial
     quiet_optuna()
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)
     run_key = str(flow_run.id or pipeline.new_run_key())
-    check_trial_workers(params.workers, settings)  # workers > 1: a worker deployment and shared storage
+    n_workers = resolve_workers(params.workers, params.n_trials)
+    if params.trial_runner == "deployment":  # a worker deployment and storage that suits where its runs go
+        check_trial_workers(n_workers, settings)
     with watch("data"):
         bundle = fetch_data(params, settings)
         prepared = split_data(bundle, params, str(device))
     with watch("tune"):
-        if params.workers > 1:  # trial workers run the study; the task below then only finds it done
-            run_trial_workers(prepared, params, run_key, settings)
-        study, best = tune(prepared, params, settings, run_key)
+        # trial processes or trial worker runs run the study; the task below then only finds it done
+        if n_workers > 1 and params.trial_runner == "deployment":
+            run_trial_workers(prepared, params, run_key, settings, n_workers)
+        elif n_workers > 1:
+            run_local_trial_workers(prepared, params, run_key, settings, n_workers)
+        tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
+        study, best = tune.with_options(timeout_seconds=_timeout(
+            prepared, settings, tune_epochs, (params.hidden1_max, params.hidden2_max)))(
+            prepared, params, settings, run_key)
     with watch("train"):
-        fitted = train_best(prepared, best, params)
+        train_timeout = _timeout(prepared, settings, params.final_epochs,
+                                 (int(best.params["hidden1"]), int(best.params["hidden2"])),
+                                 study.get_trials(deepcopy=False))
+        fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params, settings)
     with watch("evaluate"):
-        test = evaluate(fitted[0], prepared)
+        test = evaluate(fitted.model, prepared)
     with watch("register"):
         version = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
         version, decision = gate(prepared, version, test, settings)
         publish_decision(decision, version, settings.resolved_database_url)
-    summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted[2],
-                                     watch.seconds, settings.resolved_database_url)
+    summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted.history,
+                                     watch.seconds, settings.resolved_database_url, notes=fitted.notes)
     get_run_logger().info("summary:\n%s", "\n".join(pipeline.summary_lines(summary)))
     publish_review(summary, study, version, settings.dashboard_url)
     return summary
+
+
+#: Seconds to wait for the temporary server at least: on a busy machine it takes longer than Prefect's 20 s.
+TEMPORARY_SERVER_STARTUP_S = 90
+
+
+def start_temporary_server() -> None:
+    """Without PREFECT_API_URL, start Prefect's temporary API now, tied to this process.
+
+    Prefect would start the same server (a singleton) on first use and stop it at exit; started here,
+    a watchdog also kills it when this process is killed (SIGKILL leaves no exit handler to run).
+    """
+    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
+
+    from mnist_flow.cli_flow import tie_to_this_process
+    from mnist_flow.errors import ConfigError
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_SERVER_STARTUP_S)
+    try:
+        server.start(timeout=timeout)
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(f"Prefect's temporary API server did not start: {str(exc).splitlines()[0][:200]}",
+                          fix="Run a server (`make server`) and set PREFECT_API_URL, or raise "
+                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine.") from None
+    if server.server_process is not None:
+        tie_to_this_process(server.server_process.pid)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python flows/mnist.py [--param value ...]`: validate, run the flow, print the summary."""
     from mnist_flow.cli_flow import run_flow_cli
 
-    return run_flow_cli(mnist, argv)
+    return run_flow_cli(mnist, argv, before_run=start_temporary_server)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def to_concurrency(value: int | dict[str, Any] | None) -> int | ConcurrencyLimit
     return ConcurrencyLimitConfig(**value) if isinstance(value, dict) else value
 
 
+def to_trigger(spec: dict[str, Any]) -> Any:
+    """One ``triggers:`` item of prefect.yaml as a deployment trigger (e.g. retrain on mnist-flow.data.changed)."""
+    from pydantic import TypeAdapter
+
+    from prefect.events import DeploymentTriggerTypes
+
+    return TypeAdapter(DeploymentTriggerTypes).validate_python(dict(spec))
+
+
 def build_deployment(config: dict[str, Any], repo: Path = REPO) -> RunnerDeployment:
     """A runner deployment from one prefect.yaml deployment (work pool and pull steps are ignored)."""
     flow = load_flow_from_entrypoint(str(repo / config["entrypoint"]))
@@ -61,6 +70,7 @@ def build_deployment(config: dict[str, Any], repo: Path = REPO) -> RunnerDeploym
         schedules=[to_schedule(item) for item in config.get("schedules") or []],
         concurrency_limit=to_concurrency(config.get("concurrency_limit")),
         enforce_parameter_schema=config.get("enforce_parameter_schema", True),
+        triggers=[to_trigger(spec) for spec in config.get("triggers") or []],
     )
 
 

@@ -15,18 +15,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
 from mnist_flow.params import RunParams
 from mnist_flow.db import dispose_storage, mask_url
-from mnist_flow.errors import ConfigError
+from mnist_flow.errors import ConfigError, MnistFlowError
 from mnist_flow.progress import LogProgress, quiet_optuna
-from mnist_flow.scale import apply_threads, check_shared_state, threads_per_worker
+from mnist_flow.scale import check_shared_state
 from mnist_flow.settings import Settings, load_settings
+from mnist_flow.threads import (AdaptiveThreads, FixedThreads, Policy, bound_native_caches, child_environment,
+                                describe, single_threaded_process)
 from mnist_flow.train import select_device
 from mnist_flow.tune import study_name_for, worker_id
+from mnist_flow.watchdog import Watchdog
 
 WORKER_DEPLOYMENT = "mnist-trials/worker"
 #: How long the parent waits for a Prefect worker to pick its trial runs up before giving up.
@@ -41,22 +45,45 @@ NO_DEPLOYMENT_FIX = ("Run the flow as a deployment on a Prefect server with work
 @flow(name="mnist-trials", log_prints=True)
 def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_index: int = 1) -> dict[str, Any]:
     """Run trials of the run ``run_key`` in the shared study until its ``n_trials`` are finished."""
-    import torch
-
-    run_params = RunParams.parse(**params)
     settings = load_settings()
+    # On one machine the trial processes share the CPUs: one thread each. On many, each has its machine's
+    # and the adaptive policy measures whether more than one thread pays there.
+    if settings.multi_host and not settings.threads:
+        bound_native_caches()
+        policy: Policy = AdaptiveThreads.for_cpus()
+    else:
+        single_threaded_process(settings.threads)
+        policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
+    return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
+
+
+@task(name="trial-process", cache_policy=NO_CACHE)
+def trial_process(params: dict[str, Any], run_key: str, study_name: str, worker_index: int,
+                  settings: Settings) -> dict[str, Any]:
+    """One trial process of a local ``workers > 1`` run (Prefect's ProcessPoolTaskRunner runs it)."""
+    single_threaded_process(settings.threads)
+    policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
+    return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
+
+
+def run_trials_here(params: dict[str, Any], run_key: str, study_name: str, worker_index: int, settings: Settings,
+                    threads: Policy, *, flow_run_id: Any = None) -> dict[str, Any]:
+    """Load the data, check it is the study's, run trials of ``run_key`` until its ``n_trials`` are finished.
+
+    The body of both kinds of trial worker: a run of the deployment `mnist-trials/worker` and a task of
+    a local process pool. ``params`` is the parent's :class:`RunParams` as JSON (``workers`` resolved).
+    """
+    run_params = RunParams.parse(**params)
     logger = get_run_logger()
-    # On one machine the trial processes share the CPUs; on many each one has its machine's.
-    threads = settings.threads or (None if settings.multi_host else threads_per_worker(run_params.workers))
-    apply_threads(threads)
     quiet_optuna()
     bundle = pipeline.load_data(run_params, settings)
     if study_name_for(bundle.name, bundle.fingerprint) != study_name:
         raise ConfigError(f"This worker's data ({bundle.name}, fingerprint {bundle.fingerprint[:12]}) is not the "
                           f"data of the study {study_name!r}.",
                           fix="Give every worker the same dataset files as the flow (same source and data_dir).")
-    prepared = pipeline.prepare(bundle, val_fraction=run_params.val_fraction, seed=run_params.seed,
-                                device=select_device(settings.device))
+    prepared = _for_trials(pipeline.prepare(bundle, val_fraction=run_params.val_fraction, seed=run_params.seed,
+                                            device=select_device(settings.device)))
+    del bundle
     url = settings.resolved_database_url
     storage = pipeline.study_storage(url, heartbeat_interval=settings.heartbeat_interval,
                                      heartbeat_grace=settings.heartbeat_grace)
@@ -68,16 +95,32 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
                               f"({mask_url(url)}).",
                               fix="Point MNIST_FLOW_DATABASE_URL of every worker to the flow's study "
                                   "database.") from None
-        logger.info("trial worker %d of %d (%s, %s torch threads) on run %s", worker_index, run_params.workers,
-                    worker_id(), torch.get_num_threads(), run_key)
-        study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run.id,
-                                 storage=storage, worker_index=worker_index, progress=LogProgress(logger))
+        logger.info("trial worker %d of %s (%s, %s) on run %s", worker_index, run_params.workers, worker_id(),
+                    describe(threads), run_key)
+        study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run_id,
+                                 storage=storage, worker_index=worker_index, progress=LogProgress(logger),
+                                 threads=threads, watchdog=Watchdog(multiple=settings.hang_multiple,
+                                                                    min_seconds=settings.hang_min_seconds))
         mine = [t.number for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()]
     finally:
         dispose_storage(storage)
     logger.info("trial worker %d ran trial(s) %s", worker_index, mine)
-    return {"worker": worker_id(), "flow_run_id": str(flow_run.id), "trials": mine}
+    return {"worker": worker_id(), "flow_run_id": str(flow_run_id), "trials": mine}
+
+
+def _for_trials(prepared: pipeline.Prepared) -> pipeline.Prepared:
+    """Only what trials read: the splits, the dataset's name and fingerprint. The raw images and the test
+    set (about 90 MB of Fashion-MNIST) are let go, so each trial process holds one copy of the data."""
+    from dataclasses import replace
+
+    def none(t: Any) -> Any:  # an empty tensor of the same kind (a [:0] view would keep the storage)
+        return t.new_empty((0, *t.shape[1:]))
+
+    b = prepared.bundle
+    bundle = replace(b, train_images=none(b.train_images), train_labels=none(b.train_labels),
+                     test_images=none(b.test_images), test_labels=none(b.test_labels))
+    return replace(prepared, bundle=bundle, test_x=none(prepared.test_x), test_y=none(prepared.test_y))
 
 
 # --- the parent's side (called by the `mnist` flow) ---------------------------------------------------------------
@@ -107,8 +150,8 @@ def check_trial_workers(workers: int, settings: Settings) -> None:
 
 
 def run_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: str,
-                      settings: Settings) -> list[Any]:
-    """Start ``params.workers`` runs of the worker deployment on the run's study and wait for them.
+                      settings: Settings, workers: int) -> list[Any]:
+    """Start ``workers`` runs of the worker deployment on the run's study and wait for them.
 
     Returns their final flow runs. Fails if none of them completed; a worker that failed while others
     completed costs only its unfinished trial, which the others (or the parent) run again.
@@ -122,10 +165,11 @@ def run_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: s
         study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
     finally:
         dispose_storage(storage)
-    parameters = {"params": params.flat(), "run_key": run_key, "study_name": study.study_name}
+    parameters = {"params": params.model_copy(update={"workers": workers}).flat(),
+                  "run_key": run_key, "study_name": study.study_name}
     runs = [run_deployment(WORKER_DEPLOYMENT, parameters={**parameters, "worker_index": index}, timeout=0,
                            flow_run_name=f"trials-{run_key[:8]}-{index}", idempotency_key=f"{run_key}:trials:{index}")
-            for index in range(1, params.workers + 1)]
+            for index in range(1, workers + 1)]
     logger.info("started %d trial worker run(s) of %s: %s", len(runs), WORKER_DEPLOYMENT,
                 ", ".join(r.name for r in runs))
     final = _wait_for(runs)
@@ -139,6 +183,82 @@ def run_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: s
         raise RuntimeError(f"No trial worker run completed; {final[0].name} ended "
                            f"{first.name if first else '?'}: {first.message if first else ''}")
     return final
+
+
+def run_local_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: str,
+                            settings: Settings, workers: int) -> list[dict[str, Any]]:
+    """Run the run's trials in ``workers`` single-threaded processes on this machine and wait for them.
+
+    Prefect's ``ProcessPoolTaskRunner`` starts the processes (spawned; each loads the data itself from
+    the cache or folder the flow read, so only a few parameters are pickled) and runs one
+    :func:`trial_process` task in each; their trial logs reach this flow run. Together they finish
+    exactly ``n_trials`` (mnist_flow.budget). A process that crashed (a kill breaks the whole pool)
+    costs only the trials that were running: they are failed once their heartbeat is stale and the
+    flow's own tune task, which runs next, finishes the budget (their configurations first).
+    """
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    logger = get_run_logger()
+    storage = pipeline.study_storage(settings.resolved_database_url, heartbeat_interval=settings.heartbeat_interval,
+                                     heartbeat_grace=settings.heartbeat_grace)
+    try:
+        study = pipeline.open_run_study(prepared, params, storage)  # the processes find it (and its seed trial)
+    finally:
+        dispose_storage(storage)
+    payload = params.model_copy(update={"workers": workers}).flat()
+    logger.info("running the trials in %d single-threaded processes (ProcessPoolTaskRunner)", workers)
+    with _shared_api(), child_environment(settings.threads), \
+            ProcessPoolTaskRunner(max_workers=workers, initializer=single_threaded_process,
+                                  initargs=(settings.threads,)) as runner:
+        futures = [runner.submit(trial_process, {"params": payload, "run_key": run_key,
+                                                 "study_name": study.study_name, "worker_index": index,
+                                                 "settings": settings})
+                   for index in range(1, workers + 1)]
+        outcomes = [_outcome(future) for future in futures]
+    done = []
+    for index, (state, error) in enumerate(outcomes, 1):
+        if state is not None and state.is_completed():
+            done.append(state.result())
+            continue
+        if isinstance(error, MnistFlowError):  # bad input or data: every process, and the flow, would fail so
+            raise error
+        # a crash (a killed process breaks the whole pool): go on without it
+        logger.warning("trial process %d ended %s (%s); the flow's tune task runs what is left of the run's "
+                       "trials", index, state.name if state is not None else "broken", error)
+    return done
+
+
+def _outcome(future: Any) -> tuple[Any, BaseException | None]:
+    """A trial process's final state and error (a broken pool raises instead of giving a state)."""
+    try:
+        future.wait()
+        state = future.state
+    except Exception as exc:
+        return None, exc
+    if state.is_completed():
+        return state, None
+    try:
+        state.result()
+    except Exception as exc:
+        return state, exc
+    return state, None
+
+
+def _shared_api() -> Any:
+    """The processes use this flow run's API: a local run's temporary server is named in the settings that
+    Prefect hands to them (else each would start a temporary server of its own, 10-20 s and ~200 MB each)."""
+    from contextlib import nullcontext
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one temporary server (Prefect keeps a single instance)
+    if not server.running:
+        return nullcontext()
+    return temporary_settings({PREFECT_API_URL: server.api_url})
 
 
 def _wait_for(runs: list[Any]) -> list[Any]:

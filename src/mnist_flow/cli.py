@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,11 +16,15 @@ from typing import Annotated, Optional
 import click
 import typer
 
-from mnist_flow.errors import ConfigError, MnistFlowError
-from mnist_flow.params import RunParams
-from mnist_flow.params import TrainConfig
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer 0.29 bundles its own click
+from typer.exceptions import Abort as TyperAbort
+from typer.exceptions import Exit as TyperExit
+from typer.exceptions import TyperException
+
+from mnist_flow.errors import INTERRUPTED, ConfigError, MnistFlowError, quiet_user_error_tracebacks
+from mnist_flow.params import RunParams, TrainConfig
 from mnist_flow.progress import quiet_optuna
-from mnist_flow.scale import apply_threads
+from mnist_flow.threads import bound_native_caches, policy_for
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Tune, train, evaluate and register MNIST classifiers.")
@@ -37,6 +42,30 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ConfigError(f"--hidden must be comma-separated integers, got {text!r}.",
                           fix="Pass e.g. --hidden 500,256.") from None
+
+
+def _check_train_values(hidden: tuple[int, ...], **values: float) -> None:
+    """Refuse non-finite numbers and values past the flow's caps (params.MAX_*) before any work."""
+    from mnist_flow import params as limits
+
+    caps = {"lr": limits.MAX_LR, "weight_decay": limits.MAX_WEIGHT_DECAY, "epochs": limits.MAX_EPOCHS,
+            "batch_size": limits.MAX_BATCH_SIZE, "seed": limits.MAX_SEED}
+    problems = []
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            problems.append(f"{flag} must be a finite number, got {value}")
+        elif name in caps and value > caps[name]:
+            problems.append(f"{flag} is at most {caps[name]}, got {value}" + (
+                f" ({limits.CAP_REASONS[name]})" if name in limits.CAP_REASONS else ""))
+    if values.get("seed", 0) < 0:
+        problems.append(f"--seed must be >= 0, got {values['seed']}")
+    if any(h > limits.MAX_WIDTH for h in hidden):
+        problems.append(f"--hidden widths are at most {limits.MAX_WIDTH}, got {list(hidden)} "
+                        f"({limits.CAP_REASONS['hidden']})")
+    if problems:
+        raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
+                          fix="Correct the value and run again.")
 
 
 #: `mnist-flow train` defaults: the seed tutorial's configuration (TrainConfig's defaults) on the run's data options.
@@ -68,18 +97,22 @@ def train(
     from mnist_flow.train import select_device
     from mnist_flow.params import resolve_precision
 
-    config = TrainConfig(hidden=_parse_hidden(hidden), lr=lr, momentum=momentum, batch_size=batch_size,
+    widths = _parse_hidden(hidden)
+    _check_train_values(widths, lr=lr, momentum=momentum, weight_decay=weight_decay, val_fraction=val_fraction,
+                        epochs=epochs, batch_size=batch_size, seed=seed)
+    config = TrainConfig(hidden=widths, lr=lr, momentum=momentum, batch_size=batch_size,
                          epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
                          precision=resolve_precision(precision)).validate()
     settings = load_settings(device=device)
-    apply_threads(settings.threads)
+    bound_native_caches()
     params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
                                       val_fraction=val_fraction)
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
     progress = _progress(not as_json)
     try:
-        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train")
+        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train",
+                                           threads=policy_for(settings.threads))
     finally:
         progress.close()
     test = pipeline.evaluate_test(model, prepared)
@@ -90,7 +123,7 @@ def train(
         "test_samples": int(prepared.test_y.numel()),
         "epoch_seconds": [round(s, 4) for s in history.column("seconds")],
         "train_loss": [round(v, 5) for v in history.column("train_loss")],
-        "val_accuracy": history.last.val_accuracy, "val_accuracy_per_epoch": history.column("val_accuracy"),
+        "val_accuracy": history.best.val_accuracy, "val_accuracy_per_epoch": history.column("val_accuracy"),
         "test_accuracy": test.accuracy, "test_loss": test.loss,
     }
     if as_json:
@@ -117,7 +150,7 @@ def tune(ctx: typer.Context) -> None:
     as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
     params = RunParams.parse(**args)
     settings = load_settings()
-    apply_threads(settings.threads)
+    bound_native_caches()
     watch = pipeline.Stopwatch()
     with watch("data"):
         bundle = pipeline.load_data(params, settings)
@@ -132,7 +165,8 @@ def tune(ctx: typer.Context) -> None:
         with watch("tune"):
             study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
                                         progress=progress, heartbeat_interval=settings.heartbeat_interval,
-                                        heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start)
+                                        heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
+                                        threads=policy_for(settings.threads))
     finally:
         progress.close()
     result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,
@@ -153,24 +187,57 @@ def _mount_subcommands() -> None:
     mount_review(app)  # dashboard, report, predict
 
 
+def _usage_line(exc: TyperException) -> str:
+    """A Typer/click usage error as one line: what was wrong, and where the help is."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "mnist-flow --help"
+    return f"error: {message} (see `{where}`)"
+
+
+_commands: dict[int, typer.core.TyperGroup] = {}
+
+
+def _command() -> typer.core.TyperGroup:
+    """The click command of ``app``, built once per set of commands (Typer rebuilds it on every call)."""
+    key = len(app.registered_commands) + 1000 * len(app.registered_groups)
+    if key not in _commands:
+        _commands[key] = typer.main.get_command(app)  # type: ignore[assignment]
+    return _commands[key]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one message on stderr and exit code 2, without a traceback."""
+    """Entry point: user errors become one message on stderr and exit code 2, without a traceback.
+
+    Usage errors (unknown option or command, a value of the wrong type or out of range, a missing
+    argument) are one line and exit 2; Ctrl-C is one line and exit 130.
+    """
     _mount_subcommands()
     quiet_optuna()
+    quiet_user_error_tracebacks()
     try:
-        app(args=argv, standalone_mode=False)
+        code = _command().main(args=argv, prog_name="mnist-flow", standalone_mode=False)
     except MnistFlowError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        return 130
+    except (click.exceptions.Exit, TyperExit) as exc:
+        code = exc.exit_code
+    except (click.exceptions.Abort, TyperAbort, KeyboardInterrupt):
+        code = 130
+    except SystemExit as exc:  # `tune`'s argparse: --help (0) or a usage error (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    except NoArgsIsHelpError:  # `mnist-flow` or `mnist-flow registry` alone: Typer printed the help; exit 2
+        return 2
+    except TyperException as exc:  # Typer 0.29's bundled click: not click.ClickException
+        typer.echo(_usage_line(exc) if isinstance(exc, UsageError) else f"error: {exc.format_message()}", err=True)
+        return exc.exit_code if isinstance(exc, UsageError) else 2
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    return 0
+    if code == 130:  # Typer turns KeyboardInterrupt into Exit(130) and, not standalone, returns it
+        typer.echo(INTERRUPTED, err=True)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mnist_flow.errors import ConfigError
 from mnist_flow.formatting import format_value as _fmt
 from mnist_flow.registry import ModelVersion, Registry
 from mnist_flow.settings import load_settings
@@ -23,9 +24,30 @@ NameOption = Annotated[str | None, typer.Option("--name", "-n", help="Model name
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON only.")]
 
 
+#: Versions are SQL INTEGERs: SQLite (and PostgreSQL's BIGINT) stop at 2**63 - 1.
+MAX_VERSION = 2**63 - 1
+VersionArgument = Annotated[int, typer.Argument(min=1, max=MAX_VERSION, help="Version to make champion.")]
+
+
+def check_ref(ref: str) -> str:
+    """A version reference as the user typed it: refuse numbers the database cannot hold (one ConfigError)."""
+    text = ref.strip()
+    digits = text[1:] if text[:1] in ("v", "V") else text
+    if digits.isascii() and digits.isdigit() and not 1 <= int(digits) <= MAX_VERSION:
+        raise ConfigError(f"Version {text[:40]!r} is out of range: versions are 1 to {MAX_VERSION}.",
+                          fix="Pass a version number from `mnist-flow registry list`, or an alias such as champion.")
+    if not text.isascii() or not text.isprintable():
+        raise ConfigError(f"Version or alias {text[:40]!r} has characters a version or alias cannot have.",
+                          fix="Pass a version number from `mnist-flow registry list`, or an alias such as champion.")
+    return text
+
+
 def _registry() -> Registry:
-    """The settings' registry; use it in a ``with`` block so its connections are closed."""
-    return Registry.from_settings(load_settings())
+    """The settings' registry; use it in a ``with`` block so its connections are closed.
+
+    A SQLite database that does not exist is refused (a mistyped path must not create an empty one).
+    """
+    return Registry.from_settings(load_settings(), create=False)
 
 
 def _echo_json(value: Any) -> None:
@@ -62,6 +84,7 @@ def list_command(name: NameOption = None, as_json: JsonOption = False) -> None:
 def show_command(ref: Annotated[str, typer.Argument(help="Version number or alias, e.g. champion.")],
                  name: NameOption = None, as_json: JsonOption = False) -> None:
     """Show one version with its metrics, dataset, artifact and lineage."""
+    ref = check_ref(ref)
     with _registry() as registry:
         version = registry.get(registry.resolve_name(name), ref)
     data = version.to_dict()
@@ -77,7 +100,7 @@ def show_command(ref: Annotated[str, typer.Argument(help="Version number or alia
 
 
 @registry_app.command("promote")
-def promote_command(version: Annotated[int, typer.Argument(help="Version to make champion.")],
+def promote_command(version: VersionArgument,
                     reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")],
                     name: NameOption = None) -> None:
     """Make VERSION the champion by hand (recorded in the history)."""

@@ -153,30 +153,139 @@ def check_database_exists(database_url: str) -> None:
                               fix="Run the flow or `mnist-flow tune` first, or set MNIST_FLOW_DATABASE_URL.")
 
 
-def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> WSGIServer:
-    """A threaded WSGI server bound to ``host:port`` serving optuna-dashboard on ``database_url``."""
+#: Methods that only read; optuna-dashboard changes the study on every other one (notes, deletes, tells...).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+READ_ONLY_MESSAGE = ("This dashboard is read-only: it refuses requests that change the study. "
+                     "Restart it with `mnist-flow dashboard --allow-write` to edit notes or delete studies.")
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _ip(host: str) -> Any:
+    """The host as an IP address, or None for a name."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _is_wildcard(host: str) -> bool:
+    """Whether a bind address listens on every interface (the unspecified address, or empty)."""
+    ip = _ip(host)
+    return host == "" or (ip is not None and ip.is_unspecified)
+
+
+class GuardedApp:
+    """WSGI middleware in front of optuna-dashboard: read-only unless asked, and only for its own Host.
+
+    * Any request that could change the study (a method other than GET/HEAD/OPTIONS) gets 403 and one
+      message, unless ``allow_write``; then a browser's cross-site request (an ``Origin`` of another
+      host) still gets 403, so a web page cannot post to it.
+    * A request whose ``Host`` header is not the address the server is bound to gets 421: a page that
+      rebinds its own DNS name to 127.0.0.1 reaches the port, but with its own name in ``Host``. Accepted:
+      the bound host, for a loopback bind also ``localhost``/``127.0.0.1``/``[::1]``, for a wildcard bind
+      (0.0.0.0) any IP address, and the names in ``allowed_hosts``; always with the bound port.
+    """
+
+    def __init__(self, app: Any, host: str, *, allow_write: bool = False, allowed_hosts: Iterable[str] = ()) -> None:
+        self.app, self.host, self.allow_write = app, host.strip("[]").lower(), allow_write
+        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        self.port: int | None = None  # set once the server is bound (port 0 picks one)
+
+    def _names(self) -> set[str]:
+        names = {self.host, f"[{self.host}]"} | self.allowed_hosts
+        ip = _ip(self.host)
+        if self.host == "localhost" or (ip is not None and ip.is_loopback):
+            names |= set(_LOOPBACK_NAMES)
+        return names
+
+    def host_allowed(self, header: str) -> bool:
+        """Whether a ``Host`` (or an ``Origin``'s host part) names this server: right name, right port."""
+        parts = _split_host(header)
+        if parts is None:
+            return False
+        name, port = parts
+        if (int(port) if port.isdigit() else 80 if not port else -1) != self.port:
+            return False
+        if _is_wildcard(self.host) and _ip(name) is not None:
+            return True
+        return name in self._names()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        if not self.host_allowed(environ.get("HTTP_HOST", "")):
+            return _refuse(start_response, "421 Misdirected Request",
+                           f"Host {environ.get('HTTP_HOST', '')[:100]!r} is not this dashboard's address; "
+                           "open it at the address it printed (or pass --allowed-host NAME).")
+        if method not in SAFE_METHODS:
+            if not self.allow_write:
+                return _refuse(start_response, "403 Forbidden", READ_ONLY_MESSAGE)
+            origin = environ.get("HTTP_ORIGIN")
+            if origin is not None and not self.host_allowed(origin.split("://", 1)[-1].rstrip("/")):
+                return _refuse(start_response, "403 Forbidden",
+                               f"Cross-site request from {origin[:100]!r} refused: changes come only from "
+                               "the dashboard's own pages.")
+        return self.app(environ, start_response)
+
+
+def _split_host(header: str) -> tuple[str, str] | None:
+    """``name:port``, ``[v6]:port`` or ``name`` as (name, port); None when it is malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        name, rest = header[:end + 1], header[end + 1:]
+        if end < 0 or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:]
+    else:
+        name, _, port = header.partition(":")
+    if not name or (port and not port.isdigit()):
+        return None
+    return name, port
+
+
+def _refuse(start_response: Any, status: str, message: str) -> list[bytes]:
+    import json
+
+    body = json.dumps({"reason": message}).encode()
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
+                          allow_write: bool = False, allowed_hosts: Iterable[str] = ()) -> WSGIServer:
+    """A threaded WSGI server bound to ``host:port`` serving optuna-dashboard on ``database_url``.
+
+    Read-only unless ``allow_write``; requests for another ``Host`` are refused (see :class:`GuardedApp`).
+    """
     from optuna_dashboard import wsgi
 
     from mnist_flow.db import dispose_storage, optuna_storage
 
     check_database_exists(database_url)
     storage = optuna_storage(database_url)
-    app = wsgi(storage)
+    app = GuardedApp(wsgi(storage), host, allow_write=allow_write, allowed_hosts=allowed_hosts)
     try:
-        return make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
-    except OSError as exc:
+        server = make_server(host, port, app, server_class=_ThreadedServer, handler_class=_QuietHandler)
+    except (OSError, OverflowError, ValueError) as exc:  # busy port, unknown host, a NUL byte in the name
         dispose_storage(storage)
-        raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
-                          fix="Pick a free port with --port, or stop what is using it.") from None
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"Cannot listen on {host[:80]}:{port}: {reason}.",
+                          fix="Pick a free port with --port (or stop what is using it), and for --host an address "
+                          "of this machine (default 127.0.0.1).") from None
+    app.port = server.server_address[1]
+    return server
 
 
 def serve(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-          out: TextIO | None = None) -> None:
+          out: TextIO | None = None, allow_write: bool = False, allowed_hosts: Iterable[str] = ()) -> None:
     """Serve optuna-dashboard on ``database_url`` until interrupted (Ctrl-C returns quietly)."""
     out = out or sys.stderr
-    server = make_dashboard_server(database_url, host, port)
+    server = make_dashboard_server(database_url, host, port, allow_write=allow_write, allowed_hosts=allowed_hosts)
     bound_host, bound_port = server.server_address[:2]
-    print(f"optuna-dashboard on http://{bound_host}:{bound_port}/ (database {mask_url(database_url)}); "
+    mode = "read-write" if allow_write else "read-only (--allow-write to edit)"
+    print(f"optuna-dashboard on http://{bound_host}:{bound_port}/, {mode} (database {mask_url(database_url)}); "
           "Ctrl-C stops it", file=out, flush=True)
     try:
         server.serve_forever(poll_interval=0.2)

@@ -4,13 +4,17 @@ Sources (``SOURCES``):
 
 * ``download``: the cache (``cache_dir/<name>/raw/``), else torchvision's mirrors (after any extra mirrors),
   each file checked against torchvision's md5 and written atomically.
-* ``dir``: a folder holding the four standard IDX files, gzipped or not. Any record counts are accepted;
-  files that claim the official counts must match the official checksums.
+* ``dir``: a folder holding the four IDX files (``train-images-idx3-ubyte`` or ``train-images.idx3-ubyte``,
+  each gzipped or not), or Keras' ``mnist.npz`` (``x_train``, ``y_train``, ``x_test``, ``y_test``; a folder
+  holding one, or the file itself). Any record counts are accepted; files that claim the official counts must
+  hold the official content (SHA-256 of the decompressed IDX data, whatever the container).
 * ``sample``: 5,000 real MNIST digits shipped in the package (MNIST only), so the pipeline runs offline.
 * ``auto``: the cache, then a download, then (MNIST only) the sample, with a warning saying what was used and why.
 
 Every load validates the IDX structure, the shapes, the counts and the label range, and fingerprints the
-decoded data (SHA-256) once.
+decoded data (SHA-256) once; every format gives the same fingerprint for the same content. Headers and sizes
+are checked before any data is read or decompressed (see :mod:`mnist_flow.idx`), so a bomb or an absurd file
+is refused after a few bytes.
 """
 
 from __future__ import annotations
@@ -18,27 +22,37 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
+import math
 import os
 import urllib.error
 import urllib.request
 import warnings
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.datasets
 
 from mnist_flow.errors import ConfigError, DataError, DownloadError
 from mnist_flow.fsutil import atomic_file
 from mnist_flow.idx import (
+    GZIP_MAGIC,
     MAGIC_IMAGES,
     MAGIC_LABELS,
+    MAX_NDIM,
+    MAX_PAYLOAD_BYTES,
+    IdxHeader,
+    content_sha256,
+    decode_idx_header,
+    gzip_size_bound,
+    load_idx,
     parse_idx,
-    parse_idx_header,
     read_idx,
-    read_idx_bytes,
     write_idx,
 )
 
@@ -78,6 +92,11 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+#: Other spellings of the same files, in order of preference after the standard one: the dot names of
+#: several widespread copies (``train-images.idx3-ubyte``).
+ALT_NAMES = {field: base.replace("-idx", ".idx") for field, base in FILES.items()}
+#: Keras' mnist.npz: bundle field -> array name.
+NPZ_KEYS = {"train_images": "x_train", "train_labels": "y_train", "test_images": "x_test", "test_labels": "y_test"}
 _OFFICIAL_COUNTS = {"train": 60_000, "test": 10_000}
 
 # SHA-256 of the official *decompressed* files. Fashion-MNIST: computed from Debian's dataset-fashion-mnist
@@ -85,8 +104,8 @@ _OFFICIAL_COUNTS = {"train": 60_000, "test": 10_000}
 # header (the file name was stripped and the mtime reset), so their md5 differs from torchvision's; putting
 # the header back (FNAME = the file name, mtime 1504176606 for train-*, 1504176627 for t10k-*) reproduces
 # torchvision's md5 for all four files, so these contents are verified to be the official ones.
-# MNIST: no copy of the official data was available to hash, so raw (uncompressed) MNIST files cannot be
-# verified; only the .gz files are, through torchvision's md5.
+# MNIST: the SHA-256 of the official uncompressed files as given in issue 16 (no full copy of MNIST is on this
+# machine to recompute them; the bundled sample is a subset).
 _OFFICIAL_RAW_SHA256: dict[str, dict[str, str]] = {
     "fashion-mnist": {
         "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -94,7 +113,26 @@ _OFFICIAL_RAW_SHA256: dict[str, dict[str, str]] = {
         "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
         "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
-    "mnist": {},
+    "mnist": {
+        "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+}
+
+# Size in bytes of the official .gz files, by torchvision's md5: a download is cut off there. Fashion-MNIST's
+# are Debian's sizes plus the file name its gzip header lacks (see above); MNIST's are the sizes of the files
+# served by LeCun's site and torchvision's mirrors.
+_OFFICIAL_GZ_SIZE: dict[str, int] = {
+    "f68b3c2dcbeaaa9fbdd348bbdeb94873": 9_912_422,  # mnist train-images-idx3-ubyte.gz
+    "d53e105ee54ea40749a09fcbcd1e9432": 28_881,  # mnist train-labels-idx1-ubyte.gz
+    "9fb629c4189551a2d022fa330f9573f3": 1_648_877,  # mnist t10k-images-idx3-ubyte.gz
+    "ec29112dd5afa0611ce80d1b7f02629c": 4_542,  # mnist t10k-labels-idx1-ubyte.gz
+    "8d4fb7e6c68d591d4c3dfef9ec88bf0d": 26_421_880,  # fashion-mnist train-images-idx3-ubyte.gz
+    "25c81989df183df01b3e8a0aad5dffbe": 29_515,  # fashion-mnist train-labels-idx1-ubyte.gz
+    "bef4ecab320f06d8554ea6380940ec79": 4_422_102,  # fashion-mnist t10k-images-idx3-ubyte.gz
+    "bb300cfdad3c16e7a12a480ee83cd310": 5_148,  # fashion-mnist t10k-labels-idx1-ubyte.gz
 }
 
 # SHA-256 of the bundled sample's files, as written by scripts/make_sample.py (also in sample/README.md).
@@ -170,33 +208,76 @@ def validate_source(name: str, source: str, data_dir: Path | None) -> None:
         return
     if data_dir is None:
         raise ConfigError("source='dir' needs a data folder, none was given.", fix="Pass the folder (--data-dir).")
-    folder = Path(data_dir).expanduser()
+    layout = _find_dir_files(Path(data_dir).expanduser())
+    if layout.npz is not None:  # the zip directory only: cheap, and names a missing array before any work
+        try:
+            with zipfile.ZipFile(layout.npz) as archive:
+                _npz_members(layout.npz, archive)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise _npz_error(layout.npz, f"not a valid .npz (zip) file ({exc}).") from None
+
+
+@dataclass(frozen=True)
+class _DirLayout:
+    """What a 'dir' source holds: the four IDX files (``idx``, field -> path) or one .npz file (``npz``)."""
+
+    idx: dict[str, Path]
+    npz: Path | None = None
+
+
+_DIR_FIX = (
+    "Pass the folder holding the four IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+    "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; dot names such as train-images.idx3-ubyte too; gzipped "
+    "or not), or Keras' mnist.npz (the folder holding it, or the file)."
+)
+
+
+def _find_dir_files(folder: Path) -> _DirLayout:
+    """What ``folder`` holds: the four IDX files, else one .npz; ``folder`` may also be the .npz file itself.
+
+    Per file, the first of ``NAME.gz``, ``NAME``, ``DOTNAME.gz``, ``DOTNAME`` that exists is used (a
+    torchvision raw folder holds both the .gz and the extracted file: the same content).
+    """
+    try:
+        return _scan_dir(folder)
+    except OSError as exc:  # e.g. a folder that cannot be listed
+        raise ConfigError(f"Data folder {folder} cannot be read ({exc.strerror or exc}).",
+                          fix="Check the folder's permissions, or pass another folder.") from None
+
+
+def _scan_dir(folder: Path) -> _DirLayout:
+    if folder.is_file() and folder.suffix == ".npz":
+        return _DirLayout({}, npz=folder)
     if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
-        raise ConfigError(f"Data folder {folder} {what}.", fix="Pass the folder holding the four IDX files.")
-    _find_dir_files(folder)
-
-
-def _find_dir_files(folder: Path) -> dict[str, Path]:
-    """Map each bundle field to the file in ``folder`` (``.gz`` preferred: it can be checked by md5)."""
+        what = "is not a folder or an .npz file" if folder.exists() else "does not exist"
+        raise ConfigError(f"Data folder {folder} {what}.", fix=_DIR_FIX)
     found: dict[str, Path] = {}
     missing: list[str] = []
     for field, base in FILES.items():
-        for candidate in (folder / f"{base}.gz", folder / base):
+        alt = ALT_NAMES[field]
+        for candidate in (folder / f"{base}.gz", folder / base, folder / f"{alt}.gz", folder / alt):
             if candidate.is_file():
                 found[field] = candidate
                 break
         else:
             missing.append(base)
-    if missing:
-        present = sorted(p.name for p in folder.iterdir())[:12] if folder.is_dir() else []
+    if not missing:
+        return _DirLayout(found)
+    npz = sorted(p for p in folder.glob("*.npz") if p.is_file())
+    if not found and len(npz) == 1:
+        return _DirLayout({}, npz=npz[0])
+    present = sorted(p.name for p in folder.iterdir())[:12]
+    if not found and len(npz) > 1:
         raise ConfigError(
-            f"Data folder {folder} lacks {', '.join(missing)} (as .gz or raw); it holds: "
-            f"{', '.join(present) or 'nothing'}.",
-            fix="Put the four standard IDX files there (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; gzipped or not).",
+            f"Data folder {folder} holds {len(npz)} .npz files ({', '.join(p.name for p in npz)}) and no IDX files: "
+            "which one to use is unclear.",
+            fix="Pass the .npz file itself as the data folder (--data-dir FOLDER/mnist.npz).",
         )
-    return found
+    raise ConfigError(
+        f"Data folder {folder} lacks {', '.join(missing)} (as .gz or raw, dash or dot name); it holds: "
+        f"{', '.join(present) or 'nothing'}.",
+        fix=_DIR_FIX,
+    )
 
 
 # --- decoding and checking -------------------------------------------------------------------------------------
@@ -206,59 +287,64 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _decode(field: str, raw: bytes, path: str) -> torch.Tensor:
-    """Parse one file's IDX bytes and check it is the kind of file its name says."""
+def _check_kind(field: str, where: str, magic: int, dims: tuple[int, ...]) -> None:
+    """A header (IDX, or an .npz array's as an IDX header) must be the kind of data its name says, with records."""
     is_images = field.endswith("images")
     expected_magic = MAGIC_IMAGES if is_images else MAGIC_LABELS
-    magic, dims, _ = parse_idx_header(raw, path=path)
     if magic != expected_magic:
         kind = "images" if is_images else "labels"
         raise DataError(
-            f"{path}: wrong IDX magic for {kind}: expected 0x{expected_magic:08x}, found 0x{magic:08x}.",
+            f"{where}: wrong IDX magic for {kind}: expected 0x{expected_magic:08x}, found 0x{magic:08x}.",
             fix="Check that the file is the one its name says (images vs labels), or replace it.",
         )
     if is_images and dims[1:] != IMAGE_SHAPE:
         raise DataError(
-            f"{path}: wrong image shape: expected 28x28, found {'x'.join(map(str, dims[1:]))}.",
+            f"{where}: wrong image shape: expected 28x28, found {'x'.join(map(str, dims[1:]))}.",
             fix="Use 28x28 MNIST-format images.",
         )
-    return parse_idx(raw, path=path)
+    if dims[0] == 0:
+        split = "training" if field.startswith("train") else "test"
+        raise DataError(
+            f"{where}: holds 0 records: the {split} set needs at least one.",
+            fix=f"Use a {split} file with records (a subset may be small, but not empty).",
+        )
 
 
-def _check_official(name: str, field: str, path: Path, stored: bytes, raw: bytes) -> None:
-    """Files claiming the official record count must be the official files."""
+def _read_field(field: str, path: Path, *, stored_md5: bool = False) -> tuple[torch.Tensor, str | None]:
+    """Read one IDX file, refusing the wrong kind of file from its header, before reading its payload."""
+    result = load_idx(path, stored_md5=stored_md5,
+                      check=lambda header: _check_kind(field, str(path), header.magic, header.dims))
+    return result.tensor, result.stored_md5
+
+
+def _check_official(name: str, field: str, where: str, array: torch.Tensor, *, gz: Path | None = None) -> None:
+    """Data claiming the official record count must be the official content (SHA-256 of the raw IDX file).
+
+    The content is checked, not the container: a re-gzipped official file, the raw file and the arrays of
+    Keras' mnist.npz all pass. ``gz``: the .gz file the data came from, whose md5 is named when refused.
+    """
     split = field.split("_")[0]
-    count = int.from_bytes(raw[4:8], "big")
+    count = int(array.shape[0])
     if count != _OFFICIAL_COUNTS[split]:
         return  # a user's subset: structure checks only
     base = FILES[field]
-    raw_sha = _OFFICIAL_RAW_SHA256[name].get(base)
-    if str(path).endswith(".gz"):
-        expected_md5 = _torchvision_resources(name)[f"{base}.gz"]
-        actual_md5 = _md5(stored)
-        if actual_md5 == expected_md5:
-            return
-        # A recompressed official file (e.g. Debian's) is still official if its content is.
-        if raw_sha is not None and hashlib.sha256(raw).hexdigest() == raw_sha:
-            return
-        also = f" and its content is not the official one (SHA-256 {raw_sha})" if raw_sha else ""
-        raise DataError(
-            f"{path}: claims the official {count} {name} records but is not the official file: "
-            f"expected md5 {expected_md5}, found {actual_md5}{also}.",
-            fix="Replace it with the official file, or use a subset with a different record count.",
-        )
-    if raw_sha is None:
-        # MNIST raw files: no official SHA-256 of the decompressed files is known here (torchvision only
-        # publishes the md5 of the .gz), so structure checks are all that can be done.
-        logger.info("%s: official-size raw %s file; no checksum known for raw files, not verified", path, name)
+    expected = _OFFICIAL_RAW_SHA256[name][base]
+    actual = content_sha256(array)
+    if actual == expected:
         return
-    actual_sha = hashlib.sha256(raw).hexdigest()
-    if actual_sha != raw_sha:
-        raise DataError(
-            f"{path}: claims the official {count} {name} records but is not the official file: "
-            f"expected SHA-256 {raw_sha}, found {actual_sha}.",
-            fix="Replace it with the official file, or use a subset with a different record count.",
-        )
+    also = ""
+    if gz is not None:
+        try:
+            stored_md5 = hashlib.md5(gz.read_bytes(), usedforsecurity=False).hexdigest()
+        except OSError:
+            stored_md5 = "unreadable"
+        also = (f"; nor is it the official .gz file: expected md5 "
+                f"{_torchvision_resources(name)[f'{base}.gz']}, found {stored_md5}")
+    raise DataError(
+        f"{where}: claims the official {count} {name} records but is not the official file: expected SHA-256 "
+        f"{expected}, found {actual} (of the uncompressed {base} content){also}.",
+        fix="Replace it with the official file, or use a subset with a different record count.",
+    )
 
 
 def _check_pairs(arrays: dict[str, torch.Tensor], paths: dict[str, str]) -> None:
@@ -270,9 +356,10 @@ def _check_pairs(arrays: dict[str, torch.Tensor], paths: dict[str, str]) -> None
                 f"{labels.shape[0]} labels: expected equal counts.",
                 fix="Use matching image and label files (the same subset of records).",
             )
-        if labels.numel() and int(labels.max()) >= NUM_CLASSES:
-            bad = int(labels.max())
-            where = int(torch.nonzero(labels >= NUM_CLASSES)[0])
+        bad_mask = (labels < 0) | (labels >= NUM_CLASSES)
+        if labels.numel() and bool(bad_mask.any()):
+            where = int(torch.nonzero(bad_mask)[0])
+            bad = int(labels[where])
             raise DataError(
                 f"{paths[f'{split}_labels']}: label out of range: expected 0..{NUM_CLASSES - 1}, "
                 f"found {bad} (first bad record: {where}).",
@@ -291,6 +378,8 @@ def _fingerprint(arrays: dict[str, torch.Tensor]) -> str:
 
 def _bundle(name: str, source: str, origin: str, arrays: dict[str, torch.Tensor], paths: dict[str, str]) -> DataBundle:
     _check_pairs(arrays, paths)
+    # Labels are bytes in every format once checked (IDX already is), so the fingerprint is format-independent.
+    arrays = {field: array.to(torch.uint8) for field, array in arrays.items()}
     return DataBundle(
         name=name,
         source=source,
@@ -308,13 +397,110 @@ def _bundle(name: str, source: str, origin: str, arrays: dict[str, torch.Tensor]
 
 
 def _load_dir(name: str, folder: Path) -> DataBundle:
-    files = _find_dir_files(folder)
+    layout = _find_dir_files(folder)
+    if layout.npz is not None:
+        return _load_npz(name, layout.npz)
     arrays: dict[str, torch.Tensor] = {}
-    for field, path in files.items():
-        stored, raw = read_idx_bytes(path)
-        arrays[field] = _decode(field, raw, str(path))
-        _check_official(name, field, path, stored, raw)
-    return _bundle(name, "dir", str(folder), arrays, {f: str(p) for f, p in files.items()})
+    for field, path in layout.idx.items():
+        arrays[field], _ = _read_field(field, path)
+        _check_official(name, field, str(path), arrays[field], gz=path if path.name.endswith(".gz") else None)
+    return _bundle(name, "dir", str(folder), arrays, {f: str(p) for f, p in layout.idx.items()})
+
+
+_NPZ_FIX = "Replace it with an intact mnist.npz (np.savez of uint8 x_train/x_test [N, 28, 28] and y_train/y_test [N])."
+
+
+def _npz_error(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: {what}", fix=_NPZ_FIX)
+
+
+def _npz_members(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The four arrays' zip entries (``x_train.npy``, ...), by field."""
+    infos = {info.filename: info for info in archive.infolist()}
+    missing = [f"{key}.npy" for key in NPZ_KEYS.values() if f"{key}.npy" not in infos]
+    if missing:
+        present = ", ".join(sorted(infos)[:12]) or "nothing"
+        raise DataError(
+            f"{path}: lacks {', '.join(missing)}; expected Keras' mnist.npz arrays x_train, y_train, x_test, "
+            f"y_test; it holds: {present}.",
+            fix=_NPZ_FIX,
+        )
+    return {field: infos[f"{key}.npy"] for field, key in NPZ_KEYS.items()}
+
+
+def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
+                info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Read an .npy entry's header; check its dtype, shape and declared size; return (shape, dtype).
+
+    Only the header is decompressed; the entry's declared size must be exactly what the header implies
+    (zipfile never decompresses past the declared size), so a zip bomb is refused here.
+    """
+    where = f"{path} ({info.filename})"
+    with archive.open(info) as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=4096)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle, max_header_size=4096)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        except (ValueError, SyntaxError, TypeError, OverflowError, EOFError) as exc:
+            raise _npz_error(path, f"{info.filename} is not a valid .npy array ({exc}).") from None
+        header_length = handle.tell()
+    is_images = field.endswith("images")
+    if dtype.hasobject or dtype.kind not in "ui" or dtype.fields is not None or dtype.subdtype is not None:
+        raise _npz_error(path, f"{info.filename} holds {dtype} data, expected "
+                         f"{'uint8 grey levels' if is_images else 'integer labels'} (object arrays are never loaded).")
+    if is_images and (dtype.kind != "u" or dtype.itemsize != 1):
+        raise _npz_error(path, f"{info.filename} holds {dtype} data, expected uint8 grey levels 0..255.")
+    if len(shape) != (3 if is_images else 1):
+        expected = "[N, 28, 28]" if is_images else "[N]"
+        raise _npz_error(path, f"{info.filename} has shape {list(shape)}, expected {expected}.")
+    magic = MAGIC_IMAGES if is_images else MAGIC_LABELS
+    _check_kind(field, where, magic, tuple(int(d) for d in shape))
+    data_size = math.prod(shape) * dtype.itemsize
+    if data_size > MAX_PAYLOAD_BYTES:
+        raise _npz_error(path, f"{info.filename} announces {list(shape)} = {data_size} bytes of data, more than "
+                         f"the limit of {MAX_PAYLOAD_BYTES} bytes.")
+    if info.file_size != header_length + data_size:
+        raise _npz_error(
+            path, f"{info.filename}: the zip entry's size and the array's header disagree: {list(shape)} {dtype} "
+            f"needs {header_length + data_size} bytes, the entry declares {info.file_size} (truncated, padded, "
+            "or a zip bomb).")
+    return tuple(int(d) for d in shape), dtype  # a Fortran-order array is read by numpy and made C-contiguous
+
+
+def _load_npz(name: str, path: Path) -> DataBundle:
+    """Keras' mnist.npz: checked entry by entry from the zip directory and .npy headers before reading data."""
+    arrays: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    try:
+        if not path.is_file():
+            raise DataError(f"{path}: is not a regular file.", fix="Pass the .npz file itself, or its folder.")
+        with zipfile.ZipFile(path) as archive:
+            members = _npz_members(path, archive)
+            headers = {field: _npz_header(path, field, archive, info) for field, info in members.items()}
+            with np.load(path, allow_pickle=False) as npz:
+                for field, key in NPZ_KEYS.items():
+                    shape, dtype = headers[field]
+                    array = npz[key]
+                    if array.shape != shape or array.dtype != dtype:  # changed since its header was checked
+                        raise _npz_error(path, f"{key} changed while it was read.")
+                    if field.endswith("labels"):
+                        array = array.astype(np.int64)
+                    arrays[field] = torch.from_numpy(np.ascontiguousarray(array))
+                    where[field] = f"{path} ({key})"
+    except zipfile.BadZipFile as exc:
+        raise _npz_error(path, f"not a valid .npz (zip) file ({exc}).") from None
+    except (zlib.error, EOFError, ValueError, RuntimeError, NotImplementedError, OverflowError) as exc:
+        raise _npz_error(path, f"cannot be read as Keras' mnist.npz ({type(exc).__name__}: {exc}).") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file's permissions.") from None
+    _check_pairs(arrays, where)  # labels in range before they become bytes
+    for field in FILES:
+        _check_official(name, field, where[field], arrays[field].to(torch.uint8))
+    return _bundle(name, "dir", str(path), arrays, where)
 
 
 def sample_dir() -> Path:
@@ -328,7 +514,11 @@ def _load_sample() -> DataBundle:
     paths: dict[str, str] = {}
     for field, base in FILES.items():
         path = folder / f"{base}.gz"
-        stored, raw = read_idx_bytes(path)
+        try:
+            stored = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: the bundled sample file cannot be read ({exc.strerror or exc}).",
+                            fix="Reinstall mnist-flow (the package data is damaged).") from None
         expected = SAMPLE_SHA256.get(path.name)
         actual = hashlib.sha256(stored).hexdigest()
         if actual != expected:
@@ -337,7 +527,7 @@ def _load_sample() -> DataBundle:
                 f"{expected}, found {actual}.",
                 fix="Reinstall mnist-flow (the package data is damaged).",
             )
-        arrays[field] = _decode(field, raw, str(path))
+        arrays[field], _ = _read_field(field, path)
         paths[field] = str(path)
     return _bundle("mnist", "sample", str(folder), arrays, paths)
 
@@ -383,15 +573,71 @@ class _BadContent(Exception):
     """A mirror answered, but with bytes that are not the expected file."""
 
 
+#: A download whose first this-many bytes hold no IDX header is cut off.
+_MAX_HEADER_PREFIX = 1 << 20
+
+
+def _sniff_header(prefix: bytes, url: str) -> IdxHeader | None:
+    """The IDX header at the start of the gzip bytes received so far (None: not enough yet).
+
+    Only the header is decompressed (at most 20 bytes of output), whatever the prefix holds.
+    """
+    if prefix[:2] != GZIP_MAGIC[: len(prefix[:2])]:
+        raise _BadContent(f"not gzip data: expected magic 1f8b, found {prefix[:2].hex()}")
+    try:
+        head = zlib.decompressobj(wbits=31).decompress(prefix, 4 + 4 * MAX_NDIM)
+    except zlib.error as exc:
+        raise _BadContent(f"corrupt gzip data ({exc})") from None
+    if len(head) < 4 or len(head) < 4 + 4 * head[3]:
+        if len(prefix) > _MAX_HEADER_PREFIX:
+            raise _BadContent(f"no IDX header in the first {len(prefix)} bytes")
+        return None
+    try:
+        return decode_idx_header(head, path=url)
+    except DataError as exc:
+        raise _BadContent(exc.message.removeprefix(f"{url}: ").rstrip(".")) from None
+
+
 def _fetch(url: str, md5: str, target: Path, timeout: float) -> None:
-    """Stream ``url`` into a temp file next to ``target``, check its md5, then rename it into place."""
+    """Stream ``url`` into a temp file next to ``target``, check its md5, then rename it into place.
+
+    The body is cut off at the expected size: the official file's size when the md5 is an official one,
+    else the most a gzip of what the IDX header (read from the first bytes) announces can take; a
+    ``Content-Length`` beyond that is refused before the body is read.
+    """
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     digest = hashlib.md5(usedforsecurity=False)
+    known = _OFFICIAL_GZ_SIZE.get(md5)
+    limit = known if known is not None else gzip_size_bound(MAX_PAYLOAD_BYTES + 4 + 4 * MAX_NDIM)
     # raising inside the block (a bad md5 included) leaves ``target`` untouched and removes the temp file
     with atomic_file(target) as out, urllib.request.urlopen(request, timeout=timeout) as response:
-        while chunk := response.read(1 << 20):
+        announced = response.headers.get("Content-Length")
+        announced_size = int(announced) if announced and announced.strip().isdigit() else None
+
+        def check_announced() -> None:
+            if announced_size is not None and announced_size > limit:
+                raise _BadContent(f"announces {announced_size} bytes, more than the expected {limit}")
+
+        check_announced()
+        prefix = b""
+        header: IdxHeader | None = None
+        received = 0
+        while chunk := response.read(min(1 << 20, limit + 1 - received)):
+            received += len(chunk)
+            if received > limit:
+                raise _BadContent(f"the body exceeds the expected {limit} bytes; cut off at {received}")
             digest.update(chunk)
             out.write(chunk)
+            if header is None and len(prefix) <= _MAX_HEADER_PREFIX:
+                prefix += chunk[: _MAX_HEADER_PREFIX + 1 - len(prefix)]
+                header = _sniff_header(prefix, url)
+                if header is not None:
+                    prefix = b""
+                    if known is None:
+                        limit = min(limit, gzip_size_bound(header.size))
+                        check_announced()
+                        if received > limit:
+                            raise _BadContent(f"the body exceeds the expected {limit} bytes; cut off at {received}")
         if digest.hexdigest() != md5:
             raise _BadContent(f"md5 mismatch: expected {md5}, found {digest.hexdigest()}")
 
@@ -415,11 +661,10 @@ def _load_cache_or_download(name: str, cache_dir: Path, mirrors: Sequence[str], 
             elif not path.exists():
                 continue
             try:
-                stored, raw = read_idx_bytes(path)
-                actual = _md5(stored)
+                tensor, actual = _read_field(field, path, stored_md5=True)
                 if actual != expected_md5:
                     raise DataError(f"{path}: md5 mismatch: expected {expected_md5}, found {actual}.")
-                arrays[field] = _decode(field, raw, str(path))
+                arrays[field] = tensor
                 break
             except DataError as exc:
                 if attempt == "download":

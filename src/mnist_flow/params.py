@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from mnist_flow.errors import ConfigError
@@ -33,6 +33,30 @@ PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
 PrecisionChoice = Literal["auto", "fp32", "bf16"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+# Caps: values past them are refused before any work, with the reason (CAP_REASONS).
+MAX_WIDTH = 4096
+MAX_TRIALS = 10_000
+MAX_EPOCHS = 1_000
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 64
+MAX_SEED = 2**31 - 1
+MAX_LR = 10.0
+MAX_WEIGHT_DECAY = 1.0
+
+#: Why a parameter has its cap (said when a value is refused for exceeding it).
+CAP_REASONS = {
+    "hidden": f"widths are capped at {MAX_WIDTH} to bound an epoch's time and memory; the default maximum is 1024",
+    "seed": f"seeds stop at {MAX_SEED}: Optuna's sampler (NumPy) takes seeds below 2**32 and adds offsets",
+    "epochs": f"epochs are capped at {MAX_EPOCHS}", "n_trials": f"a run is capped at {MAX_TRIALS} trials",
+    "batch_size": f"batches are capped at {MAX_BATCH_SIZE} (more than the training set)",
+    "workers": f"a run has at most {MAX_WORKERS} trial workers",
+    "lr": f"learning rates above {MAX_LR} diverge", "weight_decay": f"weight decay is capped at {MAX_WEIGHT_DECAY}",
+}
+
+
+def _cap_reason(field: str) -> str | None:
+    return next((why for key, why in CAP_REASONS.items() if key in field), None)
 
 
 def default_precision() -> Precision:
@@ -118,14 +142,14 @@ class SearchSpace(BaseModel):
     #: Widths are searched on this grid.
     hidden_step: ClassVar[int] = 64
 
-    lr_min: float = Field(1e-3, gt=0.0, description="Lower bound of the learning rate (log scale).")
-    lr_max: float = Field(0.3, gt=0.0, description="Upper bound of the learning rate.")
+    lr_min: float = Field(1e-3, gt=0.0, le=MAX_LR, description="Lower bound of the learning rate (log scale).")
+    lr_max: float = Field(0.3, gt=0.0, le=MAX_LR, description="Upper bound of the learning rate.")
     momentum_min: float = Field(0.5, ge=0.0, lt=1.0, description="Lower bound of the momentum.")
     momentum_max: float = Field(0.98, ge=0.0, lt=1.0, description="Upper bound of the momentum.")
-    hidden1_min: int = Field(128, ge=1, description="Lower bound of the first hidden layer's width.")
-    hidden1_max: int = Field(1024, ge=1, description="Upper bound of the first hidden layer's width.")
-    hidden2_min: int = Field(64, ge=1, description="Lower bound of the second hidden layer's width.")
-    hidden2_max: int = Field(512, ge=1, description="Upper bound of the second hidden layer's width.")
+    hidden1_min: int = Field(128, ge=1, le=MAX_WIDTH, description="Lower bound of the first hidden layer's width.")
+    hidden1_max: int = Field(1024, ge=1, le=MAX_WIDTH, description="Upper bound of the first hidden layer's width.")
+    hidden2_min: int = Field(64, ge=1, le=MAX_WIDTH, description="Lower bound of the second hidden layer's width.")
+    hidden2_max: int = Field(512, ge=1, le=MAX_WIDTH, description="Upper bound of the second hidden layer's width.")
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -156,8 +180,8 @@ class Recipe(BaseModel):
 
     model_config = _STRICT
 
-    batch_size: int = Field(128, ge=1, description="Mini-batch size.")
-    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay of SGD.")
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE, description="Mini-batch size.")
+    weight_decay: float = Field(5e-4, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 weight decay of SGD.")
     schedule: Schedule = Field("onecycle", description="Learning-rate schedule: onecycle or constant.")
     precision: PrecisionChoice = Field(
         "auto", description=("Training arithmetic: bf16 (bfloat16 matmuls, float32 weights, momentum and loss) where the "
@@ -173,12 +197,17 @@ class RunParams(BaseModel):
     dataset: DatasetName = Field("mnist", description="mnist or fashion-mnist.")
     source: SourceName = Field("auto", description=("Where the data comes from: auto (local cache, then download, then the bundled sample, with a "
                     "warning), download, dir or sample."))
-    data_dir: Path | None = Field(None, description="Folder with the four IDX files (for source=dir).")
-    n_trials: int = Field(20, ge=1, description="Optuna trials to finish in this run (COMPLETE or PRUNED).")
-    max_epochs: int = Field(8, ge=1, description="Epochs per trial (the pruner may stop a trial earlier).")
-    final_epochs: int = Field(24, ge=1, description="Epochs of the final fit of the best configuration.")
-    seed: int = Field(0, ge=0, description="Seeds the split, the sampler, the initial weights and the batch order.")
-    workers: int = Field(1, ge=1, description="Trial workers running the study at the same time (see Scale out).")
+    data_dir: Path | None = Field(None, description="Folder with the four IDX files, or Keras' mnist.npz (for source=dir).")
+    n_trials: int = Field(20, ge=1, le=MAX_TRIALS, description="Optuna trials to finish in this run (COMPLETE or PRUNED).")
+    max_epochs: int = Field(8, ge=1, le=MAX_EPOCHS, description="Epochs per trial (the pruner may stop a trial earlier).")
+    final_epochs: int = Field(24, ge=1, le=MAX_EPOCHS, description="Epochs of the final fit of the best configuration.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds the split, the sampler, the initial weights and the batch order.")
+    workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+        "auto", description="Trial processes running the study at the same time: auto (one per available CPU, "
+        "no more than n_trials and than the memory holds) or a number; 1 runs the trials in the flow's process.")
+    trial_runner: Literal["local", "deployment"] = Field(
+        "local", description="Where workers > 1 run: local (processes on this machine, Prefect's "
+        "ProcessPoolTaskRunner) or deployment (runs of mnist-trials/worker on any Prefect worker).")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
     recipe: Recipe = Field(default_factory=Recipe)
     space: SearchSpace = Field(default_factory=SearchSpace)
@@ -203,6 +232,16 @@ class RunParams(BaseModel):
                 values[key] = nested
         return values
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> Any:
+        """One message for ``workers`` (the union would report both of its members)."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS):
+            return value
+        raise ValueError(f"workers must be 'auto' or a whole number from 1 to {MAX_WORKERS}")
+
     @model_validator(mode="after")
     def _check(self) -> RunParams:
         if self.source == "dir" and self.data_dir is None:
@@ -218,7 +257,11 @@ class RunParams(BaseModel):
             params = cls(**values)
         except ValidationError as exc:
             raise ConfigError(describe_validation_error(exc), fix="Correct the parameter(s) and run again.") from None
-        data_lib.validate_source(params.dataset, params.source, params.data_dir)
+        try:
+            data_lib.validate_source(params.dataset, params.source, params.data_dir)
+        except (ValueError, OSError) as exc:  # e.g. a NUL byte or an over-long name in data_dir
+            raise ConfigError(f"Invalid parameter(s): data_dir: {exc} (got {str(params.data_dir)[:60]!r}).",
+                              fix="Pass the folder holding the four IDX files.") from None
         return params
 
     def base_config(self) -> TrainConfig:
@@ -315,8 +358,10 @@ def describe_validation_error(exc: ValidationError, prefix: str = "Invalid param
                                                 "finite_number"}:
             msg = "must be " + ("a finite number " if err["type"] == "finite_number" else "") + _range(info)
         given = err.get("input")
+        text = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
         shown = loc and not isinstance(given, dict) and err["type"] != "missing"
-        parts.append(f"{name}: {msg}" + (f" (got {given!r})" if shown else ""))
+        reason = _cap_reason(name) if err["type"] in ("less_than_equal", "less_than") else None
+        parts.append(f"{name}: {msg}" + (f" (got {text})" if shown else "") + (f" ({reason})" if reason else ""))
     return f"{prefix}: " + "; ".join(parts) + "."
 
 

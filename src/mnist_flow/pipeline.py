@@ -7,6 +7,7 @@ before any work starts.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,14 +22,14 @@ from mnist_flow import data as data_lib
 from mnist_flow.budget import fail_stale_trials, trial_lock
 from mnist_flow.dashboard import annotate_finished_trial
 from mnist_flow.db import dispose_storage, mask_url, optuna_storage
+from mnist_flow.errors import TrainingDiverged
 from mnist_flow.params import RunParams
 from mnist_flow.formatting import format_params
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
-from mnist_flow.train import EvalResult, History, evaluate, train_model
+from mnist_flow.train import EvalResult, History, all_finite, evaluate, train_model
 from mnist_flow.params import TrainConfig
-from mnist_flow.tune import (Objective, Splits, best_trial, config_from_params, last_value,
-                             open_study, recipe_of, run_study, study_name_for)
+from mnist_flow.tune import Objective, Splits, best_trial, config_from_params, last_value, open_study, recipe_of, run_study, study_name_for
 
 @dataclass(frozen=True)
 class Prepared:
@@ -91,7 +92,8 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
          flow_run_id: str | None = None, progress: Progress | None = None,
          storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
          heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0,
-         warm_start: Sequence[dict[str, Any]] = ()) -> tuple[optuna.Study, FrozenTrial]:
+         warm_start: Sequence[dict[str, Any]] = (), watchdog: Any = None,
+         threads: Any = None) -> tuple[optuna.Study, FrozenTrial]:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -111,7 +113,8 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
         study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
         fail_stale_trials(study)
         objective = Objective(prepared.splits, params.space, params.base_config(),
-                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id)
+                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id,
+                              watchdog=watchdog, threads=threads)
         progress.start_trials(params.n_trials)
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -129,6 +132,13 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
                   callbacks=[on_trial, annotate_finished_trial],
                   lock=trial_lock(storage_url, study.study_name))
         return study, best_trial(study, recipe_of(params.base_config()))
+    except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
+        from mnist_flow.db import permanent_error
+
+        permanent = permanent_error(storage_url, exc.__cause__) if exc.__cause__ is not None else None
+        if permanent is None:
+            raise
+        raise permanent from None  # a full disk, a read-only or damaged database: one message, no retry
     finally:
         if owned:  # the returned study stays readable: a later read opens a fresh connection
             dispose_storage(storage)
@@ -147,7 +157,7 @@ def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.
                       user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
                                   "search_space": params.space.to_dict(),
                                   "recipe": params.base_config().to_dict()},
-                      warm_start=warm_start)
+                      warm_start=warm_start, space=params.space)
 
 
 def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
@@ -160,19 +170,103 @@ def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
              "hidden2": hidden2}]
 
 
+#: Recoveries a final fit may make (restore the best state, halve the rate): 8 halvings take the rate
+#: down 256x, enough for the corner lr 0.3 x momentum 0.98 of the default space (tests/model/test_stability.py).
+FINAL_RECOVERIES = 8
+#: The registered model's validation accuracy may be at most this far below its trial's.
+FINAL_FIT_TOLERANCE = 0.003
+
+
 def fit_best(prepared: Prepared, config: TrainConfig, *, progress: Progress | None = None,
-             label: str = "final fit") -> tuple[torch.nn.Module, History]:
-    """Train ``config`` on the training split, watching the validation split."""
+             label: str = "final fit", threads: Any = None) -> tuple[torch.nn.Module, History]:
+    """Train ``config`` on the training split, watching the validation split.
+
+    Guarded (:func:`mnist_flow.train.fit`): a diverging epoch restores the best state so far and goes on
+    at a lower rate (``history.events``), and the model ends with the weights of its best epoch by
+    validation accuracy (``history.best_epoch``). Raises TrainingDiverged only when the recoveries
+    run out; the model returned has finite weights. ``threads``: a :mod:`mnist_flow.threads` policy.
+    """
     progress = progress or NullProgress()
     progress.start_epochs(label, config.epochs)
     s = prepared.splits
-    return train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=prepared.device,
-                       on_epoch=lambda stats: progress.epoch_done(stats, config.epochs))
+    model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=prepared.device,
+                                 on_epoch=lambda stats: progress.epoch_done(stats, config.epochs),
+                                 recover=FINAL_RECOVERIES, keep_best=True, threads=threads)
+    if not all_finite(model):  # cannot happen with a finite best checkpoint; never hand on a NaN model
+        raise TrainingDiverged(f"The {label} of {config.to_dict()} ended with non-finite weights.",
+                               fix="Lower the learning rate (lr_max) or the momentum (momentum_max).")
+    return model, history
 
 
 def final_config(trial: FrozenTrial, params: RunParams) -> TrainConfig:
     """The best trial's configuration, trained for ``final_epochs``."""
     return config_from_params(trial.params, params.base_config()).with_(epochs=params.final_epochs)
+
+
+def trial_config(trial: FrozenTrial, params: RunParams) -> TrainConfig:
+    """The best trial's exact recipe (its epochs and schedule): retraining it reproduces the trial."""
+    return config_from_params(trial.params, params.base_config())
+
+
+@dataclass(frozen=True)
+class FinalFit:
+    """The model to evaluate and register, the configuration that trained it, its history and what was done."""
+
+    model: torch.nn.Module
+    config: TrainConfig
+    history: History
+    notes: tuple[str, ...]
+
+
+def final_fit(prepared: Prepared, trial: FrozenTrial, params: RunParams, *,
+              progress: Progress | None = None, threads: Any = None) -> FinalFit:
+    """Fit the best trial's configuration over ``final_epochs``; never below the trial by more than 0.3 points.
+
+    1. The trial's configuration with its one-cycle stretched over ``final_epochs`` (longer training is
+       what reaches 98.5 % on MNIST), guarded: a diverging epoch restores the best state so far and goes
+       on at half the rate; the best epoch by validation accuracy is kept.
+    2. If that fit still diverged, or its best validation accuracy is more than
+       :data:`FINAL_FIT_TOLERANCE` below the trial's, the trial's own recipe (``max_epochs``, its schedule,
+       its seed) is retrained, which reproduces the trial, and the better of the two by validation
+       accuracy is registered. ``notes`` says what happened, for the log and the summary.
+
+    ``threads``: a :mod:`mnist_flow.threads` policy for both fits.
+    """
+    config, recipe = final_config(trial, params), trial_config(trial, params)
+    floor = (trial.value or 0.0) - FINAL_FIT_TOLERANCE
+    notes: list[str] = []
+    first: tuple[torch.nn.Module, History] | None = None
+    try:
+        first = fit_best(prepared, config, progress=progress, threads=threads)
+        notes += first[1].events
+        best = first[1].best
+        notes.append(f"final fit of trial #{trial.number}: {config.epochs} epochs, kept epoch {best.epoch} "
+                     f"(val accuracy {best.val_accuracy:.4f}; trial {trial.value:.4f})")
+        if best.val_accuracy >= floor or recipe == config:
+            return FinalFit(first[0], config, first[1], tuple(notes))
+        notes.append(f"val accuracy {best.val_accuracy:.4f} is more than {FINAL_FIT_TOLERANCE * 100:.1f} points "
+                     f"below trial #{trial.number}'s {trial.value:.4f}: retraining the trial's recipe "
+                     f"({recipe.epochs} epochs)")
+    except TrainingDiverged as exc:
+        if recipe == config:
+            raise TrainingDiverged(f"The final fit of trial #{trial.number} diverged: {exc.message}",
+                                   fix=exc.fix, epoch=exc.epoch, loss=exc.loss) from None
+        notes.append(f"final fit of trial #{trial.number} diverged ({exc.message}): retraining the trial's "
+                     f"recipe ({recipe.epochs} epochs)")
+    try:
+        model, history = fit_best(prepared, recipe, progress=progress, label="trial recipe", threads=threads)
+    except TrainingDiverged as exc:
+        if first is None:
+            raise TrainingDiverged(f"The final fit of trial #{trial.number} diverged, and so did its trial recipe "
+                                   f"({exc.message}).", fix=exc.fix, epoch=exc.epoch, loss=exc.loss) from None
+        notes.append(f"the trial recipe diverged too ({exc.message}): keeping the final fit")
+        return FinalFit(first[0], config, first[1], tuple(notes))
+    notes += history.events
+    notes.append(f"trial recipe: val accuracy {history.best.val_accuracy:.4f} at epoch {history.best.epoch}")
+    if first is not None and first[1].best.val_accuracy > history.best.val_accuracy:
+        notes.append("keeping the final fit (higher val accuracy)")
+        return FinalFit(first[0], config, first[1], tuple(notes))
+    return FinalFit(model, recipe, history, tuple(notes))
 
 
 def evaluate_test(model: torch.nn.Module, prepared: Prepared) -> EvalResult:
@@ -186,9 +280,13 @@ def model_name(dataset: str) -> str:
 
 
 def sidecar(bundle: data_lib.DataBundle) -> dict[str, Any]:
+    """How the model's inputs were made, for `predict` and `serve` to repeat exactly (see predict.Preprocessing)."""
+    from mnist_flow.predict import preparation_for
+
     return {"normalization": {"mean": data_lib.MEAN, "std": data_lib.STD, "scale": 255.0},
             "classes": list(bundle.classes), "input": {"height": 28, "width": 28, "channels": 1,
-                                                       "background": "dark"}}
+                                                       "background": "dark",
+                                                       "preparation": preparation_for(bundle.name)}}
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -203,6 +301,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"best params: trial #{best['trial']}: " + format_params(best["params"]),
         f"accuracy:    best trial val {best['val_accuracy']:.4f}; final model val "
         f"{summary['metrics']['val_accuracy']:.4f}, test {summary['metrics']['test_accuracy']:.4f}",
+        *([f"final fit:   epoch {fit['best_epoch']} of {fit['epochs']} kept (best val), "
+           f"{fit['recoveries']} divergence recover{'y' if fit['recoveries'] == 1 else 'ies'}"]
+          if (fit := summary.get("final_fit")) else []),
         f"registered:  {summary['model']['name']} v{summary['model']['version']} "
         + ("(champion)" if summary["model"]["champion"] else "(challenger, not promoted)")
         + (f": {summary['decision']['reason']}" if summary.get("decision") else ""),
@@ -237,29 +338,69 @@ def dashboard_command(database_url: str) -> str:
     return f"mnist-flow dashboard   # optuna-dashboard on {mask_url(database_url)}"
 
 
+def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, trial_number: int) -> str:
+    """The registration key of a run's model: a rerun of the run (same run key) finds its version again."""
+    return f"{flow_run_id or run_key}:{study_name}:{trial_number}"
+
+
 def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
-                        run_key: str, flow_run_id: str | None) -> Any:
-    """Register the model with its lineage; idempotent per run and trial, so a retry registers once."""
+                        run_key: str, flow_run_id: str | None, decision: Any = None,
+                        champion_version: int | None = None, require_study: bool = False) -> Any:
+    """Register the model with its lineage; idempotent per run and trial, so a retry registers once.
+
+    The metrics are those of the epoch whose weights the model holds (``history.best``). A model with a
+    non-finite weight or metric is refused as the divergence it is (TrainingDiverged), before the registry.
+    ``require_study`` (the flow, whose tune stage made the study): the study must still be in the database,
+    so a database deleted or replaced during the run is refused instead of re-created empty.
+    ``decision`` (against ``champion_version``) is recorded in the same transaction as the version.
+    """
     bundle = prepared.bundle
-    metrics = {"val_accuracy": history.last.val_accuracy, "val_loss": history.last.val_loss,
-               "test_accuracy": test.accuracy, "test_loss": test.loss, "train_loss": history.last.train_loss,
-               "epochs": len(history.epochs), "train_seconds": round(sum(history.column("seconds")), 3)}
+    kept = history.best
+    metrics = {"val_accuracy": kept.val_accuracy, "val_loss": kept.val_loss,
+               "test_accuracy": test.accuracy, "test_loss": test.loss, "train_loss": kept.train_loss,
+               "epochs": len(history.epochs), "train_seconds": round(sum(history.column("seconds")), 3),
+               "best_epoch": kept.epoch, "recoveries": history.recoveries}
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad or not all_finite(model):
+        what = f"non-finite {', '.join(bad)}" if bad else "non-finite weights"
+        raise TrainingDiverged(f"Not registered: the model of trial #{trial_number} has {what}: its training "
+                               "diverged.", fix="Lower the learning rate (lr_max) or the momentum (momentum_max) "
+                               "and run again.")
     return registry.register(
         model_name(bundle.name), model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics,
         dataset_name=bundle.name, dataset_fingerprint=bundle.fingerprint, study_name=study_name,
         trial_number=trial_number, flow_run_id=flow_run_id, seed=config.seed,
-        idempotency_key=f"{flow_run_id or run_key}:{study_name}:{trial_number}")
+        idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number),
+        require_study=require_study, decision=decision, champion_version=champion_version)
+
+
+def _gate(registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float,
+          alpha: float | None) -> Any:
+    """The gate's decision for a challenger with ``test`` results against ``champion`` (None: no champion yet)."""
+    from mnist_flow.promotion import decide
+
+    fingerprint = prepared.bundle.fingerprint
+    challenger_correct = test.predictions == prepared.test_y.cpu()
+    champion_correct = None
+    if champion is not None and champion.dataset_fingerprint == fingerprint:
+        champion_model, _, _ = registry.load(champion.name, champion.version)
+        champion_model.to(prepared.device)
+        champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
+    return decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
+                  champion_fingerprint=champion.dataset_fingerprint if champion else None,
+                  margin=margin, alpha=alpha)
 
 
 def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: EvalResult, *,
                      flow_run_id: str | None, margin: float, alpha: float | None) -> tuple[Any, Any]:
     """Compare the challenger with the champion on the same test set, record the decision, move the alias.
 
-    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run)
-    gets its recorded decision back instead of a second one.
+    Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run, or
+    :func:`register_and_decide`, which records the decision with the version) gets its recorded
+    decision back instead of a second one.
     """
-    from mnist_flow.promotion import Decision, decide
+    from mnist_flow.promotion import Decision
 
     name = version.name
     earlier = [d for d in registry.history(name) if d["challenger_version"] == version.version and d["actor"] == "gate"]
@@ -269,34 +410,61 @@ def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: Eval
     champion = registry.champion(name)
     if champion is not None and champion.version == version.version:
         return version, None  # made champion by hand in the meantime: nothing to decide
-    fingerprint = prepared.bundle.fingerprint
-    challenger_correct = test.predictions == prepared.test_y.cpu()
-    champion_correct = None
-    if champion is not None and champion.dataset_fingerprint == fingerprint:
-        champion_model, _, _ = registry.load(name, champion.version)
-        champion_model.to(prepared.device)
-        champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
-    decision = decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
-                      champion_fingerprint=champion.dataset_fingerprint if champion else None,
-                      margin=margin, alpha=alpha)
+    decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
     registry.record_decision(name, decision, challenger_version=version.version,
                              champion_version=champion.version if champion else None, flow_run_id=flow_run_id)
     return registry.get(name, version.version), decision
 
 
+#: How often the gate compares again when another run moved the champion while it was deciding.
+GATE_ATTEMPTS = 5
+
+
 def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
                         history: History, test: EvalResult, *, study_name: str, trial_number: int,
                         run_key: str, flow_run_id: str | None, margin: float,
-                        alpha: float | None) -> tuple[Any, Any]:
-    """:func:`register_challenger`, then :func:`decide_promotion`."""
-    version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
-                                  trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id)
-    return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
+                        alpha: float | None, require_study: bool = False) -> tuple[Any, Any]:
+    """Register the model and record the gate's decision in one transaction; return ``(version, decision)``.
+
+    There is no moment at which the version exists without its decision, so a process killed at any
+    point leaves either nothing (artifacts at most) or a decided version. A rerun with the same run key
+    finds its version: decided, it gets the recorded decision back; undecided (registered by
+    :func:`register_challenger` alone, e.g. by an older mnist-flow), it is decided once now.
+
+    ``require_study``: see :func:`register_challenger` (checked before anything is read, as a read would
+    create a deleted SQLite file again).
+    """
+    from mnist_flow.registry import ChampionMovedError
+
+    if require_study:
+        registry.require_database(study_name)
+    existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
+    if existing is not None:
+        return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,
+                                alpha=alpha)
+    name = model_name(prepared.bundle.name)
+    moved: ChampionMovedError | None = None
+    for _ in range(GATE_ATTEMPTS):
+        champion = registry.champion(name)
+        decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
+        try:
+            version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
+                                          trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id,
+                                          decision=decision, champion_version=champion.version if champion else None,
+                                          require_study=require_study)
+        except ChampionMovedError as exc:
+            moved = exc  # another run promoted its model meanwhile: compare with the new champion
+            continue
+        # the recorded decision: ours, or that of a concurrent registration with the same key that won
+        return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin,
+                                alpha=alpha)
+    assert moved is not None
+    raise moved
 
 
 def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, best: FrozenTrial, run_key: str,
                   version: Any, decision: Any, test: EvalResult, history: History, seconds: dict[str, float],
-                  database_url: str) -> dict[str, Any]:
+                  database_url: str, notes: Sequence[str] = ()) -> dict[str, Any]:
     """The dict the flow returns and the CLI prints."""
     from mnist_flow.tune import finished_trials
 
@@ -311,8 +479,10 @@ def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, be
                    "pruned": sum(t.state.name == "PRUNED" for t in mine), "in_study": len(study.trials)},
         "best": {"trial": best.number, "params": best.params, "val_accuracy": best.value},
         "params": params.flat(),
-        "metrics": {"val_accuracy": history.last.val_accuracy, "test_accuracy": test.accuracy,
+        "metrics": {"val_accuracy": history.best.val_accuracy, "test_accuracy": test.accuracy,
                     "test_loss": test.loss},
+        "final_fit": {"epochs": len(history.epochs), "best_epoch": history.best.epoch,
+                      "recoveries": history.recoveries, "notes": list(notes)},
         "model": {"name": version.name, "version": version.version, "champion": "champion" in version.aliases,
                   "artifact": version.artifact_uri},
         "decision": None if decision is None else {"outcome": decision.outcome, "reason": decision.reason,

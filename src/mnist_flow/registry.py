@@ -3,12 +3,18 @@
 Rows live in the study database (SQLite or PostgreSQL, tables prefixed ``mnist_flow_``); weights
 and their JSON sidecar live in an :class:`~mnist_flow.artifacts.ArtifactStore`. Artifacts are
 written before the row is inserted, so a crash leaves at worst an orphan artifact, never a row
-without its artifact. Loading checks the recorded SHA-256 before deserialising (safetensors only).
+without its artifact. A gate decision passed to :meth:`Registry.register` is recorded in the same
+transaction as the row, so a crash never leaves a version without its decision. Loading verifies every file that decides behaviour before using it: the
+weights' and the sidecar's SHA-256 recorded in the row (rows registered before the sidecar's digest
+was recorded: the content key in the artifact folder's name, which hashes both files), then the
+sidecar's values, and it builds the network from the shapes in the verified weights' safetensors
+header, so nothing is allocated from a claim that was not checked (safetensors only, never pickle).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKeyConstraint, Integer, String, Text,
-                        UniqueConstraint, func, select)
+                        UniqueConstraint, func, inspect, select, text)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -29,6 +35,7 @@ from mnist_flow.promotion import Decision
 from mnist_flow.provenance import code_version
 
 if TYPE_CHECKING:
+    from mnist_flow.predict import LoadedModel
     from mnist_flow.settings import Settings
 
 CHAMPION = "champion"
@@ -38,6 +45,15 @@ SIDECAR_FILE = "model.json"
 INSERT_ATTEMPTS = 10
 #: 8 attempts, backoff 0.1 s doubling to 2 s (x1-2 jitter): a write rides out a 7-14 s database outage.
 WRITE_ATTEMPTS = 8
+
+
+class ChampionMovedError(RegistryError):
+    """The champion changed between computing a gate decision and recording it: compare again."""
+
+    def __init__(self, name: str, expected: int | None, current: int | None) -> None:
+        super().__init__(f"The champion of {name!r} changed from {expected} to {current} during the gate.",
+                         fix="Run the gate again: the challenger must be compared with the current champion.")
+        self.current = current
 
 
 class Base(DeclarativeBase):
@@ -66,6 +82,7 @@ class ModelVersionRow(Base):
     code_version: Mapped[dict] = mapped_column(JSON)
     seed: Mapped[int | None] = mapped_column(BigInteger)
     idempotency_key: Mapped[str | None] = mapped_column(String(512))
+    sidecar_sha256: Mapped[str | None] = mapped_column(String(64))  # NULL: registered before 0002
 
 
 class AliasRow(Base):
@@ -136,6 +153,7 @@ class ModelVersion:
     seed: int | None
     aliases: tuple[str, ...]
     idempotency_key: str | None
+    sidecar_sha256: str | None = None
 
     @property
     def sidecar_uri(self) -> str:
@@ -171,7 +189,7 @@ def _to_version(row: ModelVersionRow, aliases: tuple[str, ...]) -> ModelVersion:
         dataset_fingerprint=row.dataset_fingerprint, artifact_uri=row.artifact_uri,
         artifact_sha256=row.artifact_sha256, study_name=row.study_name, trial_number=row.trial_number,
         flow_run_id=row.flow_run_id, code_version=dict(row.code_version or {}), seed=row.seed,
-        aliases=aliases, idempotency_key=row.idempotency_key,
+        aliases=aliases, idempotency_key=row.idempotency_key, sidecar_sha256=row.sidecar_sha256,
     )
 
 
@@ -196,17 +214,19 @@ def _json_ready(value: Any, what: str) -> Any:
 class Registry:
     """Model versions, aliases and promotion decisions in ``database_url``; artifacts in ``artifacts_url``."""
 
-    def __init__(self, database_url: str, artifacts_url: str) -> None:
+    def __init__(self, database_url: str, artifacts_url: str, *, create: bool = True) -> None:
+        """``create=False`` (read-only commands): a SQLite file that does not exist is refused, not created."""
         self.database_url = database_url
         self.artifacts_url = artifacts_url
+        self.create = create
         self._engine: Engine | None = None
         self._store: ArtifactStore | None = None
         self._migrated = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Registry:
+    def from_settings(cls, settings: Settings, *, create: bool = True) -> Registry:
         """A registry on the settings' database and artifacts URLs."""
-        return cls(settings.resolved_database_url, settings.resolved_artifacts_url)
+        return cls(settings.resolved_database_url, settings.resolved_artifacts_url, create=create)
 
     def __repr__(self) -> str:
         return f"Registry({db.mask_url(self.database_url)!r}, {db.mask_url(self.artifacts_url)!r})"
@@ -248,6 +268,8 @@ class Registry:
 
     def _ready(self) -> None:
         if not self._migrated:
+            if not self.create:
+                db.database_must_exist(self.database_url)
             self.migrate()
 
     def _read(self, fn: Any, attempts: int = 2) -> Any:
@@ -359,11 +381,24 @@ class Registry:
     def register(self, name: str, model: MLP, *, sidecar: dict, params: dict, metrics: dict,
                  dataset_name: str, dataset_fingerprint: str, study_name: str | None = None,
                  trial_number: int | None = None, flow_run_id: str | None = None, seed: int | None = None,
-                 idempotency_key: str | None = None) -> ModelVersion:
-        """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``)."""
+                 idempotency_key: str | None = None, require_study: bool = False, decision: Decision | None = None,
+                 champion_version: int | None = None) -> ModelVersion:
+        """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``).
+
+        ``require_study``: refuse (RegistryError) when the database no longer holds ``study_name``: a SQLite
+        file deleted during the run, or a database replaced by one whose studies do not include it. The
+        lineage of a registered model never points at a study that does not exist.
+
+        ``decision``: the gate's decision against ``champion_version``, recorded (and the champion alias
+        moved) in the same transaction as the new row; ChampionMovedError if the champion is no longer
+        ``champion_version`` by then. A version returned for an existing ``idempotency_key`` is returned
+        as it is, with whatever decision it has.
+        """
         validate_name(name)
         params = _json_ready(params, "params")
         metrics = _json_ready(metrics, "metrics")
+        if require_study:
+            self.require_database(study_name)
         if idempotency_key is not None:
             existing = self._by_key(idempotency_key)
             if existing is not None:
@@ -372,6 +407,8 @@ class Registry:
         digest = sha256(weights)
         sidecar_bytes = json.dumps(_json_ready({"architecture": model.architecture(), **sidecar}, "sidecar"),
                                    indent=2, sort_keys=True).encode()
+        _check_sidecar(json.loads(sidecar_bytes), model.architecture(), "the sidecar to register", error=ConfigError)
+        sidecar_digest = sha256(sidecar_bytes)
         # the folder hashes weights and sidecar together so equal weights with another sidecar never collide
         content_key = sha256(weights + b"\0" + sidecar_bytes)[:16]
         folder = f"{name}/{content_key}"
@@ -385,10 +422,23 @@ class Registry:
                 name=name, version=(latest or 0) + 1, created_at=datetime.now(UTC), params=params,
                 metrics=metrics, dataset_name=dataset_name, dataset_fingerprint=dataset_fingerprint,
                 artifact_uri=uri, artifact_sha256=digest, study_name=study_name, trial_number=trial_number,
-                flow_run_id=flow_run_id, code_version=versions, seed=seed, idempotency_key=idempotency_key)
+                flow_run_id=flow_run_id, code_version=versions, seed=seed, idempotency_key=idempotency_key,
+                sidecar_sha256=sidecar_digest)
+            if require_study:
+                self._require_study(session, study_name)
             session.add(row)
             session.flush()
-            return _to_version(row, ())
+            aliases: tuple[str, ...] = ()
+            if decision is not None:
+                current = self._current_champion(session, name)
+                if current != champion_version:
+                    raise ChampionMovedError(name, champion_version, current)
+                self._log(session, name, row.version, champion_version, decision.outcome, decision.reason,
+                          actor="gate", decision=decision, flow_run_id=flow_run_id)
+                if decision.outcome in ("promoted", "first"):
+                    self._move_alias(session, name, CHAMPION, row.version)
+                    aliases = (CHAMPION,)
+            return _to_version(row, aliases)
 
         for _ in range(INSERT_ATTEMPTS):
             try:
@@ -402,6 +452,33 @@ class Registry:
         raise RegistryError(
             f"Could not allocate a version number for {name!r} after {INSERT_ATTEMPTS} attempts.",
             fix="Too many concurrent registrations; run the registration again.")
+
+    def require_database(self, study_name: str | None) -> None:
+        """RegistryError if the (SQLite) database holding ``study_name`` no longer exists; nothing is created."""
+        path = db.sqlite_path(self.database_url) if db.is_sqlite(self.database_url) else None
+        if path is not None and not path.exists():
+            raise RegistryError(
+                f"The database {path} no longer exists: it was deleted or moved during the run, and the study "
+                f"{study_name!r} with it; the model is not registered (its lineage would point at a study that "
+                "does not exist).",
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+
+    def _require_study(self, session: Session, study_name: str | None) -> None:
+        connection = session.connection()
+        if not inspect(connection).has_table("studies"):
+            return  # a registry-only database (no Optuna study was ever run here): nothing to check against
+        found = connection.execute(text("SELECT 1 FROM studies WHERE study_name = :name"),
+                                   {"name": study_name}).first()
+        if found is None:
+            raise RegistryError(
+                f"The study {study_name!r} is not in the database {db.mask_url(self.database_url)}: the database "
+                "was replaced or the study deleted during the run; the model is not registered (its lineage would "
+                "point at a study that does not exist).",
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+
+    def by_key(self, key: str) -> ModelVersion | None:
+        """The version registered with idempotency key ``key``, or None."""
+        return self._by_key(key)
 
     def _by_key(self, key: str) -> ModelVersion | None:
         def query(session: Session) -> ModelVersion | None:
@@ -506,31 +583,163 @@ class Registry:
     # -- artifacts --------------------------------------------------------------------------
 
     def load(self, name: str, ref: str | int = CHAMPION) -> tuple[MLP, dict, ModelVersion]:
-        """The model, its sidecar and its version; the weights' SHA-256 is checked before deserialising."""
+        """The model, its sidecar and its version, each file verified before it is used.
+
+        The weights' SHA-256, then the sidecar's (recorded in the row; for older rows, the content key
+        of the artifact folder), then the sidecar's values; the network is built from the shapes in
+        the verified weights' header, which the sidecar's architecture must match. Any mismatch is an
+        ArtifactIntegrityError naming the file.
+        """
         version = self.get(name, ref)
-        data = self.store.read(version.artifact_uri)
+        data = self.store.read(version.artifact_uri, max_bytes=MAX_WEIGHTS_BYTES)
         actual = sha256(data)
         if actual != version.artifact_sha256:
             raise ArtifactIntegrityError(
                 f"artifact {version.artifact_uri} has SHA-256 {actual}, the registry recorded "
                 f"{version.artifact_sha256}: the file was modified; re-register or restore it",
                 fix="Restore the original file from a backup, or register the model again.")
+        sidecar_bytes = self.store.read(version.sidecar_uri, max_bytes=MAX_SIDECAR_BYTES)
+        _verify_sidecar_digest(version, data, sidecar_bytes)
         try:
-            sidecar = json.loads(self.store.read(version.sidecar_uri))
-            architecture = sidecar["architecture"]
-        except (ValueError, KeyError, TypeError):
+            sidecar = json.loads(sidecar_bytes)
+        except ValueError:
+            raise _sidecar_error(version.sidecar_uri, "it is not valid JSON") from None
+        try:
+            architecture = architecture_from_safetensors(data)
+        except ValueError as exc:
             raise ArtifactIntegrityError(
-                f"artifact sidecar {version.sidecar_uri} is not valid JSON with an 'architecture' entry",
-                fix="Restore the original file from a backup, or register the model again.") from None
+                f"artifact {version.artifact_uri} is not the weights of an MLP: {exc}",
+                fix="Restore both files of this version from a backup, or register the model again.") from None
+        _check_sidecar(sidecar, architecture, f"artifact sidecar {version.sidecar_uri}")
+        spec = sidecar.get("input") or {}
+        if "preparation" not in spec:
+            # written before the preparation was recorded: the (verified) row says which data it learnt from
+            from mnist_flow.predict import preparation_for
+
+            sidecar = {**sidecar, "input": {**spec, "preparation": preparation_for(version.dataset_name)}}
         try:
             model = MLP.from_safetensors(data, architecture)
         except (RuntimeError, SafetensorError, ConfigError, AttributeError, KeyError, TypeError, ValueError) as exc:
             # load_state_dict raises RuntimeError on shape or key mismatches, safetensors SafetensorError on bad bytes
             raise ArtifactIntegrityError(
-                f"artifact {version.artifact_uri} does not match the architecture in its sidecar "
-                f"{version.sidecar_uri} ({architecture!r}): {_brief(exc)}",
+                f"artifact {version.artifact_uri} cannot be loaded as the architecture its header gives "
+                f"({architecture!r}): {_brief(exc)}",
                 fix="Restore both files of this version from a backup, or register the model again.") from None
         return model, sidecar, version
+
+
+#: Far above any model the search space allows (1024x512 hidden: 3.3 MB); refused before reading.
+MAX_WEIGHTS_BYTES = 1 << 30
+MAX_SIDECAR_BYTES = 1 << 20
+_SAFETENSORS_HEADER_LIMIT = 1 << 20
+_LAYER_KEY = re.compile(r"^net\.(\d+)\.(weight|bias)$")
+_CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _sidecar_error(uri: str, problem: str) -> ArtifactIntegrityError:
+    return ArtifactIntegrityError(
+        f"artifact sidecar {uri} cannot be trusted: {problem}",
+        fix="Restore the original model.json of this version from a backup, or register the model again.")
+
+
+def _verify_sidecar_digest(version: ModelVersion, weights: bytes, sidecar_bytes: bytes) -> None:
+    """The sidecar's SHA-256 against the row, or (older rows) against the folder's content key."""
+    if version.sidecar_sha256 is not None:
+        actual = sha256(sidecar_bytes)
+        if actual != version.sidecar_sha256:
+            raise _sidecar_error(version.sidecar_uri, f"it has SHA-256 {actual}, the registry recorded "
+                                 f"{version.sidecar_sha256}: the file was modified")
+        return
+    # Rows registered before the sidecar digest was recorded: register() named the folder after
+    # sha256(weights + NUL + sidecar)[:16], which pins the sidecar to the (verified) weights.
+    key = version.artifact_uri.rsplit("/", 2)[-2] if version.artifact_uri.count("/") >= 2 else ""
+    if not _CONTENT_KEY.match(key):
+        raise _sidecar_error(version.sidecar_uri, "the registry holds no digest for it and its folder "
+                             f"name {key!r} is not a content key")
+    if sha256(weights + b"\0" + sidecar_bytes)[:16] != key:
+        raise _sidecar_error(version.sidecar_uri, f"it does not match the content key {key} of its folder "
+                             "(the weights and the sidecar were hashed together at registration): "
+                             "the file was modified")
+
+
+def architecture_from_safetensors(data: bytes) -> dict[str, Any]:
+    """The MLP architecture that the safetensors header of ``data`` describes, read without allocating tensors.
+
+    Raises ValueError unless the header is a chain of float32 ``net.<2i>.weight [out, in]`` and
+    ``net.<2i>.bias [out]`` whose sizes add up to exactly the bytes that follow the header.
+    """
+    if len(data) < 8:
+        raise ValueError("the file is too short for a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(_SAFETENSORS_HEADER_LIMIT, len(data) - 8):
+        raise ValueError(f"its header claims {size:,} bytes")
+    try:
+        header = json.loads(data[8:8 + size])
+    except ValueError:
+        raise ValueError("its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    layers: dict[int, dict[str, list[int]]] = {}
+    total = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        match = _LAYER_KEY.match(key)
+        if not match or not isinstance(entry, dict):
+            raise ValueError(f"unexpected tensor {key!r}")
+        shape = entry.get("shape")
+        if entry.get("dtype") != "F32" or not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 24 for n in shape):
+            raise ValueError(f"tensor {key!r} is not a float32 tensor of positive sizes")
+        layers.setdefault(int(match.group(1)), {})[match.group(2)] = shape
+        total += 4 * math.prod(shape)
+    if total != len(data) - 8 - size:
+        raise ValueError(f"its tensors need {total:,} bytes, the file holds {len(data) - 8 - size:,}")
+    indices = sorted(layers)
+    if not indices or indices != list(range(0, 2 * len(indices), 2)):
+        raise ValueError(f"its layers are {indices}, expected net.0, net.2, ...")
+    sizes: list[int] = []
+    for index in indices:
+        weight, bias = layers[index].get("weight"), layers[index].get("bias")
+        if weight is None or bias is None or len(weight) != 2 or bias != [weight[0]]:
+            raise ValueError(f"layer net.{index} lacks a [out, in] weight with its [out] bias")
+        if sizes and weight[1] != sizes[-1]:
+            raise ValueError(f"layer net.{index} takes {weight[1]} inputs, the layer before gives {sizes[-1]}")
+        if not sizes:
+            sizes.append(weight[1])
+        sizes.append(weight[0])
+    if len(sizes) < 3:
+        raise ValueError("it has no hidden layer")
+    return {"type": "mlp", "in_features": sizes[0], "hidden": sizes[1:-1], "num_classes": sizes[-1]}
+
+
+def _check_sidecar(sidecar: Any, architecture: dict[str, Any], where: str,
+                   error: type[Exception] = ArtifactIntegrityError) -> None:
+    """The sidecar's architecture equals ``architecture`` and its input description is usable."""
+    from mnist_flow.predict import Preprocessing, SidecarError
+
+    def fail(problem: str) -> Exception:
+        if error is ArtifactIntegrityError:
+            return _sidecar_error(where.removeprefix("artifact sidecar "), problem)
+        return error(f"{where} is not usable: {problem}.", fix="Register the model with a valid sidecar.")
+
+    if not isinstance(sidecar, dict):
+        raise fail("it is not a JSON object")
+    claimed = sidecar.get("architecture")
+    if not isinstance(claimed, dict) or claimed.get("type") != "mlp":
+        raise fail(f"its architecture {claimed!r} is not an 'mlp' entry")
+    expected = {"type": "mlp", "in_features": architecture["in_features"], "hidden": list(architecture["hidden"]),
+                "num_classes": architecture["num_classes"]}
+    if {**expected, **claimed} != expected or claimed.get("hidden") != expected["hidden"]:
+        raise fail(f"its architecture {claimed!r} does not match the weights ({expected!r})")
+    if expected["in_features"] != 28 * 28:
+        raise fail(f"the weights take {expected['in_features']} inputs, not 784 (28x28)")
+    try:
+        spec = Preprocessing.from_sidecar(sidecar)
+    except SidecarError as exc:
+        raise fail(str(exc)) from None
+    if "classes" in sidecar and len(spec.classes) != expected["num_classes"]:
+        raise fail(f"it names {len(spec.classes)} classes, the weights give {expected['num_classes']}")
 
 
 def _brief(exc: BaseException, limit: int = 300) -> str:
@@ -563,3 +772,19 @@ def _champion_stack(decisions: Any) -> list[int]:
             if not stack or stack[-1] != row.challenger_version:
                 stack.append(row.challenger_version)
     return stack
+
+
+def load_model(ref: str | int = "champion", *, name: str | None = None,
+               settings: Settings | None = None) -> LoadedModel:
+    """Load a registered model (alias or version number) with every file verified, for notebooks and scripts.
+
+    ``mnist_flow.load_model("champion").predict(["digit.png"])``; ``.preprocessing(image)`` gives the
+    model's input tensor. Settings come from the environment (``MNIST_FLOW_*``) unless given.
+    """
+    from mnist_flow.predict import LoadedModel, Preprocessing
+    from mnist_flow.settings import load_settings
+
+    settings = settings or load_settings()
+    with Registry.from_settings(settings) as registry:
+        model, sidecar, version = registry.load(registry.resolve_name(name), ref)
+    return LoadedModel(model, Preprocessing.from_sidecar(sidecar), version)

@@ -54,12 +54,94 @@ def check_shared_state(database_url: str, artifacts_url: str, *, workers: int, m
                           + " and ".join(problems) + ".", fix=SHARED_FIX)
 
 
-def available_cpus() -> int:
-    """CPUs this process may use (its affinity mask, so containers' limits are respected where set)."""
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (``cpu.max``).
+
+    A container limited to 1.5 CPUs (``docker run --cpus 1.5``) on a 16-core host gets 1 (the quota
+    rounded down, at least 1); ``os.cpu_count()`` would say 16.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    return max(1, min(cpus, int(quota))) if quota is not None else max(1, cpus)
+
+
+def cgroup_cpu_quota(cgroup_root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup v2 (``cpu.max``: quota / period) and its parents; None if unlimited."""
+    own = _own_cgroup()
+    if own is None:
+        return None
+    limits = []
+    path = os.path.normpath(os.path.join(cgroup_root, own.lstrip("/")))
+    root = os.path.normpath(cgroup_root)
+    while True:
+        try:
+            with open(os.path.join(path, "cpu.max")) as f:
+                quota, _, period = f.read().strip().partition(" ")
+            if quota != "max":
+                limits.append(int(quota) / int(period or 100_000))
+        except (OSError, ValueError):
+            pass
+        if path == root or not path.startswith(root):
+            break
+        path = os.path.dirname(path)
+    return min(limits) if limits else None
+
+
+def _own_cgroup() -> str | None:
+    """This process's cgroup v2 path (``0::/...`` in /proc/self/cgroup), or None without cgroup v2."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return line[3:].strip() or "/"
+    except OSError:
+        pass
+    return None
+
+
+#: Memory one trial process needs at its peak (Fashion-MNIST in float32, torch, Optuna, Prefect's engine):
+#: ``workers=auto`` starts no more processes than the available memory holds (docs/benchmarks.md).
+WORKER_MEMORY_BYTES = 1536 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: MemAvailable, capped by the cgroup v2 ``memory.max`` headroom."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    own = _own_cgroup()
+    if own is not None:
+        base = os.path.join("/sys/fs/cgroup", own.lstrip("/"))
+        try:
+            with open(os.path.join(base, "memory.max")) as f:
+                limit = f.read().strip()
+            with open(os.path.join(base, "memory.current")) as f:
+                current = int(f.read().strip())
+            if limit != "max" and available is not None:
+                available = min(available, int(limit) - current)
+        except (OSError, ValueError):
+            pass
+    return available
+
+
+def resolve_workers(workers: int | str, n_trials: int, cpus: int | None = None,
+                    memory: int | None = None) -> int:
+    """The number of trial processes: ``workers`` as given, or for ``"auto"`` one per available CPU,
+    no more than the trials and than the available memory holds (at least 1)."""
+    if workers != "auto":
+        return max(1, int(workers))
+    cpus = cpus if cpus is not None else available_cpus()
+    memory = memory if memory is not None else available_memory()
+    by_memory = max(1, memory // WORKER_MEMORY_BYTES) if memory is not None else cpus
+    return max(1, min(cpus, n_trials, by_memory))
 
 
 def threads_per_worker(workers: int, cpus: int | None = None) -> int:

@@ -28,7 +28,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".mnist-flow"), description="Folder for the database, data cache and artifacts.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home)."
+        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home).",
+        repr=False,  # it may hold a password: never in a repr, a log line or a Prefect task's parameters
     )
     artifacts_url: str | None = Field(
         None, description="fsspec URL where model artifacts are written (default: home/artifacts)."
@@ -38,10 +39,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Extra dataset mirrors (comma-separated URLs), tried before torchvision's."
     )
     device: Device = Field("auto", description="Training device: auto picks CUDA, then MPS, then CPU.")
-    threads: int | None = Field(None, ge=1, description="Torch intra-op threads (default: torch's choice).")
+    threads: int | None = Field(None, ge=1, le=4096, description="Torch intra-op threads (default: torch's choice).")
     dashboard_url: str | None = Field(None, description="URL of a running optuna-dashboard, linked from runs.")
     max_image_pixels: int = Field(
-        20_000_000, ge=1, description="Largest image (in pixels) that `mnist-flow predict` accepts."
+        20_000_000, ge=1, le=1_000_000_000, description="Largest image (in pixels) that `mnist-flow predict` accepts."
     )
     promotion_margin: float = Field(
         0.0, ge=0.0, le=1.0, description="Test-accuracy gain a challenger needs over the champion."
@@ -50,11 +51,18 @@ class Settings(BaseSettings):
         0.05, gt=0.0, le=1.0, description="Significance level of the McNemar test for promotion (unset: no test)."
     )
     heartbeat_interval: int = Field(
-        10, ge=1, description="Seconds between a running trial's heartbeats in the study database."
+        10, ge=1, le=3600, description="Seconds between a running trial's heartbeats in the study database."
     )
     heartbeat_grace: int = Field(
-        60, ge=1, description="Seconds without a heartbeat after which a trial is failed and retried "
+        60, ge=1, le=7 * 86400, description="Seconds without a heartbeat after which a trial is failed and retried "
         "(a killed worker's trial)."
+    )
+    hang_multiple: float = Field(
+        10.0, ge=1.0, description="A trial with no progress for this many times its expected epoch time is "
+        "failed and retried (a stuck process; see docs/service.md)."
+    )
+    hang_min_seconds: float = Field(
+        120.0, gt=0.0, description="The hang limit of a trial is never shorter than this many seconds."
     )
     multi_host: bool = Field(
         False, description="Trial workers (workers > 1) may run on other machines: SQLite and local-disk "
@@ -66,6 +74,35 @@ class Settings(BaseSettings):
     def _split_mirrors(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("artifacts_url")
+    @classmethod
+    def _persistent_artifacts(cls, value: str | None) -> str | None:
+        # memory:// (gone with the process) or http:// (read-only) cannot keep a registered model's files
+        from mnist_flow.artifacts import check_artifacts_url
+
+        if value is None:
+            return value
+        try:
+            return check_artifacts_url(value)
+        except ConfigError as exc:
+            raise ValueError(f"{exc.message} {exc.fix}".rstrip(".")) from None
+
+    @field_validator("home", "data_dir")
+    @classmethod
+    def _folder_or_nothing_yet(cls, value: Path | None) -> Path | None:
+        """A folder setting must name a folder, or a path that can become one (not a file, nor under one)."""
+        if value is None:
+            return value
+        try:
+            path = value.expanduser().absolute()
+            existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL byte, name too long, no home for ~
+            raise ValueError(f"{str(value)[:80]!r} is not a usable path ({exc})") from None
+        if existing is not None and not existing.is_dir():
+            where = "is a file" if existing == path else f"is under the file {existing}"
+            raise ValueError(f"{str(value)[:80]!r} {where}, not a folder")
         return value
 
     @field_validator("promotion_alpha", mode="before")
@@ -93,8 +130,10 @@ class Settings(BaseSettings):
 
 
 def _unknown_env_keys() -> list[str]:
+    # Case-insensitive, like pydantic-settings itself: `mnist_flow_threads` is honoured, so a lower-case
+    # typo (`mnist_flow_theads`) must be refused too, not silently ignored.
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and k.upper() not in known)
+    return sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -110,6 +149,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+            f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
         )
         raise ConfigError(f"Invalid setting: {problems}.", fix="Correct the value and run again.") from None

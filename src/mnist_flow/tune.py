@@ -10,6 +10,7 @@ run the same study at once: see :mod:`mnist_flow.budget` for the design.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -22,12 +23,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow.budget import Step, TrialBudget, ran_here
-from mnist_flow.locks import Lock
-from mnist_flow.errors import ConfigError
-from mnist_flow.params import SearchSpace
+from mnist_flow.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
+from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.train import EpochStats, train_model
-from mnist_flow.params import TrainConfig
+from mnist_flow.params import SearchSpace, TrainConfig
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -74,9 +73,12 @@ class Objective:
     def __init__(self, splits: Splits, space: SearchSpace, base: TrainConfig, *,
                  device: torch.device | str = "cpu", run_key: str | None = None,
                  flow_run_id: str | None = None,
-                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None) -> None:
+                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None,
+                 watchdog: Any = None, threads: Any = None) -> None:
         self.splits, self.space, self.base, self.device = splits, space, base, device
         self.run_key, self.flow_run_id, self.on_epoch = run_key, flow_run_id, on_epoch
+        self.watchdog = watchdog  # a mnist_flow.watchdog.Watchdog: fails (and re-queues) a trial that hangs
+        self.threads = threads  # a mnist_flow.threads policy (None: torch's current thread count)
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
@@ -88,7 +90,13 @@ class Objective:
             trial.set_user_attr("flow_run_id", self.flow_run_id)
         curve: dict[str, list[float]] = {"val_accuracy": [], "train_loss": [], "epoch_seconds": []}
 
+        dog = None if self.watchdog is None else self.watchdog.watch(
+            trial, hidden=config.hidden, train_samples=len(self.splits.train_y),
+            history=trial.study.get_trials(deepcopy=False, states=FINISHED))
+
         def report(stats: EpochStats) -> None:
+            if watch is not None:
+                watch.beat(stats.seconds)
             curve["val_accuracy"].append(round(stats.val_accuracy, 6))
             curve["train_loss"].append(round(stats.train_loss, 6))
             curve["epoch_seconds"].append(round(stats.seconds, 4))
@@ -101,9 +109,37 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {stats.epoch} (val_accuracy {stats.val_accuracy:.4f})")
 
         s = self.splits
-        _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
-                                 on_epoch=report)
+        with dog if dog is not None else contextlib.nullcontext() as watch:
+            try:
+                _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
+                                         on_epoch=report, threads=self.threads)
+            except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
+                reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
+                trial.set_user_attr("diverged", reason)
+                logger.warning("%s", reason)
+                raise optuna.TrialPruned(reason) from None
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):  # a failed trial (run_study catches it); the study goes on
+                    trial.set_user_attr("out_of_memory", str(exc).splitlines()[0][:500])
+                    raise torch.OutOfMemoryError(f"trial #{trial.number} ran out of memory: {exc}") from exc
+                raise  # anything else is a bug: it propagates
         return history.last.val_accuracy
+
+
+#: What a trial owns: run_study records these as a failed trial (fail reason) and goes on; anything
+#: else an objective raises is a bug and propagates. A divergence never gets here from :class:`Objective`
+#: (it prunes the trial), only from an objective of the caller's; BudgetFilled ends a surplus trial.
+TRIAL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged,
+                                                   BudgetFilled)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which PyTorch does not type."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
 
 
 def study_name_for(dataset: str, fingerprint: str) -> str:
@@ -126,14 +162,31 @@ def make_pruner(max_epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
 
 
+def fit_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
+    """``point`` moved into ``space``: lr and momentum clipped to the bounds, widths to the nearest grid step.
+
+    A queued trial is run as given, even outside the distributions (Optuna only warns), so the seed
+    and champion configurations are fitted to the user's bounds before they are queued.
+    """
+    def width(value: Any, low: int, high: int) -> int:
+        top = (high - low) // space.hidden_step  # Optuna's suggest_int(step=...) tops out at the last full step
+        return low + min(max(round((int(value) - low) / space.hidden_step), 0), top) * space.hidden_step
+
+    return {"lr": min(max(float(point["lr"]), space.lr_min), space.lr_max),
+            "momentum": min(max(float(point["momentum"]), space.momentum_min), space.momentum_max),
+            "hidden1": width(point["hidden1"], space.hidden1_min, space.hidden1_max),
+            "hidden2": width(point["hidden2"], space.hidden2_min, space.hidden2_max)}
+
+
 def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, seed: int, max_epochs: int,
                user_attrs: dict[str, Any] | None = None, enqueue_seed: bool = True,
-               warm_start: Sequence[dict[str, Any]] = ()) -> optuna.Study:
+               warm_start: Sequence[dict[str, Any]] = (), space: SearchSpace | None = None) -> optuna.Study:
     """Create or resume (``load_if_exists``) the study; a seeded TPE sampler and a successive-halving pruner.
 
     A new study first runs the seed configuration, then the ``warm_start`` points (e.g. the champion
     of an earlier study, whose data changed), so what earlier runs learnt is not thrown away.
-    A URL string becomes one storage, shared by the probe and the returned study.
+    A URL string becomes one storage, shared by the probe and the returned study. With ``space``,
+    each queued point is first fitted to it (:func:`fit_to_space`; the original is kept as ``fitted_from``).
     """
     if isinstance(storage, str):
         storage = optuna.storages.get_storage(storage)
@@ -147,14 +200,16 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
     if not study.trials:
-        if enqueue_seed:
+        queued: list[tuple[dict[str, Any], dict[str, Any]]] = (
+            [(SEED_PARAMS, {"baseline": "seed tutorial configuration"})] if enqueue_seed else [])
+        queued += [(point, {"warm_start": "champion of an earlier study"}) for point in warm_start]
+        for point, attrs in queued:
+            fitted = fit_to_space(point, space) if space is not None else dict(point)
+            if fitted != {key: point[key] for key in fitted}:
+                attrs = {**attrs, "fitted_from": dict(point)}  # moved into the user's bounds
             # skip_if_exists: two processes opening a new study at once both get here; the later one finds
-            # the seed trial already queued (Optuna checks existing trials' params) and adds none
-            study.enqueue_trial(SEED_PARAMS, user_attrs={"baseline": "seed tutorial configuration"},
-                                skip_if_exists=True)
-        for point in warm_start:
-            study.enqueue_trial(point, user_attrs={"warm_start": "champion of an earlier study"},
-                                skip_if_exists=True)
+            # the point already queued (Optuna checks existing trials' params) and adds none
+            study.enqueue_trial(fitted, user_attrs=attrs, skip_if_exists=True)
     return study
 
 
@@ -177,6 +232,29 @@ def finished_trials(study: optuna.Study, run_key: str | None = None) -> list[Fro
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
 
+#: User attribute of a trial stopped by Ctrl-C (Optuna then records it as FAIL).
+INTERRUPTED_REASON = "interrupted by the user (Ctrl-C, SIGINT)"
+
+
+def record_interrupt(objective: Callable[[optuna.Trial], float]) -> Callable[[optuna.Trial], float]:
+    """``objective``, writing the reason on a trial that Ctrl-C stops (user attribute ``fail_reason``).
+
+    Optuna marks such a trial FAIL and re-raises the interrupt; the reason says why it failed.
+    """
+
+    def run(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except KeyboardInterrupt:
+            try:
+                trial.set_user_attr("fail_reason", INTERRUPTED_REASON)
+            except Exception:  # noqa: BLE001 - the interrupt matters more than its label
+                logger.debug("could not record the interrupt on trial #%d", trial.number)
+            raise
+
+    return run
+
+
 
 def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, n_trials: int,
               run_key: str | None, callbacks: Sequence[TrialCallback] = (), lock: Lock | None = None,
@@ -190,7 +268,7 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}.", fix="Pass --n-trials 1 or more.")
     budget = TrialBudget(n_trials, run_key, lock)
-    guarded = budget.guard(objective)
+    guarded = record_interrupt(budget.guard(objective))
     last: list[FrozenTrial] = []
     failed_in_a_row = 0
     waited = False
@@ -207,7 +285,7 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         try:
             # A failed trial (caught, so it costs one trial and not the study) does not count: go round again.
             study.optimize(guarded, n_trials=1, callbacks=[*callbacks, lambda _s, t: last.append(t)],
-                           catch=(RuntimeError,))
+                           catch=TRIAL_FAILURES)
         finally:
             budget.release()
         trial = last[-1] if last else None
@@ -235,6 +313,14 @@ def best_trial(study: optuna.Study, recipe: dict[str, Any] | None = None) -> Fro
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if recipe is None or t.user_attrs.get("recipe") == recipe]
     if not complete:
+        diverged = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+                    if "diverged" in t.user_attrs]
+        if diverged:
+            raise TrainingDiverged(
+                f"No trial of the study completed: {len(diverged)} diverged (trials "
+                f"{', '.join(f'#{n}' for n in diverged[:10])}{', ...' if len(diverged) > 10 else ''}), "
+                "so there is no configuration to train.",
+                fix="Lower the learning rate's upper bound (lr_max) or the momentum's (momentum_max) and run again.")
         raise ConfigError("No trial of the study completed, so there is no configuration to train.",
                           fix="Run more trials (--n-trials) or more epochs (--max-epochs) so some finish unpruned.")
     return max(complete, key=lambda t: (t.value, -t.number))

@@ -19,7 +19,7 @@ DOCKER = ROOT / "docker"
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 import commands  # noqa: E402
 
-REQUIRED_SERVICES = {"postgres", "prefect-server", "deploy", "worker", "optuna-dashboard"}
+REQUIRED_SERVICES = {"postgres", "prefect-server", "deploy", "worker", "optuna-dashboard", "model-api"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,15 @@ def test_compose_has_the_required_services_with_healthchecks_and_shared_artifact
         assert environment["MNIST_FLOW_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert environment["MNIST_FLOW_ARTIFACTS_URL"].startswith("${MNIST_FLOW_ARTIFACTS_URL:-file:///artifacts}")
     assert services["deploy"]["restart"] == "no"
+
+
+def test_the_model_api_serves_the_shared_artifacts_on_the_hosts_loopback_with_a_health_check(compose: dict) -> None:
+    service = compose["services"]["model-api"]
+    assert service["ports"] == ["${MODEL_API_BIND:-127.0.0.1}:${MODEL_API_PORT:-8000}:8000"]
+    assert "artifacts:/artifacts:ro" in service["volumes"]
+    assert service["environment"]["MNIST_FLOW_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "http://127.0.0.1:8000/health" in " ".join(service["healthcheck"]["test"])
+    assert "commands.model_api(" in (ROOT / "tests" / "e2e" / "test_serve.py").read_text()
 
 
 def test_every_compose_command_is_one_the_end_to_end_tests_run(compose: dict) -> None:

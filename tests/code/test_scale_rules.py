@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mnist_flow.errors import ConfigError
@@ -54,3 +56,41 @@ def test_multi_host_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("MNIST_FLOW_MULTI_HOST", "true")
     assert load_settings().multi_host is True
+
+
+def test_available_cpus_respects_the_affinity_mask_and_a_cgroup_v2_quota(tmp_path) -> None:
+    from mnist_flow.scale import _own_cgroup, available_cpus, cgroup_cpu_quota
+
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(str(tmp_path)) == affinity  # no cpu.max anywhere: the affinity mask
+    own = (_own_cgroup() or "/").lstrip("/")
+    leaf = tmp_path / own
+    leaf.mkdir(parents=True, exist_ok=True)
+    (leaf / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(tmp_path)) is None and available_cpus(str(tmp_path)) == affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # docker run --cpus 1.5, on the root
+    assert cgroup_cpu_quota(str(tmp_path)) == 1.5
+    assert available_cpus(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU still leaves one process
+    assert available_cpus(str(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("workers, n_trials, cpus, memory_gib, expected", [
+    ("auto", 20, 2, 24, 2), ("auto", 20, 16, 24, 16), ("auto", 3, 16, 24, 3), ("auto", 20, 16, 4, 2),
+    ("auto", 20, 1, 24, 1), ("auto", 20, 8, 1, 1), (3, 20, 2, 24, 3), (1, 20, 16, 24, 1)])
+def test_workers_auto_is_one_process_per_cpu_within_the_trials_and_the_memory(
+        workers, n_trials: int, cpus: int, memory_gib: int, expected: int) -> None:
+    from mnist_flow.scale import resolve_workers
+
+    assert resolve_workers(workers, n_trials, cpus=cpus, memory=memory_gib * 2**30) == expected
+
+
+def test_the_run_parameters_take_auto_or_a_number_of_workers() -> None:
+    from mnist_flow.errors import ConfigError
+    from mnist_flow.params import RunParams
+
+    assert RunParams.parse().workers == "auto" and RunParams.parse().trial_runner == "local"
+    assert RunParams.parse(workers="3").workers == 3 and RunParams.parse(workers=1).workers == 1
+    for bad in (0, "many", -2):
+        with pytest.raises(ConfigError, match="workers"):
+            RunParams.parse(workers=bad)

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_flow.errors import ConfigError
-from mnist_flow.train import EvalResult, History, build_model, evaluate, make_step, select_device, train_epoch, train_model
+from mnist_flow.errors import ConfigError, MnistFlowError, TrainingDiverged
+from mnist_flow.train import EXPLODE_FACTOR, Divergence, EvalResult, History, LossWatch, all_finite, build_model, evaluate, make_step, select_device, train_epoch, train_model
 from mnist_flow.params import TrainConfig
 
 
@@ -178,3 +178,107 @@ def test_bf16_training_learns_like_fp32_and_stays_deterministic():
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ConfigError, match="precision"):
         TrainConfig(precision="fp8").validate()
+
+
+# --- the divergence guard ------------------------------------------------------------------------------------
+
+
+def _poison(x: torch.Tensor, generator_seed: int, batch_size: int, at_step: int) -> torch.Tensor:
+    """A copy of ``x`` with one NaN pixel in a sample of the ``at_step``-th batch (1-based) of the first epoch."""
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(generator_seed))
+    poisoned = x.clone()
+    poisoned[order[(at_step - 1) * batch_size], 3] = float("nan")
+    return poisoned
+
+
+def test_a_poisoned_batch_stops_the_epoch_at_the_next_check_not_at_its_end():
+    train_x, train_y, _, _ = _problem(600)  # 500 samples at batch 10: 50 steps, checked every 12
+    x = _poison(train_x, 0, 10, at_step=5)
+    step = make_step(build_model(SMALL), SMALL, x.shape[0])
+    with pytest.raises(Divergence) as caught:
+        train_epoch(step, x, train_y, 10, torch.Generator().manual_seed(0))
+    assert math.isnan(caught.value.loss) and caught.value.how == "non-finite"
+    assert step.count == 12  # the check after the poisoned step 5: the other 38 steps were not trained
+    assert caught.value.samples == 120
+
+
+def test_a_finite_but_exploding_loss_is_a_divergence_too():
+    train_x, train_y, _, _ = _problem()
+    step = make_step(build_model(SMALL), SMALL, train_x.shape[0])
+    with pytest.raises(Divergence) as caught:
+        train_epoch(step, train_x * 1e3, train_y, 32, torch.Generator().manual_seed(0))
+    assert math.isfinite(caught.value.loss) and caught.value.loss > EXPLODE_FACTOR * math.log(10)
+    assert caught.value.how == "exploding"
+
+
+def test_a_loss_back_above_chance_after_it_had_learnt_is_a_relapse_and_a_falling_one_is_not():
+    watch = LossWatch(10)
+    for window in (2.3, 2.0, 1.2, 0.9, 1.4, 2.2):  # noisy but never back at chance: healthy
+        watch.check(window, 0)
+    with pytest.raises(Divergence, match="relapsed"):
+        watch.check(2.4, 0)
+    LossWatch(10).check(2.4, 0)  # at chance from the start (nothing learnt yet) is no relapse
+
+
+def test_the_guard_does_not_change_what_is_trained():
+    train_x, train_y, _, _ = _problem()
+    results = []
+    for check_every in (0, 1, 32):
+        model = build_model(SMALL)
+        step = make_step(model, SMALL, train_x.shape[0])
+        generator = torch.Generator().manual_seed(0)
+        losses = [train_epoch(step, train_x, train_y, 32, generator, check_every=check_every) for _ in range(2)]
+        results.append((losses, [p.clone() for p in model.parameters()]))
+    for losses, params in results[1:]:
+        assert losses == pytest.approx(results[0][0], rel=1e-6)
+        assert all(torch.equal(a, b) for a, b in zip(params, results[0][1], strict=True))
+
+
+def test_an_unguarded_fit_that_diverges_raises_a_divergence_naming_the_epoch_not_a_user_error():
+    train_x, train_y, val_x, val_y = _problem()
+    x = train_x.clone()
+    seen = []
+
+    def poison_after_epoch_1(stats):  # a NaN arrives in the data in the middle of the fit
+        seen.append(stats.epoch)
+        x[7, 0] = float("nan")
+
+    with pytest.raises(TrainingDiverged) as caught:
+        train_model(SMALL, x, train_y, val_x, val_y, on_epoch=poison_after_epoch_1)
+    assert seen == [1] and caught.value.epoch == 2
+    assert "epoch 2 of 4" in caught.value.message and "non-finite training loss" in caught.value.message
+    assert isinstance(caught.value, MnistFlowError) and not isinstance(caught.value, ConfigError)
+
+
+def test_a_guarded_fit_of_a_truly_diverging_rate_recovers_and_ends_finite_and_better():
+    data = _problem()
+    config = SMALL.with_(lr=2.0, schedule="onecycle", epochs=6)  # collapses to one class without the guard
+    _, plain = train_model(config, *data)
+    model, history = train_model(config, *data, recover=8, keep_best=True)
+    assert history.events and all("restored the state of epoch" in e for e in history.events)
+    assert len(history.epochs) == config.epochs and [e.epoch for e in history.epochs] == list(range(1, 7))
+    assert all(math.isfinite(e.train_loss) and math.isfinite(e.val_loss) for e in history.epochs)
+    assert all_finite(model)
+    assert history.best.val_accuracy > plain.last.val_accuracy + 0.2
+    assert evaluate(model, data[2], data[3]).accuracy == pytest.approx(history.best.val_accuracy)
+
+
+def test_recoveries_run_out_into_a_divergence_that_says_what_was_tried():
+    train_x, train_y, val_x, val_y = _problem()
+    x = train_x.clone()
+    x[7, 0] = float("nan")  # in every epoch's every order: no rate can fix it
+    with pytest.raises(TrainingDiverged, match="3 recoveries tried before") as caught:
+        train_model(SMALL, x, train_y, val_x, val_y, recover=3, keep_best=True)
+    assert caught.value.epoch == 1
+
+
+def test_keep_best_leaves_the_model_with_its_best_epoch_by_validation_accuracy():
+    data = _problem()
+    config = SMALL.with_(lr=0.15, epochs=8)  # its 7th epoch is better than its 8th
+    model, history = train_model(config, *data, keep_best=True)
+    accuracies = history.column("val_accuracy")
+    assert history.best_epoch == 1 + accuracies.index(max(accuracies)) < config.epochs
+    assert evaluate(model, data[2], data[3]).accuracy == pytest.approx(history.best.val_accuracy)
+    last_model, _ = train_model(config, *data)
+    assert evaluate(last_model, data[2], data[3]).accuracy == pytest.approx(history.last.val_accuracy)
+    assert not history.events

@@ -178,3 +178,44 @@ def test_the_best_trial_is_taken_among_trials_of_the_same_recipe(tmp_path):
         assert best.user_attrs["recipe"]["schedule"] == config.schedule
     with pytest.raises(ConfigError, match="No trial"):
         best_trial(study, recipe_of(TrainConfig(batch_size=7)))
+
+
+# --- what a trial owns: divergence, out of memory; and what it does not: bugs ----------------------------------
+
+_NARROW = SearchSpace(hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64)
+
+
+def test_a_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path):
+    splits = _splits()
+    splits.train_x[5, 0] = float("nan")  # a poisoned sample: every trial's first epoch diverges
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", seed=0, max_epochs=3, enqueue_seed=False)
+    objective = Objective(splits, _NARROW, TrainConfig(epochs=3, batch_size=32), run_key="k")
+    finished = run_study(study, objective, n_trials=2, run_key="k")
+    assert [t.state for t in finished] == [optuna.trial.TrialState.PRUNED] * 2
+    for trial in finished:
+        reason = trial.user_attrs["diverged"]
+        assert f"trial #{trial.number}:" in reason and "epoch 1 of 3" in reason and "non-finite" in reason
+        assert "pruned" in reason and trial.intermediate_values == {}
+
+
+def test_a_trial_out_of_memory_fails_with_its_reason_and_the_study_goes_on(tmp_path):
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", seed=0, max_epochs=1, enqueue_seed=False)
+    # a real allocation failure: a 784 x 2^30 layer is 3.4 TB (refused at once, nothing is touched)
+    study.enqueue_trial({"lr": 0.01, "momentum": 0.9, "hidden1": 2 ** 30, "hidden2": 64})
+    objective = Objective(_splits(), _NARROW, TrainConfig(epochs=1, batch_size=32), run_key="k")
+    finished = run_study(study, objective, n_trials=2, run_key="k")
+    failed = study.trials[0]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert "can't allocate memory" in failed.user_attrs["out_of_memory"]  # Optuna 5 keeps no fail reason itself
+    assert [t.state for t in finished] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+def test_a_programming_error_in_a_trial_propagates_as_the_bug_it_is(tmp_path):
+    bad = Splits(torch.randn(60, 100), torch.randint(0, 10, (60,)), torch.randn(20, 100),
+                 torch.randint(0, 10, (20,)))  # 100 features for a 784-input model: a shape bug
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", seed=0, max_epochs=1, enqueue_seed=False)
+    objective = Objective(bad, _NARROW, TrainConfig(epochs=1, batch_size=32), run_key="k")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as caught:
+        run_study(study, objective, n_trials=3, run_key="k")
+    assert not isinstance(caught.value, ConfigError)
+    assert len(study.trials) == 1  # stopped at the first trial, not retried three times into a ConfigError

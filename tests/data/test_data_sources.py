@@ -128,7 +128,7 @@ def test_validate_source_refuses_unusable_requests(name: str, source: str, data_
 def test_validate_source_names_missing_files_in_dir(tmp_path: Path) -> None:
     write_dataset(tmp_path, tiny_arrays(), gz=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(ConfigError, match=r"lacks t10k-labels-idx1-ubyte \(as .gz or raw\)"):
+    with pytest.raises(ConfigError, match=r"lacks t10k-labels-idx1-ubyte \(as .gz or raw, dash or dot name\)"):
         validate_source("mnist", "dir", tmp_path)
 
 

@@ -23,12 +23,18 @@ def dashboard(host: str, port: int) -> list[str]:
     return ["mnist-flow", "dashboard", "--host", host, "--port", str(port)]
 
 
+def model_api(host: str, port: int) -> list[str]:
+    """The champion's HTTP API (tests/e2e/test_serve.py)."""
+    return ["mnist-flow", "serve", "--host", host, "--port", str(port)]
+
+
 #: compose service -> the command the e2e test runs for it.
 ENTRY_POINTS: dict[str, list[str]] = {
     "prefect-server": prefect_server("127.0.0.1", 4200),
     "deploy": DEPLOY,
     "worker": WORKER,
     "optuna-dashboard": dashboard("127.0.0.1", 8080),
+    "model-api": model_api("127.0.0.1", 8000),
 }
 
 

@@ -21,3 +21,24 @@ def e2e_token() -> Iterator[str]:
     yield token
     stray = procs.kill_leftovers(token)
     assert not stray, f"processes left running after the test (killed now): {stray}"
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory):
+    """One Prefect server with `make deploy` done, shared by a module's service tests (service_helpers.py)."""
+    from service_helpers import service
+
+    token = procs.new_token()
+    with service(tmp_path_factory.mktemp("service"), token) as running:
+        yield running
+    stray = procs.kill_leftovers(token)
+    assert not stray, f"processes left running after the tests (killed now): {stray}"
+
+
+@pytest.fixture
+def workers(svc):
+    """The module's service; the workers a test starts are stopped at its end (the next test starts its own)."""
+    yield svc
+    for worker in svc.workers:
+        worker.stop()
+    svc.workers.clear()

@@ -218,3 +218,17 @@ def prefect_server(tmp: Path, env: Mapping[str, str], *, database_url: str | Non
         yield PrefectServer(api_url, {**env, "PREFECT_API_URL": api_url}, proc)
     finally:
         proc.stop()
+
+
+@contextlib.contextmanager
+def stopped_at_exit(started: list[Proc], *, log_chars: int = 6000, timeout: float = 15.0) -> Iterator[list[Proc]]:
+    """Stop every process in ``started`` (last first) at the end; print their logs if the body failed."""
+    try:
+        yield started
+    except BaseException:
+        for proc in started:
+            print(f"--- {proc.name} log ---\n" + tail(proc.log, log_chars))
+        raise
+    finally:
+        for proc in reversed(started):
+            proc.stop(timeout=timeout)

@@ -100,3 +100,49 @@ def test_decision_artifact_explains_the_outcome_and_masks_the_database_password(
     assert "Outcome: kept" in text and "not significant" in text and "0.42" in text
     assert "hunter2" not in text and "v2" in text
     assert "already the champion" in reporting.decision_markdown(None, version, "sqlite:///x.db")
+
+
+def test_one_training_at_a_time_and_no_backlog(train: dict) -> None:
+    assert train["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+def test_no_schedule_forces_active_so_a_redeploy_keeps_an_operators_pause(document: dict) -> None:
+    for deployment in document["deployments"]:
+        for schedule in deployment.get("schedules") or []:
+            assert "active" not in schedule and schedule["slug"], (deployment["name"], schedule)
+
+
+def test_changed_data_trigger_a_training_with_the_events_data_and_budgets(train: dict, document: dict) -> None:
+    from prefect.events import DeploymentEventTrigger
+
+    (spec,) = train["triggers"]
+    trigger = DeploymentEventTrigger(**spec)
+    assert trigger.expect == {"mnist-flow.data.changed"} and trigger.enabled
+    assert set(trigger.parameters) == {"dataset", "source", "data_dir", "n_trials", "max_epochs", "final_epochs"}
+    assert all(value == f"{{{{ event.payload.{key} }}}}" for key, value in trigger.parameters.items())
+    (check,) = [d for d in document["deployments"] if d["name"] == "check"]
+    path, function = check["entrypoint"].split(":")
+    assert f"def {function}(" in (REPO / path).read_text()
+    (schedule,) = check["schedules"]
+    assert 0 < schedule["interval"] <= 3600
+
+
+def test_the_training_flow_retries_once_when_run_by_a_deployment() -> None:
+    flow_module = _load("mnist_flow_train_under_test", REPO / "flows" / "mnist.py")
+    assert flow_module.mnist.retries == 1 and flow_module.mnist.retry_delay_seconds > 0
+
+
+def test_the_automations_detect_zombies_of_our_deployments_and_retry_a_first_crash_once() -> None:
+    automations = _load("mnist_flow_automations_under_test", REPO / "flows" / "automations.py")
+    zombie = automations.zombie_automation(["d1", "d2"], 90)
+    assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 90
+    assert zombie.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert "prefect.flow-run.heartbeat" in zombie.trigger.expect and "prefect.flow-run.Completed" in zombie.trigger.expect
+    assert zombie.trigger.match_related.get("prefect.resource.id") == ["prefect.deployment.d1", "prefect.deployment.d2"]
+    assert zombie.actions[0].state == "CRASHED"
+    retry = automations.retry_automation("d1")
+    assert retry.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert retry.trigger.match.get("prefect.run-count") == ["0", "1"]  # a second crash is not retried
+    assert (retry.actions[0].state, retry.actions[0].name) == ("SCHEDULED", "AwaitingRetry")
+    with pytest.raises(SystemExit):
+        automations.main(["--zombie-seconds", "30"])  # not above Prefect's shortest heartbeat

@@ -1,6 +1,7 @@
 """Scale out for real: a Prefect server on PostgreSQL, `make deploy`, two workers on the pool `mnist`.
 
-`prefect deployment run mnist/train --param workers=2 ...` starts two runs of `mnist-trials/worker`;
+`prefect deployment run mnist/train --param workers=2 --param trial_runner=deployment ...` starts two runs
+of `mnist-trials/worker`;
 the two Prefect workers run them as separate processes on one PostgreSQL study. Exactly n_trials
 finish, none fails, at least two processes ran trials, and the model is registered. The services are
 started with the commands of tests/e2e/commands.py, the ones docker/compose.yaml runs.
@@ -24,7 +25,8 @@ import procs
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 N_TRIALS = 8
-RUN = ["deployment", "run", "mnist/train", "--param", "workers=2", "--param", f"n_trials={N_TRIALS}",
+RUN = ["deployment", "run", "mnist/train", "--param", "workers=2", "--param", "trial_runner=deployment",
+       "--param", f"n_trials={N_TRIALS}",
        "--param", "source=sample", "--param", "max_epochs=2", "--param", "final_epochs=1", "--watch"]
 
 
@@ -56,7 +58,7 @@ def test_a_train_run_with_two_workers_finishes_exactly_n_trials_on_postgresql(tm
     server = procs.start("prefect-server", _bin(commands.prefect_server("127.0.0.1", port)),
                          env={**env, "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db}, log_dir=logs)
     started = [server]
-    try:
+    with procs.stopped_at_exit(started):
         procs.wait_http(f"{api_url}/health", proc=server, timeout=120)
         env["PREFECT_API_URL"] = api_url
         procs.run(commands.DEPLOY, env=env, timeout=180)
@@ -91,11 +93,4 @@ def test_a_train_run_with_two_workers_finishes_exactly_n_trials_on_postgresql(tm
         studies_url = f"http://127.0.0.1:{dashboard_port}/api/studies"
         procs.wait_http(studies_url, proc=dashboard, timeout=60)
         assert summary.study_name in httpx.get(studies_url, timeout=10).text
-    except BaseException:
-        for proc in started:
-            print(f"--- {proc.name} log ---\n" + procs.tail(proc.log, 6000))
-        raise
-    finally:
-        for proc in reversed(started):
-            proc.stop()
     assert not procs.leftovers(e2e_token), "a process outlived the server and workers"

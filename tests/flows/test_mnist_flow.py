@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "flows"))
 import mnist as flow_module  # noqa: E402
 
-TINY = dict(source="sample", n_trials=3, max_epochs=2, final_epochs=2, seed=0)
+#: workers=1: the trials in the flow's process (the parallel run: tests/e2e/test_parallel_run.py).
+TINY = dict(source="sample", n_trials=3, max_epochs=2, final_epochs=2, seed=0, workers=1)
 
 
 def test_the_deployment_schema_offers_every_parameter_with_its_default_and_refuses_bad_values():

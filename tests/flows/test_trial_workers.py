@@ -1,4 +1,4 @@
-"""The `mnist` flow with workers > 1 needs the trial-worker deployment; workers=1 never touches it."""
+"""The `mnist` flow with trial_runner=deployment needs the trial-worker deployment; local workers never touch it."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import mnist as flow_module  # noqa: E402
 import trials as trials_module  # noqa: E402
 
 
-def test_workers_above_one_without_a_worker_deployment_is_refused_before_any_work(home: Path) -> None:
+def test_deployment_workers_without_a_worker_deployment_are_refused_before_any_work(home: Path) -> None:
     with pytest.raises(ConfigError, match="mnist-trials/worker") as info:
-        flow_module.mnist(source="sample", n_trials=2, max_epochs=1, final_epochs=1, workers=2)
+        flow_module.mnist(source="sample", n_trials=2, max_epochs=1, final_epochs=1, workers=2,
+                          trial_runner="deployment")
     assert "make deploy" in info.value.fix and "workers=1" in info.value.fix
     assert not (home / "mnist-flow.db").exists()
 

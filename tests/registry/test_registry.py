@@ -181,12 +181,12 @@ def _edit_sidecar(version, **architecture: object) -> None:
 @pytest.mark.parametrize("architecture", [{"hidden": [16]}, {"hidden": [8, 8]}, {"num_classes": 3},
                                           {"type": "cnn"}], ids=["wider", "deeper", "classes", "type"])
 def test_sidecar_disagreeing_with_the_weights_raises_integrity_error(registry, architecture):
-    version = register(registry)  # MLP((8,)): the checksum covers the weights, not the sidecar
+    version = register(registry)  # MLP((8,)): the row records the SHA-256 of the weights and of the sidecar
     _edit_sidecar(version, **architecture)
     with pytest.raises(ArtifactIntegrityError) as caught:
         registry.load("mnist", 1)
-    assert "does not match the architecture in its sidecar" in caught.value.message
-    assert version.artifact_uri in caught.value.message and caught.value.fix
+    assert "cannot be trusted" in caught.value.message and "the file was modified" in caught.value.message
+    assert version.sidecar_uri in caught.value.message and caught.value.fix
 
 
 def test_unreadable_weights_with_a_matching_checksum_raise_integrity_error(registry):
@@ -200,7 +200,7 @@ def test_unreadable_weights_with_a_matching_checksum_raise_integrity_error(regis
     Path(version.artifact_uri.removeprefix("file://")).write_bytes(garbage)
     with registry.engine.begin() as connection:  # as if the registry had recorded the bad bytes
         connection.execute(update(ModelVersionRow).values(artifact_sha256=sha256(garbage)))
-    with pytest.raises(ArtifactIntegrityError, match="does not match the architecture"):
+    with pytest.raises(ArtifactIntegrityError, match="is not the weights of an MLP"):
         registry.load("mnist", 1)
 
 

@@ -53,6 +53,15 @@ TUNE_CASES = {
     "momentum bound 1.0": (["--momentum-max", "1.0"], ["momentum_max"]),
     "hidden bound < 1": (["--hidden2-min", "0"], ["hidden2_min"]),
     "lr bound <= 0": (["--lr-min", "0"], ["lr_min"]),
+    "absurd width": (["--hidden1-max", "10000000"], ["hidden1_max", "4096", "capped"]),
+    "infinite lr bound": (["--lr-max", "inf"], ["lr_max", "finite"]),
+    "infinite weight decay": (["--weight-decay", "inf"], ["weight_decay", "finite"]),
+    "NaN momentum": (["--momentum-min", "nan"], ["momentum_min", "finite"]),
+    "NaN validation share": (["--val-fraction", "nan"], ["val_fraction", "finite"]),
+    "seed >= 2**32": (["--seed", str(2**32)], ["seed", "2147483647"]),
+    "absurd n_trials": (["--n-trials", "1000000000"], ["n_trials", "10000"]),
+    "absurd epochs": (["--final-epochs", "99999999"], ["final_epochs", "1000"]),
+    "absurd batch size": (["--batch-size", "100000000"], ["batch_size", "65536"]),
 }
 TRAIN_CASES = {
     "lr <= 0": (["--lr", "0"], ["learning rate", "0"]),
@@ -61,6 +70,12 @@ TRAIN_CASES = {
     "momentum < 0": (["--momentum", "-0.5"], ["momentum"]),
     "hidden < 1": (["--hidden", "0,64"], ["hidden", "0"]),
     "hidden not a number": (["--hidden", "wide"], ["--hidden", "wide"]),
+    "absurd width": (["--hidden", "10000000,256"], ["--hidden", "4096"]),
+    "infinite lr": (["--lr", "inf"], ["--lr", "finite"]),
+    "infinite weight decay": (["--weight-decay", "inf"], ["--weight-decay", "finite"]),
+    "NaN momentum": (["--momentum", "nan"], ["--momentum", "finite"]),
+    "seed >= 2**32": (["--seed", str(2**32)], ["--seed", "2147483647"]),
+    "absurd epochs": (["--epochs", "100000000000000000000"], ["--epochs", "1000"]),
 }
 
 
@@ -267,3 +282,146 @@ def test_corrupt_file_in_the_cache_is_moved_aside_and_fetched_again_through_the_
                        "the corrupt file is moved aside and fetched again; the run succeeds",
                        f"{cached.name} moved to {cached.name}.corrupt, re-fetched (1 extra request), exit 0",
                        group="bad input")
+
+
+# --- usage errors of the `mnist-flow` command line ---------------------------------------------------------------
+
+USAGE_CASES = {
+    "registry promote -1": ["registry", "promote", "-1", "--reason", "x"],
+    "registry promote abc": ["registry", "promote", "abc", "--reason", "x"],
+    "registry promote 0": ["registry", "promote", "0", "--reason", "x"],
+    "registry promote beyond SQLite's INTEGER": ["registry", "promote", str(2**63), "--reason", "x"],
+    "registry promote without --reason": ["registry", "promote", "1"],
+    "predict with no file": ["predict"],
+    "unknown option": ["train", "--epoch", "3"],
+    "typo of a command": ["trian"],
+    "typo of a subcommand": ["registry", "lsit"],
+    "wrong type": ["train", "--epochs", "many"],
+    "dashboard port out of range": ["dashboard", "--port", "70000"],
+    "tune: unknown option": ["tune", "--n-trails", "3"],
+    "tune: not a number": ["tune", "--n-trials", "three"],
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_CASES))
+def test_usage_errors_are_one_line_and_exit_2_without_traceback(case: str, user_home: Path,
+                                                                capsys: pytest.CaptureFixture, reliability) -> None:
+    argv = USAGE_CASES[case]
+    code = cli_main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "--help" in err, err
+    assert written_files(user_home) == []
+    reliability.record(f"usage error: {case} (`mnist-flow {' '.join(argv)}`)", "exit 2, one line, no traceback",
+                       f"exit 2 — “{err.strip()[:110]}”", group="bad input")
+
+
+@pytest.mark.parametrize("ref", [str(2**63), "99999999999999999999", "0", "v0", "²"])
+def test_registry_versions_beyond_the_database_integer_are_refused_with_one_message(
+        ref: str, user_home: Path, capsys: pytest.CaptureFixture, reliability) -> None:
+    from mnist_flow.registry import Registry
+
+    with Registry(f"sqlite:///{user_home / 'mnist-flow.db'}", str(user_home / "artifacts")) as registry:
+        registry.migrate()
+    for argv in (["registry", "show", ref], ["predict", "--model", ref, "digit.png"]):
+        code = cli_main(argv)
+        line = _refused(code, capsys.readouterr().err, [])
+        assert "version" in line.lower()
+    reliability.record(f"`mnist-flow registry show {ref}` and `predict --model {ref}`",
+                       "exit 2, one message (versions are 1 to 2**63-1), no traceback",
+                       f"exit 2 — “{line[:100]}”", group="bad input")
+
+
+@pytest.mark.slow
+def test_usage_errors_in_a_fresh_process_are_one_line_and_exit_2(home: Path, reliability) -> None:
+    env = clean_env(home)
+    seen = []
+    for argv in (["registry", "promote", "abc", "--reason", "x"], ["predict"], ["trian"]):
+        proc = mnist_flow(argv, env, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        seen.append(" ".join(argv))
+    script = flow_script(["--n-trails", "3"], env, timeout=120)
+    assert script.returncode == 2 and len(script.stderr.strip().splitlines()) == 1, script.stderr
+    assert written_files(home) == []
+    reliability.record("usage errors as real processes: " + "; ".join(f"`mnist-flow {a}`" for a in seen)
+                       + "; `flows/mnist.py --n-trails 3`", "exit 2, one line each, no traceback",
+                       f"{len(seen) + 1}/{len(seen) + 1} exit 2 with one line", group="bad input")
+
+
+# --- settings --------------------------------------------------------------------------------------------------
+
+
+def test_a_lower_case_typo_of_a_setting_is_refused_like_an_upper_case_one(
+        user_home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, reliability) -> None:
+    monkeypatch.setenv("mnist_flow_theads", "2")
+    code = cli_main(["registry", "list"])
+    line = _refused(code, capsys.readouterr().err, ["mnist_flow_theads", "MNIST_FLOW_THREADS"])
+    monkeypatch.delenv("mnist_flow_theads")
+    monkeypatch.setenv("mnist_flow_threads", "3")  # lower-case names are honoured, as pydantic-settings does
+    from mnist_flow.settings import load_settings
+
+    assert load_settings().threads == 3
+    reliability.record("lower-case typo of a setting (`mnist_flow_theads=2`)",
+                       "refused like MNIST_FLOW_THEADS (the lower-case name of a real setting is honoured)",
+                       f"exit 2 — “{line[:90]}”", group="bad input")
+
+
+@pytest.mark.parametrize("where", ["a file", "a folder under a file"])
+def test_mnist_flow_home_pointing_at_a_file_is_one_message(where: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture, reliability) -> None:
+    afile = tmp_path / "not-a-folder"
+    afile.write_text("x")
+    home = afile if where == "a file" else afile / "home"
+    for key in [k for k in __import__("os").environ if k.upper().startswith("MNIST_FLOW_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MNIST_FLOW_HOME", str(home))
+    for argv in (["registry", "list"], ["train", "--source", "sample", "--epochs", "1"]):
+        code = cli_main(argv)
+        line = _refused(code, capsys.readouterr().err, ["MNIST_FLOW_HOME", "not a folder"])
+    assert afile.read_text() == "x"
+    reliability.record(f"MNIST_FLOW_HOME pointing at {where}", "exit 2, one message naming the setting",
+                       f"exit 2 — “{line.replace(str(tmp_path), '…')[:100]}”", group="bad input")
+
+
+# --- queued configurations and the user's bounds -----------------------------------------------------------------
+
+
+def test_the_seed_and_champion_configurations_are_fitted_to_the_users_bounds_before_they_run(
+        tmp_path: Path, reliability) -> None:
+    import optuna
+
+    from mnist_flow.tune import SEED_PARAMS, open_study, suggest_config
+    from mnist_flow.params import TrainConfig
+
+    params = _run_params(lr_min=0.05, lr_max=0.2, momentum_min=0.5, momentum_max=0.8, hidden1_min=64,
+                             hidden1_max=256, hidden2_min=100, hidden2_max=200)
+    space = params.search_space()
+    champion = {"lr": 0.001, "momentum": 0.97, "hidden1": 1024, "hidden2": 64}
+    study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", seed=0, max_epochs=2, warm_start=[champion],
+                       space=space)
+    seen = []
+
+    def objective(trial: optuna.Trial) -> float:
+        config = suggest_config(trial, space, TrainConfig())
+        seen.append((config.lr, config.momentum, config.hidden))
+        return 0.0
+
+    study.optimize(objective, n_trials=2)
+    for lr, momentum, (h1, h2) in seen:
+        assert space.lr_min <= lr <= space.lr_max and space.momentum_min <= momentum <= space.momentum_max
+        assert h1 in range(64, 257, 64) and h2 in range(100, 201, 64)
+    assert [t.user_attrs["fitted_from"] for t in study.trials] == [SEED_PARAMS, champion]
+    reliability.record("seed (lr 0.01, 512-256) and champion (lr 0.001, 1024-64) configurations queued in a study "
+                       "whose bounds exclude them (lr 0.05-0.2, hidden1 64-256, hidden2 100-200)",
+                       "fitted into the bounds before they run (the originals kept as `fitted_from`)",
+                       "ran as " + "; ".join(f"lr {lr:.3g}, momentum {m:.3g}, {h[0]}-{h[1]}" for lr, m, h in seen),
+                       group="bad input")
+
+
+def _run_params(**values):  # noqa: ANN003, ANN201
+    from mnist_flow.params import RunParams
+
+    return RunParams.parse(source="sample", **values)

@@ -248,3 +248,192 @@ def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting
         "the study resumes: the finished trial is kept, only the missing trials run",
         f"1 trial kept, crashed trial FAIL, 2 more run: {len(mine)}/3 finished in {len(trials)} trials "
         "(not 3 new ones)", group="faults")
+
+
+# --- killed anywhere between training and the gate's decision (issue 15, class 5) ----------------------------------
+
+_KILL_AROUND_THE_GATE = textwrap.dedent("""
+    import os, signal, sys
+    from mnist_flow import fsutil, pipeline, registry as reg_mod
+    from mnist_flow.registry import Registry
+    from mnist_flow.settings import Settings
+    from mnist_flow.train import train_model
+    from mnist_flow.params import TrainConfig
+
+    database_url, artifacts, home, key, kill = sys.argv[1:6]
+
+    def die(*_args, **_kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    settings = Settings(home=home)
+    params = pipeline.RunParams.parse(source="sample")
+    prepared = pipeline.prepare(pipeline.load_data(params, settings), val_fraction=0.1, seed=0)
+    config = TrainConfig(hidden=(16,), epochs=1, seed=1)
+    s = prepared.splits
+    model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y)
+    test = pipeline.evaluate_test(model, prepared)
+    if kill == "scoring the champion":
+        pipeline.evaluate_test = die  # the gate evaluates the champion on the test set next
+    elif kill == "writing the weights":
+        replace = fsutil.os.replace
+        fsutil.os.replace = lambda src, dst: die() if str(dst).endswith("model.safetensors") else replace(src, dst)
+    elif kill in ("before the row", "after the commit"):
+        write = reg_mod.Registry._write
+        def dying_write(self, fn):
+            if fn.__name__ == "insert" and kill == "before the row":
+                die()
+            result = write(self, fn)
+            if fn.__name__ == "insert":
+                die()
+            return result
+        reg_mod.Registry._write = dying_write
+    elif kill == "inside the transaction":
+        log = reg_mod.Registry._log
+        def dying_log(*args, **kwargs):
+            log(*args, **kwargs)
+            die()  # the row and the decision are in the session, not committed
+        reg_mod.Registry._log = staticmethod(dying_log)
+    kwargs = dict(study_name="mnist-study", trial_number=7, run_key=key, flow_run_id=None)
+    with Registry(database_url, artifacts) as registry:
+        if kill == "between register and gate (older flow)":
+            pipeline.register_challenger(registry, prepared, model, config, history, test, **kwargs)
+            die()
+        pipeline.register_and_decide(registry, prepared, model, config, history, test, margin=0.0, alpha=0.05,
+                                     require_study=True, **kwargs)
+""")
+
+KILL_POINTS = ["scoring the champion", "writing the weights", "before the row", "inside the transaction",
+               "after the commit", "between register and gate (older flow)"]
+
+
+@pytest.fixture(scope="module")
+def champion_inputs() -> tuple:
+    """The sample data, the champion's model (seed 0) and the challenger's (seed 1, as in the killed child)."""
+    from mnist_flow.train import train_model
+    from mnist_flow.params import TrainConfig
+
+    params = pipeline.RunParams.parse(source="sample")
+    prepared = pipeline.prepare(pipeline.load_data(params, Settings(home=Path("/nonexistent"))),
+                                val_fraction=0.1, seed=0)
+    s = prepared.splits
+    trained = []
+    for seed in (0, 1):
+        config = TrainConfig(hidden=(16,), epochs=1, seed=seed)
+        model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y)
+        trained.append((prepared, model, config, history, pipeline.evaluate_test(model, prepared)))
+    return tuple(trained)
+
+
+def _champion_world(home: Path, inputs: tuple) -> None:
+    """A home with a study and a champion v1, registered and decided by the pipeline."""
+    from mnist_flow.db import dispose_storage, optuna_storage
+
+    settings = Settings(home=home)
+    storage = optuna_storage(settings.resolved_database_url)
+    optuna.create_study(storage=storage, study_name="mnist-study", direction="maximize")
+    dispose_storage(storage)
+    prepared, model, config, history, test = inputs[0]
+    with Registry.from_settings(settings) as registry:
+        version, decision = pipeline.register_and_decide(
+            registry, prepared, model, config, history, test, study_name="mnist-study", trial_number=3,
+            run_key="run-1", flow_run_id=None, margin=0.0, alpha=0.05)
+    assert (version.version, decision.outcome) == (1, "first")
+
+
+def _gate_child(home: Path, kill: str) -> subprocess.CompletedProcess:
+    settings = Settings(home=home)
+    return subprocess.run([sys.executable, "-c", _KILL_AROUND_THE_GATE, settings.resolved_database_url,
+                           settings.resolved_artifacts_url, str(home), "run-2", kill], check=False, capture_output=True,
+                          text=True, timeout=180, env=clean_env(home))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", KILL_POINTS)
+def test_sigkill_at_any_point_of_register_and_gate_leaves_one_version_with_one_decision(
+        kill: str, champion_inputs: tuple, tmp_path: Path, reliability) -> None:
+    home = tmp_path / "home"
+    _champion_world(home, champion_inputs)
+    crashed = _gate_child(home, kill)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    with Registry.from_settings(Settings(home=home)) as registry:
+        after_kill = [(v.version, len([d for d in registry.history() if d["challenger_version"] == v.version]))
+                      for v in registry.list_versions()]
+    # at the kill: v1 with its decision, and a v2 only with its decision (except the older flow's window)
+    undecided = [v for v, n in after_kill if n == 0]
+    assert undecided == ([2] if kill.startswith("between") else [])
+    prepared, model, config, history, test = champion_inputs[1]
+    answers = []
+    for _ in range(2):  # the rerun (a new process would do the same: nothing is kept in memory), and its retry
+        with Registry.from_settings(Settings(home=home)) as registry:
+            version, decision = pipeline.register_and_decide(
+                registry, prepared, model, config, history, test, study_name="mnist-study", trial_number=7,
+                run_key="run-2", flow_run_id=None, margin=0.0, alpha=0.05, require_study=True)
+        answers.append((version.version, decision.outcome, decision.p_value))
+    assert answers[0] == answers[1] and answers[0][0] == 2
+    with Registry.from_settings(Settings(home=home)) as registry:
+        versions = registry.list_versions()
+        history = registry.history()
+        champion = registry.champion("mnist")
+        for v in versions:
+            registry.load("mnist", v.version)  # every version has its files, checksum verified
+    gate = [d for d in history if d["actor"] == "gate"]
+    assert [v.version for v in versions] == [1, 2]
+    assert sorted(d["challenger_version"] for d in gate) == [1, 2] and len(history) == 2
+    assert champion.version == (2 if gate[-1]["outcome"] == "promoted" else 1)
+    reliability.record(f"SIGKILL {kill}, then the same run again (same run key), retried once more",
+                       "exactly one new version with exactly one decision; champion alias matches it",
+                       f"after the kill: {len(after_kill) - 1} new version(s), {len(undecided)} undecided; after "
+                       f"the reruns: versions {[v.version for v in versions]}, one gate decision each "
+                       f"(v2 {gate[-1]['outcome']}), champion v{champion.version}", group="faults")
+
+
+def _versions_and_decisions(db: Path) -> tuple[list[int], list[int]] | None:
+    """(versions, challenger versions of gate decisions) read from the registry tables, None until they exist."""
+    if not db.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
+            versions = [row[0] for row in con.execute("SELECT version FROM mnist_flow_model_versions")]
+            decided = [row[0] for row in con.execute(
+                "SELECT challenger_version FROM mnist_flow_decisions WHERE actor = 'gate'")]
+    except sqlite3.Error:
+        return None
+    return versions, decided
+
+
+@pytest.mark.slow
+def test_a_flow_run_killed_the_moment_its_version_appears_leaves_it_decided(home: Path, reliability) -> None:
+    """SIGKILL of `python flows/mnist.py` as soon as a version row can be seen: its decision is already there."""
+    db = home / "mnist-flow.db"
+    env = clean_env(home, PREFECT_HOME=str(home.parent / "prefect"))
+    args = ["--source", "sample", "--hidden1-min", "64", "--hidden1-max", "64", "--hidden2-min", "64",
+            "--hidden2-max", "64", "--batch-size", "256", "--n-trials", "1", "--max-epochs", "1", "--final-epochs", "1"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "flows" / "mnist.py"), *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            found = _versions_and_decisions(db)
+            if found is not None and found[0]:
+                os.kill(proc.pid, signal.SIGKILL)
+                seen = found
+                break
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no version was registered in time"
+            time.sleep(0.005)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    after = _versions_and_decisions(db)
+    assert proc.returncode == -signal.SIGKILL
+    assert seen == ([1], [1]) and after == ([1], [1])  # the version was never visible without its decision
+    with Registry(f"sqlite:///{db}", str(home / "artifacts")) as registry:
+        assert registry.champion("mnist").version == 1
+        registry.load("mnist", 1)  # and never without its files
+    reliability.record("`python flows/mnist.py` SIGKILLed the moment its version row becomes visible (polled every 5 ms)",
+                       "the version already has its gate decision and its files (no register/gate window)",
+                       f"seen at the kill: versions {seen[0]}, decisions for {seen[1]}; v1 champion, loads",
+                       group="faults")

@@ -124,3 +124,39 @@ def test_a_study_keeps_writing_trials_and_notes_while_the_dashboard_polls_it(tmp
     assert not errors and len(polls) >= 3
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 30
     assert all(read_note(study, t).startswith(f"## Trial {t.number}") for t in study.trials)
+
+
+@pytest.mark.parametrize(("bind", "allowed", "host", "ok"), [
+    ("127.0.0.1", (), "127.0.0.1:8080", True),
+    ("127.0.0.1", (), "localhost:8080", True),
+    ("127.0.0.1", (), "[::1]:8080", True),
+    ("127.0.0.1", (), "LOCALHOST:8080", True),
+    ("127.0.0.1", (), "evil.example:8080", False),  # DNS rebinding: the attacker's name, our address
+    ("127.0.0.1", (), "127.0.0.1:8081", False),
+    ("127.0.0.1", (), "127.0.0.1", False),  # no port means 80
+    ("127.0.0.1", (), "127.0.0.1:80x", False),
+    ("127.0.0.1", (), "", False),
+    ("127.0.0.1", (), "[::1", False),
+    ("::1", (), "[::1]:8080", True),
+    ("0.0.0.0", (), "10.1.2.3:8080", True),  # every interface: any IP address, no names
+    ("0.0.0.0", (), "evil.example:8080", False),
+    ("0.0.0.0", ("box.lan",), "box.lan:8080", True),
+    ("10.1.2.3", (), "localhost:8080", False),
+])
+def test_the_dashboard_accepts_only_hosts_that_name_its_bound_address(bind, allowed, host, ok):
+    guard = dashboard.GuardedApp(lambda environ, start: [b"ok"], bind, allowed_hosts=allowed)
+    guard.port = 8080
+    assert guard.host_allowed(host) is ok
+
+
+def test_a_read_only_dashboard_passes_reads_and_refuses_every_other_method():
+    calls, statuses = [], []
+    guard = dashboard.GuardedApp(lambda environ, start: calls.append(environ["REQUEST_METHOD"]) or [b"ok"],
+                                 "127.0.0.1")
+    guard.port = 8080
+    for method in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "PROPFIND"):
+        body = guard({"REQUEST_METHOD": method, "HTTP_HOST": "127.0.0.1:8080", "PATH_INFO": "/incompatible-rdb-schema"},
+                     lambda status, headers: statuses.append(status))
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            assert b"read-only" in b"".join(body)
+    assert calls == ["GET", "HEAD", "OPTIONS"] and statuses == ["403 Forbidden"] * 5

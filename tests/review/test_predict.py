@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +148,7 @@ def test_predict_json_lists_path_as_given_digit_and_probability(world_env, test_
     results = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in results] == given
     for row in results:
-        assert set(row) == {"path", "digit", "probability"}
+        assert set(row) == {"path", "digit", "name", "probability"}
         assert isinstance(row["digit"], int) and 0 <= row["digit"] <= 9 and 0.0 < row["probability"] <= 1.0
 
 
@@ -168,3 +171,44 @@ def test_predict_honours_the_pixel_limit_setting(world_env, test_pngs, capsys, m
     monkeypatch.setenv("MNIST_FLOW_MAX_IMAGE_PIXELS", "500")
     assert cli.main(["predict", str(test_pngs[0][0])]) == 2
     assert "784 pixels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path, kind", [("/dev/zero", "a device"), ("/dev/null", "a device")])
+def test_a_device_is_refused_before_reading(path, kind):
+    with pytest.raises(ImageError, match=f"{path}: is {kind}, not a regular file"):
+        load_image(path)
+
+
+def test_a_huge_file_is_refused_by_its_size_before_reading(tmp_path):
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as handle:
+        handle.truncate(8 * 2**30)  # sparse: 8 GB claimed, nothing on disk
+    with pytest.raises(ImageError, match=r"huge\.png: the file is too large \(8,589,934,592 bytes"):
+        load_image(huge)
+
+
+def test_a_folder_and_a_missing_file_are_refused_by_name(tmp_path):
+    with pytest.raises(ImageError, match="is a folder"):
+        load_image(tmp_path)
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_importing_the_package_is_cheap_and_load_model_is_imported_on_first_use():
+    code = ("import sys, mnist_flow; assert 'torch' not in sys.modules and 'mnist_flow.predict' not in sys.modules; "
+            "f = mnist_flow.load_model; assert 'mnist_flow.predict' in sys.modules and callable(f); print('ok')")
+    env = {**os.environ, "MNIST_FLOW_HOME": "/nonexistent"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, check=False).stdout.strip() == "ok"
+
+
+def test_load_model_returns_the_champion_and_its_preprocessing(world_env, test_pngs):
+    import mnist_flow
+
+    loaded = mnist_flow.load_model("champion")
+    paths, _ = test_pngs
+    assert loaded.version.version == world_env.version.version and "champion" in loaded.version.aliases
+    assert loaded.preprocessing.preparation == "mnist-digit"
+    features = loaded.preprocessing(paths[0])
+    assert features.shape == (1, 784) and torch.equal(features, world_env.prepared.test_x[:1])
+    assert loaded.predict(paths[:5]) == predict_images(paths[:5], loaded.model, loaded.preprocessing)

@@ -1,7 +1,11 @@
 """Alembic migrations of the registry schema, run programmatically (no alembic.ini needed).
 
-Concurrent starts are serialised by :func:`mnist_flow.db.database_lock` (a PostgreSQL advisory lock,
-or an exclusive lock on a file next to a SQLite database).
+Concurrent starts are serialised by :func:`mnist_flow.db.database_lock` (a PostgreSQL advisory lock, or an
+exclusive lock on a file next to a SQLite database).
+
+A database whose registry revision this package does not know (written by a newer mnist-flow, or
+edited), or whose registry tables are missing although its revision says they exist, is refused
+with one :class:`~mnist_flow.errors.DatabaseDamagedError`.
 """
 
 from __future__ import annotations
@@ -12,11 +16,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 
-from mnist_flow.db import database_lock
+from mnist_flow.db import DAMAGED_FIX, database_lock, mask_url
+from mnist_flow.errors import DatabaseDamagedError
 
 VERSION_TABLE = "mnist_flow_alembic_version"
+#: The registry's tables at head (checked after every upgrade: a dropped one is reported, not re-created).
+TABLES = ("mnist_flow_model_versions", "mnist_flow_aliases", "mnist_flow_decisions")
 
 
 def _config() -> Config:
@@ -39,7 +48,23 @@ def current_revision(connection: Connection) -> str | None:
 def _upgrade(connection: Connection) -> None:
     config = _config()
     config.attributes["connection"] = connection
-    command.upgrade(config, "head")
+    try:
+        command.upgrade(config, "head")
+    except CommandError as exc:
+        where = mask_url(connection.engine.url.render_as_string(hide_password=True))
+        raise DatabaseDamagedError(
+            f"The registry tables of the database {where} are at a schema revision this mnist-flow does not know "
+            f"({current_revision(connection)!r}; it knows up to {head_revision()!r}): the database was written by a "
+            f"newer mnist-flow, or its {VERSION_TABLE} table was edited ({exc}).",
+            fix="Upgrade mnist-flow to the version that wrote the database, or set MNIST_FLOW_DATABASE_URL to "
+            "another database.") from None
+    missing = [table for table in TABLES if not inspect(connection).has_table(table)]
+    if missing:
+        where = mask_url(connection.engine.url.render_as_string(hide_password=True))
+        raise DatabaseDamagedError(
+            f"The database {where} lacks the registry table(s) {', '.join(missing)} although its schema revision "
+            f"({current_revision(connection)}) says they exist: they were dropped or the database was damaged.",
+            fix=DAMAGED_FIX)
 
 
 def upgrade(engine: Engine) -> None:

@@ -1,0 +1,315 @@
+"""How many intra-op threads a training run uses, and the process set-up of trial processes.
+
+Two threads are at best about 1.45x faster than one on this MLP, and 5 to 35 times slower as soon
+as another process wants a core: OpenMP's threads wait for each other at every operator
+(docs/benchmarks.md, "Contention"). So nothing trains multi-threaded unless it measures that it pays:
+
+- Trial processes (``workers > 1``) are single-threaded: :func:`single_threaded_process` runs in each
+  of them before any trial (one OpenMP thread, passive waits, bounded kernel caches).
+- A fit in a process of its own (the final fit, ``mnist-flow train``, trials with ``workers=1``) gets
+  :class:`AdaptiveThreads` from :func:`policy_for`: at the start of every epoch it times a few steps
+  with one thread and with more, keeps more only while they are measured faster, watches every step
+  and falls back to one thread at once when the steps slow down (a neighbour took a core).
+  More than one thread is only used for batch shapes whose results it verified to be bitwise equal to
+  one thread's (:meth:`AdaptiveThreads.wrap`), and evaluation always runs on one thread, so the
+  policy never changes a result: a run with the same seed trains the same model.
+- ``MNIST_FLOW_THREADS=N`` overrides all of it (:class:`FixedThreads`).
+
+Memory: PyTorch's bfloat16 matmuls go through oneDNN, which caches a compiled kernel per matrix
+shape in two caches of 1,024 entries each (ideep's ``LRU_CACHE_CAPACITY`` and oneDNN's
+``ONEDNN_PRIMITIVE_CACHE_CAPACITY``). Every trial has new hidden sizes, hence new shapes: the caches
+grew a process by 6-10 MB per trial. :func:`bound_native_caches` caps both at
+:data:`KERNEL_CACHE_ENTRIES`, more than the shapes of one fit (docs/benchmarks.md, "Memory per trial").
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Entries of each of the two oneDNN kernel caches. A fit's steps use 8 shapes (3 forward, 2 input-gradient
+#: and 3 weight-gradient matmuls), its last short batch and evaluation about 11 more once per epoch; 16 keeps
+#: the steps' kernels and rebuilds the others once an epoch (milliseconds). Measured over 40 trials of the
+#: sample: 16 entries +12 MB then flat, 32 +35 MB, 64 +65 MB, 1,024 (PyTorch's) +6.6 MB per trial, unbounded.
+KERNEL_CACHE_ENTRIES = 16
+CACHE_ENV = {"LRU_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
+             "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES)}
+#: The environment of a single-threaded trial process (read by OpenMP and MKL when they start).
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+#: More threads than this never helped a batch-128 MLP step; the ladder stops here.
+MAX_THREADS = 8
+#: A multi-threaded probe whose first step is this many times slower than the best is stopped at once.
+HOPELESS = 4.0
+
+
+def bound_native_caches() -> None:
+    """Cap oneDNN's per-shape kernel caches (unless the user set them): call before the first matmul."""
+    for key, value in CACHE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def single_threaded_process(threads: int | None = None) -> None:
+    """Set up a trial process: ``threads`` (default 1) intra-op threads, passive OpenMP, bounded caches.
+
+    Used as the ``initializer`` of Prefect's ``ProcessPoolTaskRunner``, so it runs in each process
+    before any task; the variables also reach what that process starts.
+    """
+    bound_native_caches()
+    env = dict(SINGLE_THREAD_ENV)
+    if threads and threads > 1:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    os.environ.update(env)
+    if "torch" in sys.modules:  # already imported (a spawned process imports its parent's main module)
+        import torch
+
+        torch.set_num_threads(threads or 1)
+
+
+@contextmanager
+def child_environment(threads: int | None = None) -> Iterator[None]:
+    """While open, processes started from this one begin single-threaded (``threads``): OpenMP reads
+    ``OMP_NUM_THREADS`` and ``OMP_WAIT_POLICY`` once, when it starts, before any initializer could set
+    them. This process's own OpenMP has started already and is unaffected; the variables are restored."""
+    env = {**CACHE_ENV, **SINGLE_THREAD_ENV}
+    if threads and threads > 1:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update({key: os.environ.get(key, value) if key in CACHE_ENV else value
+                       for key, value in env.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class FixedThreads:
+    """Always ``threads`` intra-op threads (``MNIST_FLOW_THREADS``)."""
+
+    def __init__(self, threads: int, reason: str = "MNIST_FLOW_THREADS") -> None:
+        self.threads, self.reason = threads, reason
+
+    def wrap(self, step: Any, steps_per_epoch: int) -> Any:
+        import torch
+
+        torch.set_num_threads(self.threads)
+        return step
+
+
+@dataclass
+class Decision:
+    """One epoch's probe: seconds per step with each thread count tried, and the count chosen."""
+
+    epoch: int
+    seconds_per_step: dict[int, float]
+    threads: int
+    fell_back_at_step: int | None = None
+
+
+@dataclass
+class AdaptiveThreads:
+    """More than one intra-op thread only while measured faster (see the module docstring).
+
+    ``candidates`` are tried in order (1, 2, 4, ... up to the CPUs available); a count is kept only
+    if its steps are at least ``margin`` faster than the best count before it. While more than one
+    thread runs, a step window slower than ``fallback`` times the one-thread steps drops to one thread
+    until the next epoch's probe.
+    """
+
+    candidates: tuple[int, ...] = (1,)
+    probe_steps: int = 8
+    margin: float = 0.05
+    fallback: float = 1.2
+    #: A probe of more threads stops once its steps cost this share of a one-thread epoch over one thread.
+    probe_share: float = 0.02
+    decisions: list[Decision] = field(default_factory=list)
+
+    @classmethod
+    def for_cpus(cls, cpus: int | None = None, **options: Any) -> AdaptiveThreads:
+        from mnist_flow.scale import available_cpus
+
+        top = min(MAX_THREADS, cpus if cpus is not None else available_cpus())
+        ladder = [1]
+        while ladder[-1] * 2 <= top:
+            ladder.append(ladder[-1] * 2)
+        if ladder[-1] < top:
+            ladder.append(top)
+        return cls(candidates=tuple(ladder), **options)
+
+    def wrap(self, step: Any, steps_per_epoch: int) -> AdaptiveStep | Any:
+        """``step`` (an ``MLPStep``) timed and run with the thread count of the policy."""
+        import torch
+
+        torch.set_num_threads(1)
+        if len(self.candidates) < 2:
+            return step
+        return AdaptiveStep(step, self, max(1, steps_per_epoch))
+
+
+class AdaptiveStep:
+    """A training step that chooses its thread count as :class:`AdaptiveThreads` says.
+
+    Attribute reads go to the wrapped step (``dtype``), so ``train_epoch`` sees no difference.
+    """
+
+    def __init__(self, step: Any, policy: AdaptiveThreads, steps_per_epoch: int) -> None:
+        import torch
+
+        self._torch = torch
+        self._step, self._policy, self._per_epoch = step, policy, steps_per_epoch
+        self._calls = 0
+        self._threads = 1
+        self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
+        self._single = float("inf")  # seconds per step with one thread, from the last probe
+        self._window: list[float] = []
+        self._verified: dict[tuple[int, ...], bool] = {}  # input shape -> many threads give equal bits
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._step, name)
+
+    # -- the step -------------------------------------------------------------------------------------------------
+
+    def __call__(self, inputs: Any, targets: Any) -> Any:
+        if inputs.device.type != "cpu":
+            return self._step(inputs, targets)
+        if self._calls % self._per_epoch == 0:
+            self._start_probe()
+        threads, counted = self._threads, True
+        if threads > 1 and not self._same_bits(inputs, targets, threads):
+            if self._probe:  # a full batch: this thread count would change the results
+                self._finish_probe(self._best()[0])
+            threads, counted = 1, False
+        self._set(threads)
+        start = time.perf_counter()
+        loss = self._step(inputs, targets)
+        seconds = time.perf_counter() - start
+        self._calls += 1
+        if counted:
+            self._observe(threads, seconds)
+        if self._calls % self._per_epoch == 0:
+            self._set(1)  # evaluation and whatever follows the epoch run on one thread
+        return loss
+
+    def _set(self, threads: int) -> None:
+        if self._torch.get_num_threads() != threads:
+            self._torch.set_num_threads(threads)
+
+    # -- measuring ------------------------------------------------------------------------------------------------
+
+    def _start_probe(self) -> None:
+        self._threads = self._policy.candidates[0]
+        self._probe = [(self._threads, [])]
+        self._window = []
+
+    def _best(self, entries: int | None = None) -> tuple[int, float]:
+        """The count to keep among those probed: fewer threads unless more are ``margin`` faster."""
+        best = (self._probe[0][0], _median(self._probe[0][1]))
+        for count, times in self._probe[1:entries]:
+            if len(times) > 1 and _median(times) < (1 - self._policy.margin) * best[1]:
+                best = (count, _median(times))
+        return best
+
+    def _hopeless(self, count: int, times: list[float]) -> bool:
+        """Stop probing ``count`` threads early once it cannot win: a contended core makes every
+        multi-threaded step many times slower, and a full probe would cost seconds."""
+        if count == self._probe[0][0]:
+            return False
+        target = (1 - self._policy.margin) * self._best(-1)[1]
+        if times[0] > HOPELESS * target:  # even the warm-up step is far off
+            return True
+        if sum(times) - len(times) * self._single > self._policy.probe_share * self._per_epoch * self._single:
+            return True  # a contended core: the probe already cost more than its share of the epoch
+        slow = sum(t >= target for t in times[1:])
+        return slow > self._policy.probe_steps // 2  # the median can no longer beat the target
+
+    def _finish_probe(self, threads: int) -> None:
+        self._policy.decisions.append(Decision(self._calls // self._per_epoch + 1,
+                                               {c: _median(t) for c, t in self._probe if len(t) > 1}, threads))
+        self._threads, self._probe, self._window = threads, [], []
+
+    def _observe(self, threads: int, seconds: float) -> None:
+        policy = self._policy
+        if self._probe:
+            count, times = self._probe[-1]
+            times.append(seconds)
+            if len(times) <= policy.probe_steps and not self._hopeless(count, times):
+                return  # (the first step after a switch warms up, uncounted)
+            if count == 1:
+                self._single = _median(times)
+            best = self._best()
+            index = policy.candidates.index(count)
+            if best[0] == count and index + 1 < len(policy.candidates):  # it paid: try the next count
+                self._threads = policy.candidates[index + 1]
+                self._probe.append((self._threads, []))
+            else:
+                self._finish_probe(best[0])
+            return
+        if threads > 1:
+            self._window.append(seconds)
+            if len(self._window) >= policy.probe_steps:
+                if statistics.median(self._window) > policy.fallback * self._single:
+                    self._threads = 1  # until the next epoch's probe
+                    if policy.decisions:
+                        policy.decisions[-1].fell_back_at_step = self._calls % self._per_epoch
+                self._window = []
+
+    # -- equal results --------------------------------------------------------------------------------------------
+
+    def _same_bits(self, inputs: Any, targets: Any, threads: int) -> bool:
+        """Whether ``threads`` threads give this batch shape's step the bits one thread gives (checked once).
+
+        Matmul kernels may split a product's inner dimension differently with more threads, which
+        changes the rounding; two copies of the step take the same batch, one per thread count.
+        """
+        key = (threads, *inputs.shape)
+        if key not in self._verified:
+            single, multi = copy.deepcopy(self._step), copy.deepcopy(self._step)
+            self._set(1)
+            single(inputs, targets)
+            self._set(threads)
+            multi(inputs, targets)
+            self._verified[key] = all(self._torch.equal(a, b) for a, b in zip(_state(single), _state(multi)))
+        return self._verified[key]
+
+
+def _median(times: list[float]) -> float:
+    """Median step time without the first (warm-up) step after a switch."""
+    return statistics.median(times[1:]) if len(times) > 1 else float("inf")
+
+
+def _state(step: Any) -> list[Any]:
+    return [*step.weights, *step.biases, *step.weight_momenta, *step.bias_momenta]
+
+
+Policy = FixedThreads | AdaptiveThreads
+
+
+def policy_for(threads: int | None, cpus: int | None = None) -> Policy:
+    """``MNIST_FLOW_THREADS`` (``threads``) if set, else the adaptive policy over the available CPUs."""
+    return FixedThreads(threads) if threads else AdaptiveThreads.for_cpus(cpus)
+
+
+def describe(policy: Policy) -> str:
+    """One line for the log: what the policy chose, epoch by epoch."""
+    if isinstance(policy, FixedThreads):
+        return f"{policy.threads} thread(s) ({policy.reason})"
+    if len(policy.candidates) < 2:
+        return "1 thread (one CPU available)"
+    parts = []
+    for d in policy.decisions:
+        timings = ", ".join(f"{c}: {1000 * s:.2f}" for c, s in d.seconds_per_step.items())
+        parts.append(f"epoch {d.epoch}: {d.threads} ({timings} ms/step"
+                     + (f"; back to 1 at step {d.fell_back_at_step}" if d.fell_back_at_step is not None else "")
+                     + ")")
+    return "adaptive threads: " + ("; ".join(parts) if parts else "no CPU step measured")
+

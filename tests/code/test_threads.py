@@ -1,0 +1,153 @@
+"""The thread policy (mnist_flow.threads): more threads only while measured faster, never another result.
+
+The policy's decisions are driven by real step times: the steps below take a known time per thread
+count (they sleep), so each test knows what the policy must choose. The real training step is then
+held to one thread bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mnist_flow import threads as th
+from mnist_flow.train import train_model
+from mnist_flow.params import TrainConfig
+
+
+class TimedStep:
+    """A step whose duration depends on the thread count in use: ``seconds[threads]`` (or a callable)."""
+
+    def __init__(self, seconds, *, unequal: bool = False) -> None:
+        self.seconds, self.unequal = seconds, unequal
+        self.dtype = torch.float32
+        self.weights, self.biases = [torch.zeros(4, 4)], [torch.zeros(4)]
+        self.weight_momenta, self.bias_momenta = [torch.zeros(4, 4)], [torch.zeros(4)]
+        self.used: list[int] = []
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        threads = torch.get_num_threads()
+        self.used.append(threads)
+        if self.unequal:  # a result that depends on the thread count
+            self.weights[0].add_(threads)
+        wait = self.seconds(len(self.used)) if callable(self.seconds) else self.seconds[threads]
+        time.sleep(wait)
+        return torch.zeros(())
+
+
+def _run(policy: th.AdaptiveThreads, step: TimedStep, epochs: int, per_epoch: int) -> TimedStep:
+    wrapped = policy.wrap(step, steps_per_epoch=per_epoch)
+    batch = torch.zeros(8, 4)
+    for _ in range(epochs * per_epoch):
+        wrapped(batch, torch.zeros(8, dtype=torch.long))
+    return step
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_more_threads_are_kept_when_they_are_measured_faster() -> None:
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = _run(policy, TimedStep({1: 0.012, 2: 0.002}), epochs=2, per_epoch=30)
+    assert [d.threads for d in policy.decisions] == [2, 2]
+    assert step.used[-10:] == [2] * 10
+    assert torch.get_num_threads() == 1  # the epoch's end (evaluation) is single-threaded
+
+
+def test_one_thread_is_kept_when_more_threads_are_slower() -> None:
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = _run(policy, TimedStep({1: 0.002, 2: 0.012}), epochs=2, per_epoch=30)
+    assert [d.threads for d in policy.decisions] == [1, 1]
+    assert step.used.count(2) <= 2 * 6  # only the probes (cut short once they cannot win)
+    assert step.used[-20:] == [1] * 20
+
+
+def test_a_probe_of_more_threads_on_a_contended_core_stops_after_one_step() -> None:
+    # three times slower is not hopeless at first sight, but one such step already costs the probe's share
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=8)
+    step = _run(policy, TimedStep({1: 0.004, 2: 0.012}), epochs=3, per_epoch=40)
+    assert [d.threads for d in policy.decisions] == [1, 1, 1]
+    assert step.used.count(2) <= 3 * 2  # one probe step per epoch (two on a hiccup); without the share: 6 each
+
+
+def test_an_epoch_falls_back_to_one_thread_as_soon_as_the_steps_slow_down() -> None:
+    # two threads are fast until step 40 (a neighbour starts), then six times slower than one
+    def seconds(call: int) -> float:
+        threads = torch.get_num_threads()
+        return 0.008 if threads == 1 else (0.001 if call < 40 else 0.05)
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = _run(policy, TimedStep(seconds), epochs=1, per_epoch=90)
+    assert policy.decisions[0].threads == 2 and policy.decisions[0].fell_back_at_step is not None
+    assert policy.decisions[0].fell_back_at_step < 60
+    assert step.used[-30:] == [1] * 30
+
+
+def test_more_threads_are_never_used_when_they_would_change_the_result() -> None:
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = _run(policy, TimedStep({1: 0.012, 2: 0.002}, unequal=True), epochs=2, per_epoch=30)
+    assert all(d.threads == 1 for d in policy.decisions)
+    assert set(step.used) == {1}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_adaptive_policy_trains_the_same_model_as_one_thread(precision: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 784, generator=g), torch.randint(0, 10, (1000,), generator=g)
+    config = TrainConfig(hidden=(1024, 512), batch_size=64, epochs=2, precision=precision, lr=0.05)
+    one, _ = train_model(config, x[:900], y[:900], x[900:], y[900:], threads=th.FixedThreads(1))
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=2)
+    adaptive, history = train_model(config, x[:900], y[:900], x[900:], y[900:], threads=policy)
+    assert len(policy.decisions) == 2
+    for a, b in zip(one.parameters(), adaptive.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_ladder_goes_up_to_the_available_cpus_and_mnist_flow_threads_overrides() -> None:
+    assert th.AdaptiveThreads.for_cpus(1).candidates == (1,)
+    assert th.AdaptiveThreads.for_cpus(2).candidates == (1, 2)
+    assert th.AdaptiveThreads.for_cpus(6).candidates == (1, 2, 4, 6)
+    assert th.AdaptiveThreads.for_cpus(64).candidates == (1, 2, 4, 8)
+    fixed = th.policy_for(3)
+    assert isinstance(fixed, th.FixedThreads) and fixed.threads == 3
+    fixed.wrap(object(), steps_per_epoch=10)
+    assert torch.get_num_threads() == 3
+    assert isinstance(th.policy_for(None, cpus=2), th.AdaptiveThreads)
+
+
+def test_a_trial_process_is_single_threaded_with_passive_openmp_and_bounded_kernel_caches() -> None:
+    code = ("import os, torch; from mnist_flow.threads import single_threaded_process; single_threaded_process(); "
+            "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'], "
+            "os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
+    env = {k: v for k, v in os.environ.items() if k not in th.CACHE_ENV and not k.startswith(("OMP_", "MKL_"))}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         timeout=120).stdout.split()
+    assert out == ["1", "1", "PASSIVE", str(th.KERNEL_CACHE_ENTRIES), str(th.KERNEL_CACHE_ENTRIES)]
+    # a value the user set is kept
+    env["LRU_CACHE_CAPACITY"] = "7"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         timeout=120).stdout.split()
+    assert out[3] == "7"
+
+
+def test_processes_started_in_the_child_environment_begin_single_threaded_and_the_variables_are_restored(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "5")  # the user's value is kept
+    code = "import os, torch; print(torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], os.environ['LRU_CACHE_CAPACITY'])"
+    with th.child_environment():
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             timeout=120).stdout.split()
+    assert out == ["1", "PASSIVE", "5"]
+    assert "OMP_NUM_THREADS" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+    assert os.environ["LRU_CACHE_CAPACITY"] == "5"

@@ -1,0 +1,110 @@
+"""A parallel `make run`: the trials in two single-threaded processes (Prefect's ProcessPoolTaskRunner).
+
+The run uses Prefect's temporary local API, as `make run` does on a new machine. Exactly n_trials of the
+run finish, none fails, two processes other than the flow's ran them (each records its host:pid), their
+log lines reach the flow run's output, a champion is registered, and no process outlives the run.
+A trial process killed mid-trial (SIGKILL, which breaks Prefect's whole process pool) costs only the
+trials that were running: the flow's own tune task retries their configurations and the run still
+finishes exactly n_trials.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import procs
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+N_TRIALS = 6
+ARGS = f"--source sample --n-trials {N_TRIALS} --max-epochs 3 --final-epochs 2 --workers 2 --json"
+
+
+def test_make_run_with_two_trial_processes_finishes_exactly_n_trials_and_registers_a_champion(
+        tmp_path: Path, e2e_token: str) -> None:
+    env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    result = procs.run(["make", "-o", "install", "run", f"ARGS={ARGS}"], env=env, timeout=600)
+    out = result.stdout
+    summary, _ = json.JSONDecoder().raw_decode(out[out.index("{\n"):])
+    assert summary["trials"]["finished"] == N_TRIALS
+    assert summary["model"]["version"] == 1 and summary["model"]["champion"] is True
+    assert "trial worker 1 of 2" in out and "trial worker 2 of 2" in out  # the processes' logs reach the run
+    assert "Starting temporary server" in out and out.count("Starting temporary server") == 1  # one shared API
+
+    db = Path(env["MNIST_FLOW_HOME"]) / "mnist-flow.db"
+    study = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{db}")
+    trials = study.get_trials()
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.FAIL] == 0 and len(trials) == N_TRIALS, states
+    assert len({t.user_attrs["run_key"] for t in trials}) == 1  # a fresh home: all are this run's
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    workers = Counter(t.user_attrs["worker"] for t in trials)
+    assert len(workers) == 2, workers
+
+    listed = json.loads(procs.run([str(procs.BIN / "mnist-flow"), "registry", "list", "--json"], env=env,
+                                  timeout=120).stdout)
+    assert [v["version"] for v in listed] == [1] and "champion" in listed[0]["aliases"]
+    assert not procs.leftovers(e2e_token), "a trial process outlived the run"
+
+
+#: Small batches: each epoch lasts a second or more, time to kill a trial process mid-trial. (The search space
+#: stays the default: a re-queued seed configuration outside narrowed bounds is refused by Optuna.)
+KILL_ARGS = ["--source", "sample", "--n-trials", "5", "--max-epochs", "6", "--final-epochs", "1", "--workers", "2",
+             "--batch-size", "16", "--json"]
+
+
+def test_a_trial_process_killed_mid_trial_costs_only_its_trial_and_the_run_still_finishes_exactly(
+        tmp_path: Path, e2e_token: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+                         MNIST_FLOW_HEARTBEAT_INTERVAL="1", MNIST_FLOW_HEARTBEAT_GRACE="3")
+    db = Path(env["MNIST_FLOW_HOME"]) / "mnist-flow.db"
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, str(procs.REPO / "flows" / "mnist.py"), *KILL_ARGS], env=env,
+                               cwd=procs.REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 400
+        while victim is None and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.5)
+            if not db.exists():
+                continue
+            try:
+                (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+                running = [t for t in optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+                           .get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs
+                           and t.intermediate_values]  # past its first epoch: mid-trial
+            except Exception:  # the study not there yet, or the database busy: look again
+                continue
+            if running:
+                victim = int(running[0].user_attrs["worker"].rsplit(":", 1)[1])
+        assert victim is not None and victim != run.pid, procs.tail(log)
+        os.kill(victim, signal.SIGKILL)
+        assert run.wait(timeout=600) == 0, procs.tail(log, 8000)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    text = log.read_text()
+    summary_json, _ = json.JSONDecoder().raw_decode(text[text.index("{\n"):])
+    assert summary_json["trials"]["finished"] == 5 and summary_json["model"]["champion"] is True
+    study = optuna.load_study(study_name=summary_json["study"], storage=f"sqlite:///{db}")
+    trials = study.get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 5 and 1 <= len(failed) <= 2  # the killed trial (and the one the broken pool stopped)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    assert all(t.number in retried for t in failed)  # each lost configuration ran again
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert not procs.leftovers(e2e_token), "a trial process outlived the run"

@@ -1,0 +1,208 @@
+"""Ctrl-C, SIGKILL and errors inside runs, through real processes: exit codes, one message, nothing left behind.
+
+* Ctrl-C (SIGINT) of `mnist-flow tune`, `mnist-flow train` and `python flows/mnist.py`: exit 130, one line,
+  no traceback; the interrupted trial is FAIL with its reason, none is left RUNNING.
+* SIGKILL of `python flows/mnist.py`: the temporary Prefect server it started stops listening too.
+* A user error raised after Prefect created the run (corrupt data): one message on the terminal and in the
+  flow-run log (read from the temporary server's own database), no traceback anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from rel_helpers import REPO, clean_env
+from optuna.trial import TrialState
+
+from mnist_flow.errors import INTERRUPTED
+from mnist_flow.tune import INTERRUPTED_REASON
+
+#: Wide layers on the bundled sample: an epoch lasts a second or more, so a trial is caught mid-way.
+SLOW_TRIALS = ["--source", "sample", "--hidden1-min", "2048", "--hidden1-max", "2048", "--hidden2-min", "1024",
+               "--hidden2-max", "1024", "--n-trials", "50", "--max-epochs", "20"]
+
+
+def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A child whose SIGINT is handled as at a terminal (a background job would inherit SIG_IGN)."""
+    return subprocess.Popen(args, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _running_trial(db: Path) -> bool:
+    """Whether a trial is RUNNING with at least one epoch reported (read-only, through SQLite)."""
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
+            return bool(con.execute(
+                "SELECT 1 FROM trials t WHERE t.state = 'RUNNING' AND EXISTS (SELECT 1 FROM trial_intermediate_values "
+                "v WHERE v.trial_id = t.trial_id)").fetchone())
+    except sqlite3.Error:
+        return False
+
+
+def _interrupt_mid_trial(proc: subprocess.Popen, db: Path, timeout: float = 180) -> tuple[str, str]:
+    deadline = time.monotonic() + timeout
+    while not _running_trial(db):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no trial started in time"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _trials(db: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage).trials
+
+
+def _check_interrupted(proc: subprocess.Popen, err: str, db: Path) -> tuple[int, int]:
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.splitlines().count(INTERRUPTED) == 1, err  # (Prefect's run log lines may come around it)
+    trials = _trials(db)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len(failed) == 1 and failed[0].user_attrs.get("fail_reason") == INTERRUPTED_REASON, failed
+    return failed[0].number, len(trials)
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_mnist_flow_train_exits_130_with_one_line(home: Path, reliability) -> None:
+    env = clean_env(home)
+    proc = _popen([sys.executable, "-m", "mnist_flow.cli", "train", "--source", "sample", "--epochs", "200",
+                   "--hidden", "2048,1024"], env)
+    deadline = time.monotonic() + 180
+    while _cpu_seconds(proc.pid) < TRAINING_CPU_S:  # past the imports and the data: training (for minutes)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines() == [INTERRUPTED], err
+    reliability.record("Ctrl-C (SIGINT) of `mnist-flow train`", "exit 130, one line, no traceback",
+                       f"exit {proc.returncode}, stderr {len(err.strip().splitlines())} line, no traceback",
+                       group="faults")
+
+
+#: CPU seconds after which `mnist-flow train` is training: its imports and the sample take about 3 s of CPU.
+TRAINING_CPU_S = 8.0
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _temp_server_port(err: str) -> int:
+    match = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", err)
+    assert match, err
+    return int(match.group(1))
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _flow_env(home: Path) -> dict[str, str]:
+    return clean_env(home, PREFECT_HOME=str(home.parent / "prefect-home"))
+
+
+ENTRIES = {"mnist-flow tune": ["-m", "mnist_flow.cli", "tune"], "python flows/mnist.py": [str(REPO / "flows" / "mnist.py")]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_ctrl_c_mid_trial_exits_130_with_one_line_and_records_the_trial_as_failed(
+        entry: str, home: Path, reliability) -> None:
+    proc = _popen([sys.executable, *ENTRIES[entry], *SLOW_TRIALS], _flow_env(home))
+    _, err = _interrupt_mid_trial(proc, home / "mnist-flow.db")
+    number, total = _check_interrupted(proc, err, home / "mnist-flow.db")
+    server = ""
+    if "Starting temporary server" in err:  # the flow script: its temporary Prefect server is stopped too
+        port = _temp_server_port(err)
+        deadline = time.monotonic() + 10
+        while _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _listening(port)
+        server = f"; temporary server on :{port} stopped"
+    reliability.record(f"Ctrl-C (SIGINT) of `{entry}` mid-trial",
+                       "exit 130, one line of ours, no traceback; the trial FAIL with its reason, none RUNNING",
+                       f"exit {proc.returncode}, one line “{INTERRUPTED[:40]}…”, no traceback; trial #{number} FAIL "
+                       f"(fail_reason “{INTERRUPTED_REASON}”), 0 of {total} RUNNING{server}", group="faults")
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_flow_script_takes_its_temporary_prefect_server_down(home: Path, reliability) -> None:
+    env = _flow_env(home)
+    proc = subprocess.Popen([sys.executable, str(REPO / "flows" / "mnist.py"), *SLOW_TRIALS], env=env,
+                            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    try:
+        for line in proc.stderr:  # the server is up once the flow run begins
+            seen += line
+            if "Beginning flow run" in line:
+                break
+        port = _temp_server_port(seen)
+        assert _listening(port)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = time.monotonic()
+    while _listening(port) and time.monotonic() - killed_at < 30:
+        time.sleep(0.1)
+    gone_after = time.monotonic() - killed_at
+    assert not _listening(port), "the temporary Prefect server still listens 30 s after its flow was killed"
+    assert gone_after < 5
+    reliability.record("SIGKILL of `python flows/mnist.py` while its temporary Prefect server runs",
+                       "the server dies with it (no listener left)",
+                       f"port {port} closed {gone_after:.1f} s after the kill", group="faults")
+
+
+@pytest.mark.slow
+def test_an_error_raised_inside_the_run_is_one_message_on_the_terminal_and_in_the_flow_run_log(
+        home: Path, tmp_path: Path, reliability) -> None:
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (folder / name).write_bytes(b"not an IDX file")
+    env = _flow_env(home)
+    proc = subprocess.run([sys.executable, str(REPO / "flows" / "mnist.py"), "--source", "dir", "--data-dir",
+                           str(folder)], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and 'File "' not in err, err
+    assert "Beginning flow run" in err  # the error came after Prefect had created the run
+    ours = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 1 and "train-images-idx3-ubyte" in ours[0] and proc.stdout == ""
+    # what the run logged through Prefect's API: the temporary server's database
+    with sqlite3.connect(Path(env["PREFECT_HOME"]) / "prefect.db") as con:
+        logged = [row[0] for row in con.execute("SELECT message FROM log WHERE flow_run_id IS NOT NULL")]
+    failures = [m for m in logged if "DataError" in m]
+    assert failures and not [m for m in logged if "Traceback" in m or 'File "' in m], logged
+    assert any("Fix: " in m and "train-images-idx3-ubyte" in m for m in failures), failures
+    reliability.record("corrupt data found by the `fetch_data` task, after Prefect created the run "
+                       "(`python flows/mnist.py --source dir`)",
+                       "exit 2; one message on the terminal and in the flow-run log; no traceback anywhere",
+                       f"exit 2, 1 error line, 0 tracebacks on stderr; flow-run log: {len(failures)} one-line "
+                       f"records of the DataError with its fix, 0 tracebacks in {len(logged)} records",
+                       group="bad input")
