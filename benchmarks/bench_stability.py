@@ -40,8 +40,7 @@ from mnist_flow import pipeline
 from mnist_flow.data import load_dataset
 from mnist_flow.errors import TrainingDiverged
 from mnist_flow.train import all_finite, build_model, make_step, train_epoch, train_model
-from mnist_flow.params import TrainConfig
-from mnist_flow.params import SearchSpace
+from mnist_flow.params import RunParams, SearchSpace, TrainConfig
 
 ISSUE_POINT = {"lr": 0.2438, "momentum": 0.6841, "hidden1": 832, "hidden2": 320}
 
@@ -83,15 +82,15 @@ def part_guard(cache: Path, repeats: int) -> dict[str, Any]:
 
 
 def part_corners(cache: Path, datasets: list[str], epochs: int) -> list[dict[str, Any]]:
-    space, recipe = SearchSpace(), pipeline.RunParams()
+    space, recipe = SearchSpace(), RunParams()
     rows = []
     for name in datasets:
         prepared = prepared_for(name, cache)
         for hidden, lr, momentum, precision in itertools.product(
                 [(space.hidden1_min, space.hidden2_min), (space.hidden1_max, space.hidden2_max)],
                 [space.lr_min, space.lr_max], [space.momentum_min, space.momentum_max], ["fp32", "bf16"]):
-            config = TrainConfig(hidden=hidden, lr=lr, momentum=momentum, batch_size=recipe.batch_size,
-                                 weight_decay=recipe.weight_decay, schedule=recipe.schedule, epochs=epochs,
+            config = TrainConfig(hidden=hidden, lr=lr, momentum=momentum, batch_size=recipe.recipe.batch_size,
+                                 weight_decay=recipe.recipe.weight_decay, schedule=recipe.recipe.schedule, epochs=epochs,
                                  precision=precision)
             row: dict[str, Any] = {"dataset": name, "hidden": list(hidden), "lr": lr, "momentum": momentum,
                                    "precision": precision, "epochs": epochs}
@@ -126,7 +125,7 @@ def part_final(cache: Path, datasets: list[str], seeds: list[int], point: dict[s
     for name, seed in itertools.product(datasets, seeds):
         prepared = prepared_for(name, cache, seed)
         s = prepared.splits
-        params = pipeline.RunParams(seed=seed)
+        params = RunParams(seed=seed)
         recipe = pipeline.trial_config(_trial(point, 0.0), params)
         row: dict[str, Any] = {"dataset": name, "seed": seed, "point": point,
                                "max_epochs": params.max_epochs, "final_epochs": params.final_epochs}
@@ -195,7 +194,7 @@ def main() -> None:
                         choices=["guard", "corners", "final", "runs"])
     parser.add_argument("--datasets", nargs="+", default=["sample", "fashion-mnist"],
                         choices=["sample", "fashion-mnist"])
-    parser.add_argument("--epochs", type=int, default=pipeline.RunParams().final_epochs,
+    parser.add_argument("--epochs", type=int, default=RunParams().final_epochs,
                         help="epochs of each corner's fit")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (0: torch's default)")

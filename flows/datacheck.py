@@ -22,6 +22,7 @@ from prefect.events import emit_event
 from prefect.variables import Variable
 
 from mnist_flow import pipeline
+from mnist_flow.params import RunParams
 from mnist_flow.registry import Registry
 from mnist_flow.settings import load_settings
 
@@ -53,7 +54,7 @@ def data_check(dataset: Literal["mnist", "fashion-mnist"] = "mnist",
     ``n_trials``, ``max_epochs`` and ``final_epochs`` travel in the event: the budgets of the retraining.
     """
     logger = get_run_logger()
-    params = pipeline.RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, n_trials=n_trials,
+    params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, n_trials=n_trials,
                                       max_epochs=max_epochs, final_epochs=final_epochs)
     settings = load_settings()
     bundle = pipeline.load_data(params, settings)

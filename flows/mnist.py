@@ -199,7 +199,7 @@ def mnist(**parameters: Any) -> dict[str, Any]:
             run_local_trial_workers(prepared, params, run_key, settings, n_workers)
         tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
         study, best = tune.with_options(timeout_seconds=_timeout(
-            prepared, settings, tune_epochs, (params.hidden1_max, params.hidden2_max)))(
+            prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)))(
             prepared, params, settings, run_key)
     with watch("train"):
         train_timeout = _timeout(prepared, settings, params.final_epochs,

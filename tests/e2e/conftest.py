@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest

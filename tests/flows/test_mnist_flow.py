@@ -28,11 +28,12 @@ def test_the_deployment_schema_offers_every_parameter_with_its_default_and_refus
     properties = schema.properties
     assert list(properties) == list(flat_fields())
     assert properties["n_trials"]["default"] == 20 and properties["n_trials"]["minimum"] == 1
+    assert properties["workers"]["default"] == "auto"
     assert properties["momentum_max"]["exclusiveMaximum"] == 1
     assert properties["dataset"]["enum"] == ["mnist", "fashion-mnist"]
     # what `prefect deployment run mnist/train --param ...` gets: values checked by RunParams, flat names back
     assert flow_module.mnist.validate_parameters({"n_trials": "5", "lr_max": 0.1})["lr_max"] == 0.1
-    with pytest.raises(ConfigError, match="n_trials: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"n_trials: must be in \[1, 10000\] \(got 0\)"):
         flow_module.mnist.validate_parameters({"n_trials": 0})
     with pytest.raises(ConfigError, match="lr_max: must be a finite number"):
         flow_module.mnist.validate_parameters({"lr_max": float("inf")})

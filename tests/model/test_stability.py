@@ -23,16 +23,15 @@ from mnist_flow import pipeline
 from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.registry import Registry
 from mnist_flow.train import all_finite, train_model
-from mnist_flow.params import TrainConfig
-from mnist_flow.params import SearchSpace
+from mnist_flow.params import RunParams, SearchSpace, TrainConfig
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
 SPACE = SearchSpace()
-DEFAULTS = pipeline.RunParams()
+DEFAULTS = RunParams()
 #: The recipe of `make run` (batch 128, weight decay 5e-4, one-cycle); the corners fill in the rest.
-RECIPE = TrainConfig(batch_size=DEFAULTS.batch_size, weight_decay=DEFAULTS.weight_decay,
-                     schedule=DEFAULTS.schedule, epochs=DEFAULTS.final_epochs)
+RECIPE = TrainConfig(batch_size=DEFAULTS.recipe.batch_size, weight_decay=DEFAULTS.recipe.weight_decay,
+                     schedule=DEFAULTS.recipe.schedule, epochs=DEFAULTS.final_epochs)
 NARROW, WIDE = (SPACE.hidden1_min, SPACE.hidden2_min), (SPACE.hidden1_max, SPACE.hidden2_max)
 CORNERS = list(itertools.product((SPACE.lr_min, SPACE.lr_max), (SPACE.momentum_min, SPACE.momentum_max)))
 
@@ -108,7 +107,7 @@ def _trial(params: dict, value: float, number: int = 3) -> optuna.trial.FrozenTr
 
 def test_a_final_fit_that_truly_diverges_recovers_and_registers_a_finite_model(tmp_path, sample_prepared):
     # the corner lr 0.3 x momentum 0.98 of the default space, stretched over the final epochs: it diverges
-    params = pipeline.RunParams(source="sample", max_epochs=2, final_epochs=8, precision="fp32")
+    params = RunParams(source="sample", max_epochs=2, final_epochs=8, precision="fp32")
     corner = {"lr": SPACE.lr_max, "momentum": SPACE.momentum_max, "hidden1": 128, "hidden2": 64}
     recipe = pipeline.trial_config(_trial(corner, 0.0), params)
     s = sample_prepared.splits
@@ -130,7 +129,7 @@ def test_a_final_fit_that_truly_diverges_recovers_and_registers_a_finite_model(t
 
 
 def test_the_final_fit_is_never_more_than_03_points_below_the_trial_it_reproduces(sample_prepared):
-    params = pipeline.RunParams(source="sample", max_epochs=4, final_epochs=8, precision="fp32")
+    params = RunParams(source="sample", max_epochs=4, final_epochs=8, precision="fp32")
     point = {"lr": 0.03, "momentum": 0.9, "hidden1": 128, "hidden2": 64}
     recipe = pipeline.trial_config(_trial(point, 0.0), params)
     s = sample_prepared.splits

@@ -398,7 +398,7 @@ def test_the_seed_and_champion_configurations_are_fitted_to_the_users_bounds_bef
 
     params = _run_params(lr_min=0.05, lr_max=0.2, momentum_min=0.5, momentum_max=0.8, hidden1_min=64,
                              hidden1_max=256, hidden2_min=100, hidden2_max=200)
-    space = params.search_space()
+    space = params.space
     champion = {"lr": 0.001, "momentum": 0.97, "hidden1": 1024, "hidden2": 64}
     study = open_study(f"sqlite:///{tmp_path / 's.db'}", "s", seed=0, max_epochs=2, warm_start=[champion],
                        space=space)

@@ -266,7 +266,7 @@ _KILL_AROUND_THE_GATE = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
 
     settings = Settings(home=home)
-    params = pipeline.RunParams.parse(source="sample")
+    params = RunParams.parse(source="sample")
     prepared = pipeline.prepare(pipeline.load_data(params, settings), val_fraction=0.1, seed=0)
     config = TrainConfig(hidden=(16,), epochs=1, seed=1)
     s = prepared.splits
@@ -312,7 +312,7 @@ def champion_inputs() -> tuple:
     from mnist_flow.train import train_model
     from mnist_flow.params import TrainConfig
 
-    params = pipeline.RunParams.parse(source="sample")
+    params = RunParams.parse(source="sample")
     prepared = pipeline.prepare(pipeline.load_data(params, Settings(home=Path("/nonexistent"))),
                                 val_fraction=0.1, seed=0)
     s = prepared.splits

@@ -286,10 +286,11 @@ def test_a_mistyped_sqlite_path_is_not_created_by_read_only_commands(args: list[
 
 def _tiny_run(home: Path) -> tuple:
     from mnist_flow import pipeline
+    from mnist_flow.params import RunParams
     from mnist_flow.settings import Settings
 
     settings = Settings(home=home)
-    params = pipeline.RunParams.parse(source="sample", n_trials=1, max_epochs=1, final_epochs=1, hidden1_min=64,
+    params = RunParams.parse(source="sample", n_trials=1, max_epochs=1, final_epochs=1, hidden1_min=64,
                                       hidden1_max=64, hidden2_min=64, hidden2_max=64, batch_size=256)
     prepared = pipeline.prepare(pipeline.load_data(params, settings), val_fraction=0.1, seed=0)
     url = settings.resolved_database_url

@@ -22,7 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mnist_flow import params as limits
 from mnist_flow import pipeline
+from mnist_flow.params import RunParams, flat_fields
 from mnist_flow.cli import main as cli_main
 from mnist_flow.cli_flow import build_parser
 from mnist_flow.errors import ConfigError
@@ -69,23 +71,25 @@ NUMBERS = st.one_of(
 JUNK = st.text(alphabet=string.printable + "é\u00a0\u2028²", max_size=20)
 VALUES = st.one_of(NUMBERS, JUNK)
 
-FLOW_FLAGS = [f"--{name.replace('_', '-')}" for name in pipeline.RunParams.model_fields]
+FLOW_FLAGS = [f"--{name.replace('_', '-')}" for name in flat_fields()]
 PARSER = build_parser("flows/mnist.py")  # the parser of `python flows/mnist.py` (and, with --run-key, of tune)
 
 
-def _sane(params: pipeline.RunParams) -> None:
+def _sane(params: RunParams) -> None:
     """What RunParams accepts can run: finite, capped, ordered."""
-    for name, value in params.model_dump().items():
+    flat = params.flat()
+    for name, value in flat.items():
         if isinstance(value, float):
             assert math.isfinite(value), (name, value)
-    assert 1 <= params.hidden1_min <= params.hidden1_max <= pipeline.MAX_WIDTH
-    assert 1 <= params.hidden2_min <= params.hidden2_max <= pipeline.MAX_WIDTH
-    assert 0 < params.lr_min <= params.lr_max <= pipeline.MAX_LR
-    assert 0 <= params.momentum_min <= params.momentum_max < 1
-    assert 0 <= params.seed <= pipeline.MAX_SEED and params.seed + pipeline.WORKER_SEED_STRIDE * params.workers < 2**32
-    assert 1 <= params.n_trials <= pipeline.MAX_TRIALS and 1 <= params.batch_size <= pipeline.MAX_BATCH_SIZE
-    assert params.max_epochs <= pipeline.MAX_EPOCHS and params.final_epochs <= pipeline.MAX_EPOCHS
-    assert 0 <= params.weight_decay <= pipeline.MAX_WEIGHT_DECAY and 0 < params.val_fraction < 1
+    assert 1 <= flat["hidden1_min"] <= flat["hidden1_max"] <= limits.MAX_WIDTH
+    assert 1 <= flat["hidden2_min"] <= flat["hidden2_max"] <= limits.MAX_WIDTH
+    assert 0 < flat["lr_min"] <= flat["lr_max"] <= limits.MAX_LR
+    assert 0 <= flat["momentum_min"] <= flat["momentum_max"] < 1
+    workers = params.workers if isinstance(params.workers, int) else limits.MAX_WORKERS
+    assert 0 <= params.seed <= limits.MAX_SEED and params.seed + pipeline.WORKER_SEED_STRIDE * workers < 2**32
+    assert 1 <= params.n_trials <= limits.MAX_TRIALS and 1 <= flat["batch_size"] <= limits.MAX_BATCH_SIZE
+    assert params.max_epochs <= limits.MAX_EPOCHS and params.final_epochs <= limits.MAX_EPOCHS
+    assert 0 <= flat["weight_decay"] <= limits.MAX_WEIGHT_DECAY and 0 < params.val_fraction < 1
 
 
 # --- target 1: the flow's parameters (argparse of flows/mnist.py and `mnist-flow tune`, then RunParams) -----------
@@ -93,7 +97,7 @@ def _sane(params: pipeline.RunParams) -> None:
 
 def _flag_value(name: str) -> st.SearchStrategy[tuple[str, str]]:
     """Values of the right form for the flag (so most examples reach RunParams), with junk now and then."""
-    annotation = pipeline.RunParams.model_fields[name].annotation
+    annotation = RunParams.model_fields[name].annotation
     choices = [str(a) for a in typing.get_args(annotation) if isinstance(a, str)]
     if annotation is int:
         good = st.one_of(st.integers(-5, 5000), st.integers(-(2**70), 2**70)).map(str)
@@ -108,7 +112,7 @@ def _flag_value(name: str) -> st.SearchStrategy[tuple[str, str]]:
     return st.tuples(st.just(flag), st.one_of(*[good] * 9, VALUES))
 
 
-FLOW_ARGS = st.lists(st.one_of(*[_flag_value(name) for name in pipeline.RunParams.model_fields],
+FLOW_ARGS = st.lists(st.one_of(*[_flag_value(name) for name in RunParams.model_fields],
                                st.tuples(st.sampled_from(["--json", "--nope", "-x", "--"]), VALUES)),
                      min_size=1, max_size=6)
 
@@ -130,7 +134,7 @@ def test_fuzzed_flow_parameters_are_refused_with_one_message_or_accepted_only_wh
             return
         args.pop("json")
         try:
-            params = pipeline.RunParams.parse(**args)
+            params = RunParams.parse(**args)
         except ConfigError as exc:
             assert exc.fix and "Traceback" not in str(exc)
             seen["refused"] += 1
