@@ -22,11 +22,11 @@ from pathlib import Path
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-compile-inductor-")
 atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
-import torch  # noqa: E402
+import common
+import torch
 
-import common  # noqa: E402
-from mnist_flow.train import build_model, make_step, train_epoch
 from mnist_flow.params import TrainConfig
+from mnist_flow.train import build_model, make_step, train_epoch
 
 STEPS = 100
 

@@ -15,11 +15,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import common
 import torch
 
-import common
-from mnist_flow.train import build_model, evaluate, make_step, train_epoch
 from mnist_flow.params import TrainConfig
+from mnist_flow.train import build_model, evaluate, make_step, train_epoch
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import optuna
 
-import common
 from mnist_flow.params import RunParams
 from mnist_flow.train import evaluate, train_model
 from mnist_flow.tune import SEED_PARAMS, Objective, best_trial, config_from_params, make_pruner

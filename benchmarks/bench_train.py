@@ -28,13 +28,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import common
 import torch
 from torch import nn
 
-import common
 from mnist_flow.model import multiply_adds_per_sample
-from mnist_flow.train import build_model, make_step, train_epoch
 from mnist_flow.params import TrainConfig
+from mnist_flow.train import build_model, make_step, train_epoch
 
 HIDDEN = (500, 256)
 BATCH = 64

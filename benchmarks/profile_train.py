@@ -16,12 +16,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import common
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import common
-from mnist_flow.train import build_model, make_step, train_epoch
 from mnist_flow.params import TrainConfig
+from mnist_flow.train import build_model, make_step, train_epoch
 
 GROUPS = {
     "matmul (mm, addmm)": ("aten::mm", "aten::addmm"),

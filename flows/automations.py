@@ -37,13 +37,18 @@ TRAIN = "mnist/train"
 WATCHED = (TRAIN, "mnist-trials/worker", "mnist-data-check/check")
 ZOMBIE_NAME = "mnist-flow: crash zombie flow runs"
 RETRY_NAME = "mnist-flow: retry crashed training runs"
-FINAL_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed"}
+FINAL_EVENTS = {
+    "prefect.flow-run.Completed",
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Cancelled",
+    "prefect.flow-run.Crashed",
+}
 
 
 def _deployments(ids: list[str]) -> ResourceSpecification:
-    return ResourceSpecification({"prefect.resource.id": [f"prefect.deployment.{i}" for i in ids],
-                                  "prefect.resource.role": "deployment"})
+    return ResourceSpecification(
+        {"prefect.resource.id": [f"prefect.deployment.{i}" for i in ids], "prefect.resource.role": "deployment"}
+    )
 
 
 def zombie_automation(deployment_ids: list[str], within_seconds: int) -> Automation:
@@ -61,9 +66,13 @@ def zombie_automation(deployment_ids: list[str], within_seconds: int) -> Automat
             threshold=1,
             within=timedelta(seconds=within_seconds),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"No heartbeat for {within_seconds} s: the flow-run process is gone "
-                                            "(marked by the mnist-flow zombie automation).")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {within_seconds} s: the flow-run process is gone "
+                "(marked by the mnist-flow zombie automation).",
+            )
+        ],
     )
 
 
@@ -74,15 +83,21 @@ def retry_automation(train_deployment_id: str) -> Automation:
         description="A mnist/train run that crashed on its first run is scheduled again (same run, resumes).",
         trigger=EventTrigger(
             expect={"prefect.flow-run.Crashed"},
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"],
-                                         "prefect.run-count": ["0", "1"]}),
+            match=ResourceSpecification(
+                {"prefect.resource.id": ["prefect.flow-run.*"], "prefect.run-count": ["0", "1"]}
+            ),
             match_related=_deployments([train_deployment_id]),
             posture=Posture.Reactive,
             threshold=1,
             within=timedelta(0),
         ),
-        actions=[ChangeFlowRunState(state=StateType.SCHEDULED, name="AwaitingRetry",
-                                    message="Retrying after a crash (mnist-flow retry automation).")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.SCHEDULED,
+                name="AwaitingRetry",
+                message="Retrying after a crash (mnist-flow retry automation).",
+            )
+        ],
     )
 
 
@@ -124,9 +139,13 @@ def ensure_automations(zombie_seconds: int) -> list[tuple[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--zombie-seconds", type=int, default=90,
-                        help="seconds without a flow-run heartbeat before a run is marked Crashed (default 90: "
-                             "three heartbeats of 30 s)")
+    parser.add_argument(
+        "--zombie-seconds",
+        type=int,
+        default=90,
+        help="seconds without a flow-run heartbeat before a run is marked Crashed (default 90: "
+        "three heartbeats of 30 s)",
+    )
     args = parser.parse_args(argv)
     if args.zombie_seconds < 31:
         parser.error("--zombie-seconds must exceed the shortest heartbeat Prefect allows (30 s)")

@@ -37,25 +37,38 @@ def variable_name(dataset: str, source: str, data_dir: str | None) -> str:
 
 def resource(dataset: str, source: str, data_dir: str | None) -> dict[str, str]:
     """The event's resource: one per dataset and source (the trigger matches ``mnist-flow.dataset.*``)."""
-    labels = {"prefect.resource.id": f"mnist-flow.dataset.{dataset}", "prefect.resource.name": dataset,
-              "mnist-flow.source": source}
+    labels = {
+        "prefect.resource.id": f"mnist-flow.dataset.{dataset}",
+        "prefect.resource.name": dataset,
+        "mnist-flow.source": source,
+    }
     if data_dir:
         labels["mnist-flow.data-dir"] = data_dir
     return labels
 
 
 @flow(name="mnist-data-check", log_prints=True)
-def data_check(dataset: Literal["mnist", "fashion-mnist"] = "mnist",
-               source: Literal["auto", "download", "dir", "sample"] = "auto",
-               data_dir: str | None = None, n_trials: int = 10, max_epochs: int = 8,
-               final_epochs: int = 24) -> dict[str, Any]:
+def data_check(
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist",
+    source: Literal["auto", "download", "dir", "sample"] = "auto",
+    data_dir: str | None = None,
+    n_trials: int = 10,
+    max_epochs: int = 8,
+    final_epochs: int = 24,
+) -> dict[str, Any]:
     """Fingerprint the data of (dataset, source, data_dir); emit ``mnist-flow.data.changed`` if it changed.
 
     ``n_trials``, ``max_epochs`` and ``final_epochs`` travel in the event: the budgets of the retraining.
     """
     logger = get_run_logger()
-    params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, n_trials=n_trials,
-                                      max_epochs=max_epochs, final_epochs=final_epochs)
+    params = RunParams.parse(
+        dataset=dataset,
+        source=source,
+        data_dir=data_dir,
+        n_trials=n_trials,
+        max_epochs=max_epochs,
+        final_epochs=final_epochs,
+    )
     settings = load_settings()
     bundle = pipeline.load_data(params, settings)
     name = variable_name(dataset, source, data_dir)
@@ -66,20 +79,44 @@ def data_check(dataset: Literal["mnist", "fashion-mnist"] = "mnist",
             champion = registry.champion(pipeline.model_name(dataset))
         seen = champion.dataset_fingerprint if champion is not None else None
         if seen is None:
-            logger.info("data %s from %s: fingerprint %s recorded (first check, no champion yet)", dataset,
-                        source, bundle.fingerprint[:16])
+            logger.info(
+                "data %s from %s: fingerprint %s recorded (first check, no champion yet)",
+                dataset,
+                source,
+                bundle.fingerprint[:16],
+            )
     changed = seen is not None and seen != bundle.fingerprint
     if changed:
-        emit_event(event=EVENT, resource=resource(dataset, source, data_dir),
-                   payload={"dataset": dataset, "source": source, "data_dir": data_dir, "n_trials": n_trials,
-                            "max_epochs": max_epochs, "final_epochs": final_epochs,
-                            "fingerprint": bundle.fingerprint, "previous": seen})
-        logger.info("data %s from %s changed: fingerprint %s (was %s); emitted %s", dataset, source,
-                    bundle.fingerprint[:16], seen[:16], EVENT)
+        emit_event(
+            event=EVENT,
+            resource=resource(dataset, source, data_dir),
+            payload={
+                "dataset": dataset,
+                "source": source,
+                "data_dir": data_dir,
+                "n_trials": n_trials,
+                "max_epochs": max_epochs,
+                "final_epochs": final_epochs,
+                "fingerprint": bundle.fingerprint,
+                "previous": seen,
+            },
+        )
+        logger.info(
+            "data %s from %s changed: fingerprint %s (was %s); emitted %s",
+            dataset,
+            source,
+            bundle.fingerprint[:16],
+            seen[:16],
+            EVENT,
+        )
     elif seen is not None:
         logger.info("data %s from %s unchanged (fingerprint %s)", dataset, source, bundle.fingerprint[:16])
     if previous is None or changed:
-        Variable.set(name, {"fingerprint": bundle.fingerprint, "dataset": dataset, "source": source},
-                     overwrite=True)
-    return {"dataset": dataset, "source": source, "fingerprint": bundle.fingerprint, "previous": seen,
-            "changed": changed}
+        Variable.set(name, {"fingerprint": bundle.fingerprint, "dataset": dataset, "source": source}, overwrite=True)
+    return {
+        "dataset": dataset,
+        "source": source,
+        "fingerprint": bundle.fingerprint,
+        "previous": seen,
+        "changed": changed,
+    }

@@ -44,17 +44,21 @@ except ModuleNotFoundError:
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry outages (network, database) and unexpected I/O errors; bad input or corrupt data will not fix itself."""
+    """Retry what can heal: outages (network, database) and I/O errors that are not permanent.
+
+    Bad input, corrupt data, a full disk and programming errors (TypeError, ...) will not fix themselves:
+    they fail at once instead of after 22 s of retries.
+    """
     try:
         state.result()
     except TRANSIENT_ERRORS:
         return True
     except MnistFlowError:
         return False
-    except OSError as exc:  # a full disk or a read-only folder stays so: fail at once, not after 22 s of retries
+    except OSError as exc:  # a full disk or a read-only folder stays so
         return exc.errno not in PERMANENT_ERRNOS
-    except Exception:
-        return True
+    except BaseException:  # noqa: BLE001 - anything else (a bug) is not retried
+        return False
     return False
 
 
@@ -65,8 +69,9 @@ IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_
 def fetch_data(params: RunParams, settings: Settings) -> DataBundle:
     """Fetch (or read) and verify the dataset; the fingerprint joins the lineage."""
     bundle = pipeline.load_data(params, settings)
-    get_run_logger().info("data: %s from %s (%s), fingerprint %s", bundle.name, bundle.source, bundle.origin,
-                          bundle.fingerprint[:16])
+    get_run_logger().info(
+        "data: %s from %s (%s), fingerprint %s", bundle.name, bundle.source, bundle.origin, bundle.fingerprint[:16]
+    )
     return bundle
 
 
@@ -85,23 +90,34 @@ def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run
     """
     with Registry.from_settings(settings) as registry:
         warm_start = pipeline.champion_warm_start(registry, params.dataset)
-    return pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key, flow_run_id=flow_run.id,
-                         progress=LogProgress(get_run_logger()), heartbeat_interval=settings.heartbeat_interval,
-                         heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
-                         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
-                         threads=policy_for(settings.threads))
+    return pipeline.tune(
+        prepared,
+        params,
+        settings.resolved_database_url,
+        run_key=run_key,
+        flow_run_id=flow_run.id,
+        progress=LogProgress(get_run_logger()),
+        heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_grace=settings.heartbeat_grace,
+        warm_start=warm_start,
+        watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
+        threads=policy_for(settings.threads),
+    )
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams,
-               settings: Settings) -> pipeline.FinalFit:
+def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams, settings: Settings) -> pipeline.FinalFit:
     """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit).
 
     More than one intra-op thread only while measured faster (mnist_flow.threads).
     """
     logger = get_run_logger()
-    logger.info("final fit of trial #%d (val accuracy %.4f): %s", best.number, best.value,
-                pipeline.final_config(best, params).to_dict())
+    logger.info(
+        "final fit of trial #%d (val accuracy %.4f): %s",
+        best.number,
+        best.value,
+        pipeline.final_config(best, params).to_dict(),
+    )
     threads = policy_for(settings.threads)
     fitted = pipeline.final_fit(prepared, best, params, progress=LogProgress(logger), threads=threads)
     for note in fitted.notes:
@@ -119,16 +135,34 @@ def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
 
 
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
-def register(prepared: pipeline.Prepared, fitted: pipeline.FinalFit, test: Any, study_name: str, trial_number: int,
-             run_key: str, settings: Settings) -> Any:
+def register(
+    prepared: pipeline.Prepared,
+    fitted: pipeline.FinalFit,
+    test: Any,
+    study_name: str,
+    trial_number: int,
+    run_key: str,
+    settings: Settings,
+) -> Any:
     """Register the model with its lineage and the gate's decision, in one transaction (idempotent per run)."""
     model, config, history = fitted.model, fitted.config, fitted.history
     with Registry.from_settings(settings) as registry:
         # registered and decided together: a crash never leaves a version without its decision
-        version, _ = pipeline.register_and_decide(registry, prepared, model, config, history, test,
-                                                  study_name=study_name, trial_number=trial_number, run_key=run_key,
-                                                  flow_run_id=flow_run.id, margin=settings.promotion_margin,
-                                                  alpha=settings.promotion_alpha, require_study=True)
+        version, _ = pipeline.register_and_decide(
+            registry,
+            prepared,
+            model,
+            config,
+            history,
+            test,
+            study_name=study_name,
+            trial_number=trial_number,
+            run_key=run_key,
+            flow_run_id=flow_run.id,
+            margin=settings.promotion_margin,
+            alpha=settings.promotion_alpha,
+            require_study=True,
+        )
     get_run_logger().info("registered %s v%d", version.name, version.version)
     return version
 
@@ -137,9 +171,15 @@ def register(prepared: pipeline.Prepared, fitted: pipeline.FinalFit, test: Any, 
 def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Settings) -> tuple:
     """Champion/challenger gate: the decision recorded with the version (a version without one is decided once)."""
     with Registry.from_settings(settings) as registry:
-        version, decision = pipeline.decide_promotion(registry, prepared, version, test, flow_run_id=flow_run.id,
-                                                      margin=settings.promotion_margin,
-                                                      alpha=settings.promotion_alpha)
+        version, decision = pipeline.decide_promotion(
+            registry,
+            prepared,
+            version,
+            test,
+            flow_run_id=flow_run.id,
+            margin=settings.promotion_margin,
+            alpha=settings.promotion_alpha,
+        )
     if decision is not None:
         get_run_logger().info("decision on v%d: %s: %s", version.version, decision.outcome, decision.reason)
     return version, decision
@@ -163,11 +203,18 @@ def checked_flow(**options: Any) -> Any:
     return lambda fn: CheckedFlow(fn=fn, **options)
 
 
-def _timeout(prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int],
-             history: Any = ()) -> float:
+def _timeout(
+    prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int], history: Any = ()
+) -> float:
     """A stage's timeout from its epoch budget (mnist_flow.watchdog.stage_timeout): a backstop for a hang."""
-    return stage_timeout(epochs, hidden, len(prepared.splits.train_y), history, multiple=settings.hang_multiple,
-                         min_seconds=settings.hang_min_seconds)
+    return stage_timeout(
+        epochs,
+        hidden,
+        len(prepared.splits.train_y),
+        history,
+        multiple=settings.hang_multiple,
+        min_seconds=settings.hang_min_seconds,
+    )
 
 
 # retries=1 (deployment runs): a run that failed (an outage outlasting the I/O tasks' retries, a stage timeout)
@@ -198,13 +245,19 @@ def mnist(**parameters: Any) -> dict[str, Any]:
         elif n_workers > 1:
             run_local_trial_workers(prepared, params, run_key, settings, n_workers)
         tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
-        study, best = tune.with_options(timeout_seconds=_timeout(
-            prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)))(
-            prepared, params, settings, run_key)
+        study, best = tune.with_options(
+            timeout_seconds=_timeout(
+                prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)
+            )
+        )(prepared, params, settings, run_key)
     with watch("train"):
-        train_timeout = _timeout(prepared, settings, params.final_epochs,
-                                 (int(best.params["hidden1"]), int(best.params["hidden2"])),
-                                 study.get_trials(deepcopy=False))
+        train_timeout = _timeout(
+            prepared,
+            settings,
+            params.final_epochs,
+            (int(best.params["hidden1"]), int(best.params["hidden2"])),
+            study.get_trials(deepcopy=False),
+        )
         fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params, settings)
     with watch("evaluate"):
         test = evaluate(fitted.model, prepared)
@@ -212,8 +265,20 @@ def mnist(**parameters: Any) -> dict[str, Any]:
         version = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
         version, decision = gate(prepared, version, test, settings)
         publish_decision(decision, version, settings.resolved_database_url)
-    summary = pipeline.build_summary(params, prepared, study, best, run_key, version, decision, test, fitted.history,
-                                     watch.seconds, settings.resolved_database_url, notes=fitted.notes)
+    summary = pipeline.build_summary(
+        params,
+        prepared,
+        study,
+        best,
+        run_key,
+        version,
+        decision,
+        test,
+        fitted.history,
+        watch.seconds,
+        settings.resolved_database_url,
+        notes=fitted.notes,
+    )
     get_run_logger().info("summary:\n%s", "\n".join(pipeline.summary_lines(summary)))
     publish_review(summary, study, version, settings.dashboard_url)
     return summary
@@ -229,8 +294,11 @@ def start_temporary_server() -> None:
     Prefect would start the same server (a singleton) on first use and stop it at exit; started here,
     a watchdog also kills it when this process is killed (SIGKILL leaves no exit handler to run).
     """
-    from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED,
-                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     from mnist_flow.cli_flow import tie_to_this_process
     from mnist_flow.errors import ConfigError
@@ -244,9 +312,11 @@ def start_temporary_server() -> None:
     try:
         server.start(timeout=timeout)
     except (RuntimeError, OSError) as exc:
-        raise ConfigError(f"Prefect's temporary API server did not start: {str(exc).splitlines()[0][:200]}",
-                          fix="Run a server (`make server`) and set PREFECT_API_URL, or raise "
-                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine.") from None
+        raise ConfigError(
+            f"Prefect's temporary API server did not start: {str(exc).splitlines()[0][:200]}",
+            fix="Run a server (`make server`) and set PREFECT_API_URL, or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a busy machine.",
+        ) from None
     if server.server_process is not None:
         tie_to_this_process(server.server_process.pid)
 

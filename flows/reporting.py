@@ -29,12 +29,16 @@ def decision_markdown(decision: Any, version: Any, database_url: str) -> str:
         lines += ["No new decision: this (retried) run's model is already the champion.", ""]
     else:
         lines += [
-            f"**Outcome: {decision.outcome}**: {decision.reason}", "",
-            "| | challenger | champion |", "|---|---|---|",
+            f"**Outcome: {decision.outcome}**: {decision.reason}",
+            "",
+            "| | challenger | champion |",
+            "|---|---|---|",
             f"| test accuracy | {_fmt(decision.challenger_accuracy)} | {_fmt(decision.champion_accuracy)} |",
-            f"| correct only by | {_fmt(decision.b)} | {_fmt(decision.c)} |", "",
+            f"| correct only by | {_fmt(decision.b)} | {_fmt(decision.c)} |",
+            "",
             f"McNemar p-value: {_fmt(decision.p_value)}; margin {_fmt(decision.margin)}; "
-            f"alpha {_fmt(decision.alpha) if decision.alpha is not None else 'off'}.", "",
+            f"alpha {_fmt(decision.alpha) if decision.alpha is not None else 'off'}.",
+            "",
         ]
     champion = "champion" in getattr(version, "aliases", ())
     lines += [
@@ -51,8 +55,9 @@ def decision_markdown(decision: Any, version: Any, database_url: str) -> str:
 def publish_decision(decision: Any, version: Any, database_url: str) -> Any:
     """Attach the promotion decision to the flow run as the markdown artifact ``promotion-decision``."""
     description = "no new decision" if decision is None else f"{decision.outcome}: {version.name} v{version.version}"
-    return create_markdown_artifact(markdown=decision_markdown(decision, version, database_url), key=DECISION_KEY,
-                                    description=description)
+    return create_markdown_artifact(
+        markdown=decision_markdown(decision, version, database_url), key=DECISION_KEY, description=description
+    )
 
 
 # --- review artifacts: run summary, trials table, dashboard link (issue 6) ---------------------------
@@ -89,16 +94,20 @@ def publish_trials(study: Any) -> Any:
     from mnist_flow.report import table_records, trials_frame
 
     frame = trials_frame(study)
-    return create_table_artifact(table=table_records(frame), key=TRIALS_KEY,
-                                 description=f"{len(frame)} trials of study {study.study_name}")
+    return create_table_artifact(
+        table=table_records(frame), key=TRIALS_KEY, description=f"{len(frame)} trials of study {study.study_name}"
+    )
 
 
 @task(cache_policy=NO_CACHE)
 def publish_dashboard_link(dashboard_url: str, study: Any) -> Any:
     """A link to the study in optuna-dashboard (only called when MNIST_FLOW_DASHBOARD_URL is set)."""
-    return create_link_artifact(link=dashboard_link(dashboard_url, study), key=DASHBOARD_KEY,
-                                link_text=f"study {study.study_name} in optuna-dashboard",
-                                description="optuna-dashboard (start it with `mnist-flow dashboard`)")
+    return create_link_artifact(
+        link=dashboard_link(dashboard_url, study),
+        key=DASHBOARD_KEY,
+        link_text=f"study {study.study_name} in optuna-dashboard",
+        description="optuna-dashboard (start it with `mnist-flow dashboard`)",
+    )
 
 
 def publish_review(summary: dict[str, Any], study: Any, version: Any, dashboard_url: str | None) -> None:
@@ -114,5 +123,6 @@ def publish_review(summary: dict[str, Any], study: Any, version: Any, dashboard_
         try:
             annotate_trials(study, {version.trial_number: version}, trials=source)
         except Exception as exc:  # noqa: BLE001 - a dashboard note is not worth failing a finished run
-            get_run_logger().warning("could not note v%s on trial #%s: %s", version.version, version.trial_number,
-                                     mask_url(str(exc)))
+            get_run_logger().warning(
+                "could not note v%s on trial #%s: %s", version.version, version.trial_number, mask_url(str(exc))
+            )

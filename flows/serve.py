@@ -36,8 +36,12 @@ def load_deployment_configs(path: Path = PREFECT_FILE) -> list[dict[str, Any]]:
 
 def to_schedule(config: dict[str, Any]) -> Schedule:
     """One ``schedules:`` item of prefect.yaml as a Prefect schedule (cron or interval)."""
-    common = {"timezone": config.get("timezone"), "active": config.get("active", True),
-              "parameters": config.get("parameters") or None, "slug": config.get("slug")}
+    common = {
+        "timezone": config.get("timezone"),
+        "active": config.get("active", True),
+        "parameters": config.get("parameters") or None,
+        "slug": config.get("slug"),
+    }
     if "cron" in config:
         return Cron(config["cron"], day_or=config.get("day_or", True), **common)
     if "interval" in config:
@@ -52,9 +56,8 @@ def to_concurrency(value: int | dict[str, Any] | None) -> int | ConcurrencyLimit
 
 def to_trigger(spec: dict[str, Any]) -> Any:
     """One ``triggers:`` item of prefect.yaml as a deployment trigger (e.g. retrain on mnist-flow.data.changed)."""
-    from pydantic import TypeAdapter
-
     from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
 
     return TypeAdapter(DeploymentTriggerTypes).validate_python(dict(spec))
 

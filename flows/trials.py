@@ -20,14 +20,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
-from mnist_flow.params import RunParams
 from mnist_flow.db import dispose_storage, mask_url
 from mnist_flow.errors import ConfigError, MnistFlowError
+from mnist_flow.params import RunParams
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.scale import check_shared_state
 from mnist_flow.settings import Settings, load_settings
-from mnist_flow.threads import (AdaptiveThreads, FixedThreads, Policy, bound_native_caches, child_environment,
-                                describe, single_threaded_process)
+from mnist_flow.threads import (
+    AdaptiveThreads,
+    FixedThreads,
+    Policy,
+    bound_native_caches,
+    child_environment,
+    describe,
+    single_threaded_process,
+)
 from mnist_flow.train import select_device
 from mnist_flow.tune import study_name_for, worker_id
 from mnist_flow.watchdog import Watchdog
@@ -37,9 +44,11 @@ WORKER_DEPLOYMENT = "mnist-trials/worker"
 PICKUP_TIMEOUT_S = 600
 POLL_S = 2.0
 
-NO_DEPLOYMENT_FIX = ("Run the flow as a deployment on a Prefect server with workers on its pool: `make server`, "
-                     "`make deploy`, then `make worker` once per trial worker (see docs/scale-out.md); "
-                     "or pass workers=1 to run the trials in the flow's own process.")
+NO_DEPLOYMENT_FIX = (
+    "Run the flow as a deployment on a Prefect server with workers on its pool: `make server`, "
+    "`make deploy`, then `make worker` once per trial worker (see docs/scale-out.md); "
+    "or pass workers=1 to run the trials in the flow's own process."
+)
 
 
 @flow(name="mnist-trials", log_prints=True)
@@ -58,16 +67,25 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
 
 
 @task(name="trial-process", cache_policy=NO_CACHE)
-def trial_process(params: dict[str, Any], run_key: str, study_name: str, worker_index: int,
-                  settings: Settings) -> dict[str, Any]:
+def trial_process(
+    params: dict[str, Any], run_key: str, study_name: str, worker_index: int, settings: Settings
+) -> dict[str, Any]:
     """One trial process of a local ``workers > 1`` run (Prefect's ProcessPoolTaskRunner runs it)."""
     single_threaded_process(settings.threads)
     policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
     return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
 
 
-def run_trials_here(params: dict[str, Any], run_key: str, study_name: str, worker_index: int, settings: Settings,
-                    threads: Policy, *, flow_run_id: Any = None) -> dict[str, Any]:
+def run_trials_here(
+    params: dict[str, Any],
+    run_key: str,
+    study_name: str,
+    worker_index: int,
+    settings: Settings,
+    threads: Policy,
+    *,
+    flow_run_id: Any = None,
+) -> dict[str, Any]:
     """Load the data, check it is the study's, run trials of ``run_key`` until its ``n_trials`` are finished.
 
     The body of both kinds of trial worker: a run of the deployment `mnist-trials/worker` and a task of
@@ -78,31 +96,54 @@ def run_trials_here(params: dict[str, Any], run_key: str, study_name: str, worke
     quiet_optuna()
     bundle = pipeline.load_data(run_params, settings)
     if study_name_for(bundle.name, bundle.fingerprint) != study_name:
-        raise ConfigError(f"This worker's data ({bundle.name}, fingerprint {bundle.fingerprint[:12]}) is not the "
-                          f"data of the study {study_name!r}.",
-                          fix="Give every worker the same dataset files as the flow (same source and data_dir).")
-    prepared = _for_trials(pipeline.prepare(bundle, val_fraction=run_params.val_fraction, seed=run_params.seed,
-                                            device=select_device(settings.device)))
+        raise ConfigError(
+            f"This worker's data ({bundle.name}, fingerprint {bundle.fingerprint[:12]}) is not the "
+            f"data of the study {study_name!r}.",
+            fix="Give every worker the same dataset files as the flow (same source and data_dir).",
+        )
+    prepared = _for_trials(
+        pipeline.prepare(
+            bundle, val_fraction=run_params.val_fraction, seed=run_params.seed, device=select_device(settings.device)
+        )
+    )
     del bundle
     url = settings.resolved_database_url
-    storage = pipeline.study_storage(url, heartbeat_interval=settings.heartbeat_interval,
-                                     heartbeat_grace=settings.heartbeat_grace)
+    storage = pipeline.study_storage(
+        url, heartbeat_interval=settings.heartbeat_interval, heartbeat_grace=settings.heartbeat_grace
+    )
     try:
         try:
             storage.get_study_id_from_name(study_name)
         except KeyError:
-            raise ConfigError(f"The study {study_name!r} is not in this worker's database "
-                              f"({mask_url(url)}).",
-                              fix="Point MNIST_FLOW_DATABASE_URL of every worker to the flow's study "
-                                  "database.") from None
-        logger.info("trial worker %d of %s (%s, %s) on run %s", worker_index, run_params.workers, worker_id(),
-                    describe(threads), run_key)
-        study, _ = pipeline.tune(prepared, run_params, url, run_key=run_key, flow_run_id=flow_run_id,
-                                 storage=storage, worker_index=worker_index, progress=LogProgress(logger),
-                                 threads=threads, watchdog=Watchdog(multiple=settings.hang_multiple,
-                                                                    min_seconds=settings.hang_min_seconds))
-        mine = [t.number for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()]
+            raise ConfigError(
+                f"The study {study_name!r} is not in this worker's database ({mask_url(url)}).",
+                fix="Point MNIST_FLOW_DATABASE_URL of every worker to the flow's study database.",
+            ) from None
+        logger.info(
+            "trial worker %d of %s (%s, %s) on run %s",
+            worker_index,
+            run_params.workers,
+            worker_id(),
+            describe(threads),
+            run_key,
+        )
+        study, _ = pipeline.tune(
+            prepared,
+            run_params,
+            url,
+            run_key=run_key,
+            flow_run_id=flow_run_id,
+            storage=storage,
+            worker_index=worker_index,
+            progress=LogProgress(logger),
+            threads=threads,
+            watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
+        )
+        mine = [
+            t.number
+            for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()
+        ]
     finally:
         dispose_storage(storage)
     logger.info("trial worker %d ran trial(s) %s", worker_index, mine)
@@ -118,8 +159,13 @@ def _for_trials(prepared: pipeline.Prepared) -> pipeline.Prepared:
         return t.new_empty((0, *t.shape[1:]))
 
     b = prepared.bundle
-    bundle = replace(b, train_images=none(b.train_images), train_labels=none(b.train_labels),
-                     test_images=none(b.test_images), test_labels=none(b.test_labels))
+    bundle = replace(
+        b,
+        train_images=none(b.train_images),
+        train_labels=none(b.train_labels),
+        test_images=none(b.test_images),
+        test_labels=none(b.test_labels),
+    )
     return replace(prepared, bundle=bundle, test_x=none(prepared.test_x), test_y=none(prepared.test_y))
 
 
@@ -137,20 +183,31 @@ def check_trial_workers(workers: int, settings: Settings) -> None:
         try:
             deployment = client.read_deployment_by_name(WORKER_DEPLOYMENT)
         except ObjectNotFound:
-            raise ConfigError(f"workers={workers} needs the deployment {WORKER_DEPLOYMENT!r}, and this Prefect API "
-                              "has none (a flow run without PREFECT_API_URL uses a temporary API without "
-                              "deployments or workers).", fix=NO_DEPLOYMENT_FIX) from None
+            raise ConfigError(
+                f"workers={workers} needs the deployment {WORKER_DEPLOYMENT!r}, and this Prefect API "
+                "has none (a flow run without PREFECT_API_URL uses a temporary API without "
+                "deployments or workers).",
+                fix=NO_DEPLOYMENT_FIX,
+            ) from None
         pool = client.read_work_pool(deployment.work_pool_name) if deployment.work_pool_name else None
-    check_shared_state(settings.resolved_database_url, settings.resolved_artifacts_url, workers=workers,
-                       multi_host=settings.multi_host, pool_type=pool.type if pool else None)
+    check_shared_state(
+        settings.resolved_database_url,
+        settings.resolved_artifacts_url,
+        workers=workers,
+        multi_host=settings.multi_host,
+        pool_type=pool.type if pool else None,
+    )
     if pool is not None and pool.concurrency_limit is not None and pool.concurrency_limit < workers:
-        raise ConfigError(f"The work pool {pool.name!r} runs at most {pool.concurrency_limit} flow run(s) at once, "
-                          f"fewer than workers={workers}.",
-                          fix=f"Raise it (prefect work-pool set-concurrency-limit {pool.name} N) or lower workers.")
+        raise ConfigError(
+            f"The work pool {pool.name!r} runs at most {pool.concurrency_limit} flow run(s) at once, "
+            f"fewer than workers={workers}.",
+            fix=f"Raise it (prefect work-pool set-concurrency-limit {pool.name} N) or lower workers.",
+        )
 
 
-def run_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: str,
-                      settings: Settings, workers: int) -> list[Any]:
+def run_trial_workers(
+    prepared: pipeline.Prepared, params: RunParams, run_key: str, settings: Settings, workers: int
+) -> list[Any]:
     """Start ``workers`` runs of the worker deployment on the run's study and wait for them.
 
     Returns their final flow runs. Fails if none of them completed; a worker that failed while others
@@ -159,34 +216,55 @@ def run_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: s
     from prefect.deployments import run_deployment
 
     logger = get_run_logger()
-    storage = pipeline.study_storage(settings.resolved_database_url, heartbeat_interval=settings.heartbeat_interval,
-                                     heartbeat_grace=settings.heartbeat_grace)
+    storage = pipeline.study_storage(
+        settings.resolved_database_url,
+        heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_grace=settings.heartbeat_grace,
+    )
     try:
         study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
     finally:
         dispose_storage(storage)
-    parameters = {"params": params.model_copy(update={"workers": workers}).flat(),
-                  "run_key": run_key, "study_name": study.study_name}
-    runs = [run_deployment(WORKER_DEPLOYMENT, parameters={**parameters, "worker_index": index}, timeout=0,
-                           flow_run_name=f"trials-{run_key[:8]}-{index}", idempotency_key=f"{run_key}:trials:{index}")
-            for index in range(1, workers + 1)]
-    logger.info("started %d trial worker run(s) of %s: %s", len(runs), WORKER_DEPLOYMENT,
-                ", ".join(r.name for r in runs))
+    parameters = {
+        "params": params.model_copy(update={"workers": workers}).flat(),
+        "run_key": run_key,
+        "study_name": study.study_name,
+    }
+    runs = [
+        run_deployment(
+            WORKER_DEPLOYMENT,
+            parameters={**parameters, "worker_index": index},
+            timeout=0,
+            flow_run_name=f"trials-{run_key[:8]}-{index}",
+            idempotency_key=f"{run_key}:trials:{index}",
+        )
+        for index in range(1, workers + 1)
+    ]
+    logger.info(
+        "started %d trial worker run(s) of %s: %s", len(runs), WORKER_DEPLOYMENT, ", ".join(r.name for r in runs)
+    )
     final = _wait_for(runs)
     completed = [r for r in final if r.state and r.state.is_completed()]
     for run in final:
         if run not in completed:
-            logger.warning("trial worker run %s ended %s: %s", run.name, run.state.name if run.state else "?",
-                           run.state.message if run.state else "")
+            logger.warning(
+                "trial worker run %s ended %s: %s",
+                run.name,
+                run.state.name if run.state else "?",
+                run.state.message if run.state else "",
+            )
     if not completed:
         first = final[0].state
-        raise RuntimeError(f"No trial worker run completed; {final[0].name} ended "
-                           f"{first.name if first else '?'}: {first.message if first else ''}")
+        raise RuntimeError(
+            f"No trial worker run completed; {final[0].name} ended "
+            f"{first.name if first else '?'}: {first.message if first else ''}"
+        )
     return final
 
 
-def run_local_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_key: str,
-                            settings: Settings, workers: int) -> list[dict[str, Any]]:
+def run_local_trial_workers(
+    prepared: pipeline.Prepared, params: RunParams, run_key: str, settings: Settings, workers: int
+) -> list[dict[str, Any]]:
     """Run the run's trials in ``workers`` single-threaded processes on this machine and wait for them.
 
     Prefect's ``ProcessPoolTaskRunner`` starts the processes (spawned; each loads the data itself from
@@ -199,21 +277,37 @@ def run_local_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_
     from prefect.task_runners import ProcessPoolTaskRunner
 
     logger = get_run_logger()
-    storage = pipeline.study_storage(settings.resolved_database_url, heartbeat_interval=settings.heartbeat_interval,
-                                     heartbeat_grace=settings.heartbeat_grace)
+    storage = pipeline.study_storage(
+        settings.resolved_database_url,
+        heartbeat_interval=settings.heartbeat_interval,
+        heartbeat_grace=settings.heartbeat_grace,
+    )
     try:
         study = pipeline.open_run_study(prepared, params, storage)  # the processes find it (and its seed trial)
     finally:
         dispose_storage(storage)
     payload = params.model_copy(update={"workers": workers}).flat()
     logger.info("running the trials in %d single-threaded processes (ProcessPoolTaskRunner)", workers)
-    with _shared_api(), child_environment(settings.threads), \
-            ProcessPoolTaskRunner(max_workers=workers, initializer=single_threaded_process,
-                                  initargs=(settings.threads,)) as runner:
-        futures = [runner.submit(trial_process, {"params": payload, "run_key": run_key,
-                                                 "study_name": study.study_name, "worker_index": index,
-                                                 "settings": settings})
-                   for index in range(1, workers + 1)]
+    with (
+        _shared_api(),
+        child_environment(settings.threads),
+        ProcessPoolTaskRunner(
+            max_workers=workers, initializer=single_threaded_process, initargs=(settings.threads,)
+        ) as runner,
+    ):
+        futures = [
+            runner.submit(
+                trial_process,
+                {
+                    "params": payload,
+                    "run_key": run_key,
+                    "study_name": study.study_name,
+                    "worker_index": index,
+                    "settings": settings,
+                },
+            )
+            for index in range(1, workers + 1)
+        ]
         outcomes = [_outcome(future) for future in futures]
     done = []
     for index, (state, error) in enumerate(outcomes, 1):
@@ -223,8 +317,12 @@ def run_local_trial_workers(prepared: pipeline.Prepared, params: RunParams, run_
         if isinstance(error, MnistFlowError):  # bad input or data: every process, and the flow, would fail so
             raise error
         # a crash (a killed process breaks the whole pool): go on without it
-        logger.warning("trial process %d ended %s (%s); the flow's tune task runs what is left of the run's "
-                       "trials", index, state.name if state is not None else "broken", error)
+        logger.warning(
+            "trial process %d ended %s (%s); the flow's tune task runs what is left of the run's trials",
+            index,
+            state.name if state is not None else "broken",
+            error,
+        )
     return done
 
 
@@ -233,13 +331,13 @@ def _outcome(future: Any) -> tuple[Any, BaseException | None]:
     try:
         future.wait()
         state = future.state
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a broken pool raises whatever killed it; the caller reports it
         return None, exc
     if state.is_completed():
         return state, None
     try:
         state.result()
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the trial's own error, handed to the caller as data
         return state, exc
     return state, None
 
@@ -276,6 +374,8 @@ def _wait_for(runs: list[Any]) -> list[Any]:
             if waiting and time.monotonic() - started > PICKUP_TIMEOUT_S:
                 for run in current:
                     client.set_flow_run_state(run.id, Cancelled(message="no worker picked it up"), force=True)
-                raise ConfigError(f"No Prefect worker picked up the trial runs in {PICKUP_TIMEOUT_S} s.",
-                                  fix="Start workers on the deployment's pool (`make worker`).")
+                raise ConfigError(
+                    f"No Prefect worker picked up the trial runs in {PICKUP_TIMEOUT_S} s.",
+                    fix="Start workers on the deployment's pool (`make worker`).",
+                )
             time.sleep(POLL_S)

@@ -26,11 +26,10 @@ import torch
 from PIL import Image
 
 from mnist_flow import pipeline
-from mnist_flow.predict import DIGIT, Preprocessing, predict_images
-from mnist_flow.registry import load_model
-from mnist_flow.registry import Registry
-from mnist_flow.settings import Settings, load_settings
 from mnist_flow.params import TrainConfig
+from mnist_flow.predict import DIGIT, Preprocessing, predict_images
+from mnist_flow.registry import Registry, load_model
+from mnist_flow.settings import Settings, load_settings
 
 
 def _pngs(images: np.ndarray, folder: Path, step: int) -> list[Path]:

@@ -64,7 +64,7 @@ def pg_database():
                 with pg_admin() as admin:
                     admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 break
-            except Exception:  # noqa: BLE001 - the server may still be coming back up after an outage test
+            except Exception:
                 time.sleep(0.5)
 
 

@@ -27,7 +27,7 @@ def require_fashion_mnist() -> Path:
 PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-def pg_admin():  # noqa: ANN201 - a psycopg connection
+def pg_admin():
     """A fresh autocommit admin connection: a failure in CI (which starts the server), a skip elsewhere."""
     import psycopg
 
@@ -50,7 +50,7 @@ def file_server(route: Callable[[str], bytes | None], requests: list[str] | None
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             if requests is not None:
                 requests.append(self.path)
             body = route(self.path)

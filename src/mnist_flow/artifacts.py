@@ -49,8 +49,9 @@ def validate_relpath(relpath: str) -> str:
 #: fsspec protocols whose files do not outlive the process: registry rows would point at nothing.
 VOLATILE_PROTOCOLS = frozenset({"memory"})
 #: fsspec protocols that cannot be written to.
-READ_ONLY_PROTOCOLS = frozenset({"http", "https", "github", "git", "zip", "tar", "libarchive", "reference",
-                                 "data", "jupyter", "hf"})
+READ_ONLY_PROTOCOLS = frozenset(
+    {"http", "https", "github", "git", "zip", "tar", "libarchive", "reference", "data", "jupyter", "hf"}
+)
 ARTIFACTS_FIX = "Set MNIST_FLOW_ARTIFACTS_URL to a folder on disk or a persistent object store (e.g. s3://bucket/path)."
 WRITE_FIX = "Free some space or make the folder writable, or set MNIST_FLOW_ARTIFACTS_URL to another location."
 
@@ -68,11 +69,16 @@ def open_filesystem(url: str, *, volatile_ok: bool = False) -> tuple[fsspec.Abst
         raise ConfigError(f"Cannot use the artifacts URL {url!r}: {exc}.", fix=ARTIFACTS_FIX) from None
     protocols = _protocols(fs)
     if not volatile_ok and (isinstance(fs, MemoryFileSystem) or protocols & VOLATILE_PROTOCOLS):
-        raise ConfigError(f"The artifacts URL {url!r} is in memory: its files vanish when the process ends, "
-                          "while the registry keeps pointing at them.", fix=ARTIFACTS_FIX)
+        raise ConfigError(
+            f"The artifacts URL {url!r} is in memory: its files vanish when the process ends, "
+            "while the registry keeps pointing at them.",
+            fix=ARTIFACTS_FIX,
+        )
     if protocols & READ_ONLY_PROTOCOLS:
-        raise ConfigError(f"The artifacts URL {url!r} uses {min(protocols & READ_ONLY_PROTOCOLS)}://, "
-                          "which cannot be written to.", fix=ARTIFACTS_FIX)
+        raise ConfigError(
+            f"The artifacts URL {url!r} uses {min(protocols & READ_ONLY_PROTOCOLS)}://, which cannot be written to.",
+            fix=ARTIFACTS_FIX,
+        )
     if isinstance(fs, LocalFileSystem) and os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"The artifacts folder {root} is a file, not a folder.", fix=ARTIFACTS_FIX)
     return fs, root
@@ -117,7 +123,7 @@ class ArtifactStore:
                 root, target = posixpath.normpath(self._root), posixpath.normpath(path)
             prefix = root.rstrip("/") + "/"
             if target.startswith(prefix):
-                inside = target[len(prefix):]
+                inside = target[len(prefix) :]
         try:
             return validate_relpath(inside) if inside else validate_relpath("")
         except ConfigError:
@@ -125,7 +131,8 @@ class ArtifactStore:
                 f"The registry points at the artifact {uri}, outside the artifact root {self.root_url}: "
                 "refused (the row was edited, or MNIST_FLOW_ARTIFACTS_URL changed since it was registered).",
                 fix="Set MNIST_FLOW_ARTIFACTS_URL to the root the model was registered under, or register the "
-                "model again.") from None
+                "model again.",
+            ) from None
 
     def uri(self, relpath: str) -> str:
         """The URI of ``relpath`` under the root (whether or not it exists)."""
@@ -167,7 +174,8 @@ class ArtifactStore:
                 if len(data) > max_bytes:
                     raise ArtifactIntegrityError(
                         f"artifact {uri} is larger than {max_bytes:,} bytes: it is not a file mnist-flow wrote",
-                        fix="Restore the original file from a backup, or register the model again.")
+                        fix="Restore the original file from a backup, or register the model again.",
+                    )
                 return data
         except FileNotFoundError:
             raise RegistryError(

@@ -52,7 +52,7 @@ def trial_lock(storage_url: str | None, study_name: str) -> Lock:
 class Step(Enum):
     """What a process does at its turn."""
 
-    RUN = "run"    # start (or pop) one trial; the lock is held until it is tagged
+    RUN = "run"  # start (or pop) one trial; the lock is held until it is tagged
     WAIT = "wait"  # the slots are taken by running trials: poll again later
     DONE = "done"  # n_trials of the run are finished
 
@@ -87,12 +87,15 @@ class TrialBudget:
 
     def counts(self, study: optuna.Study) -> Counts:
         """Count the run's finished, running and queued trials (read from the storage)."""
-        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                          TrialState.RUNNING, TrialState.WAITING))
+        trials = study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        )
         mine = [t for t in trials if self.run_key is None or t.user_attrs.get(RUN_KEY_ATTR) == self.run_key]
-        return Counts(finished=sum(t.state.is_finished() for t in mine),
-                      running=sum(t.state == TrialState.RUNNING for t in mine),
-                      waiting=sum(t.state == TrialState.WAITING for t in mine))
+        return Counts(
+            finished=sum(t.state.is_finished() for t in mine),
+            running=sum(t.state == TrialState.RUNNING for t in mine),
+            waiting=sum(t.state == TrialState.WAITING for t in mine),
+        )
 
     def remaining(self, study: optuna.Study) -> int:
         """Trials of the run still to finish."""
@@ -148,8 +151,10 @@ class TrialBudget:
 
         def guarded(trial: optuna.Trial) -> float:
             if self.claim(trial) is None and self.run_key is not None:
-                raise BudgetFilled(f"run {self.run_key}: its {self.n_trials} trial(s) were already taken by "
-                                   "other workers; this trial was not run")
+                raise BudgetFilled(
+                    f"run {self.run_key}: its {self.n_trials} trial(s) were already taken by "
+                    "other workers; this trial was not run"
+                )
             return objective(trial)
 
         return guarded

@@ -1,8 +1,8 @@
 """The `mnist-flow` command line: train, tune, and the registry, without Prefect.
 
-    mnist-flow train --dataset fashion-mnist --source dir --data-dir /usr/share/datasets/fashion-mnist --json
-    mnist-flow tune --n-trials 10 --max-epochs 4
-    mnist-flow registry list
+mnist-flow train --dataset fashion-mnist --source dir --data-dir /usr/share/datasets/fashion-mnist --json
+mnist-flow tune --n-trials 10 --max-epochs 4
+mnist-flow registry list
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import click
 import typer
-
 from typer._click.exceptions import NoArgsIsHelpError, UsageError  # Typer 0.29 bundles its own click
 from typer.exceptions import Abort as TyperAbort
 from typer.exceptions import Exit as TyperExit
@@ -26,8 +25,12 @@ from mnist_flow.params import RunParams, TrainConfig
 from mnist_flow.progress import quiet_optuna
 from mnist_flow.threads import bound_native_caches, policy_for
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Tune, train, evaluate and register MNIST classifiers.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Tune, train, evaluate and register MNIST classifiers.",
+)
 
 
 def _progress(enabled: bool):
@@ -40,32 +43,42 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"--hidden must be comma-separated integers, got {text!r}.",
-                          fix="Pass e.g. --hidden 500,256.") from None
+        raise ConfigError(
+            f"--hidden must be comma-separated integers, got {text!r}.", fix="Pass e.g. --hidden 500,256."
+        ) from None
 
 
 def _check_train_values(hidden: tuple[int, ...], **values: float) -> None:
     """Refuse non-finite numbers and values past the flow's caps (params.MAX_*) before any work."""
     from mnist_flow import params as limits
 
-    caps = {"lr": limits.MAX_LR, "weight_decay": limits.MAX_WEIGHT_DECAY, "epochs": limits.MAX_EPOCHS,
-            "batch_size": limits.MAX_BATCH_SIZE, "seed": limits.MAX_SEED}
+    caps = {
+        "lr": limits.MAX_LR,
+        "weight_decay": limits.MAX_WEIGHT_DECAY,
+        "epochs": limits.MAX_EPOCHS,
+        "batch_size": limits.MAX_BATCH_SIZE,
+        "seed": limits.MAX_SEED,
+    }
     problems = []
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
         if not math.isfinite(value):
             problems.append(f"{flag} must be a finite number, got {value}")
         elif name in caps and value > caps[name]:
-            problems.append(f"{flag} is at most {caps[name]}, got {value}" + (
-                f" ({limits.CAP_REASONS[name]})" if name in limits.CAP_REASONS else ""))
+            problems.append(
+                f"{flag} is at most {caps[name]}, got {value}"
+                + (f" ({limits.CAP_REASONS[name]})" if name in limits.CAP_REASONS else "")
+            )
     if values.get("seed", 0) < 0:
         problems.append(f"--seed must be >= 0, got {values['seed']}")
     if any(h > limits.MAX_WIDTH for h in hidden):
-        problems.append(f"--hidden widths are at most {limits.MAX_WIDTH}, got {list(hidden)} "
-                        f"({limits.CAP_REASONS['hidden']})")
+        problems.append(
+            f"--hidden widths are at most {limits.MAX_WIDTH}, got {list(hidden)} ({limits.CAP_REASONS['hidden']})"
+        )
     if problems:
-        raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
-                          fix="Correct the value and run again.")
+        raise ConfigError(
+            "Invalid training parameters: " + "; ".join(problems) + ".", fix="Correct the value and run again."
+        )
 
 
 #: `mnist-flow train` defaults: the seed tutorial's configuration (TrainConfig's defaults) on the run's data options.
@@ -77,7 +90,7 @@ _DATA = {name: RunParams.model_fields[name] for name in ("dataset", "source", "d
 def train(
     dataset: Annotated[str, typer.Option(help=_DATA["dataset"].description)] = _DATA["dataset"].default,
     source: Annotated[str, typer.Option(help=_DATA["source"].description)] = _DATA["source"].default,
-    data_dir: Annotated[Optional[Path], typer.Option(help=_DATA["data_dir"].description)] = None,
+    data_dir: Annotated[Path | None, typer.Option(help=_DATA["data_dir"].description)] = None,
     hidden: Annotated[str, typer.Option(help="hidden layer sizes, comma-separated")] = ",".join(map(str, _SEED.hidden)),
     lr: float = _SEED.lr,
     momentum: float = _SEED.momentum,
@@ -86,51 +99,77 @@ def train(
     weight_decay: float = _SEED.weight_decay,
     schedule: Annotated[str, typer.Option(help="constant or onecycle")] = _SEED.schedule,
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (auto: bf16 where the CPU/GPU has it)")] = "auto",
-    val_fraction: Annotated[float, typer.Option(help=_DATA["val_fraction"].description)] = _DATA["val_fraction"].default,
+    val_fraction: Annotated[float, typer.Option(help=_DATA["val_fraction"].description)] = _DATA[
+        "val_fraction"
+    ].default,
     seed: int = _SEED.seed,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: settings)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps (default: settings)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Train one configuration (the seed's by default) and evaluate it; no Prefect, no registry."""
     from mnist_flow import pipeline
+    from mnist_flow.params import resolve_precision
     from mnist_flow.settings import load_settings
     from mnist_flow.train import select_device
-    from mnist_flow.params import resolve_precision
 
     widths = _parse_hidden(hidden)
-    _check_train_values(widths, lr=lr, momentum=momentum, weight_decay=weight_decay, val_fraction=val_fraction,
-                        epochs=epochs, batch_size=batch_size, seed=seed)
-    config = TrainConfig(hidden=widths, lr=lr, momentum=momentum, batch_size=batch_size,
-                         epochs=epochs, weight_decay=weight_decay, schedule=schedule, seed=seed,
-                         precision=resolve_precision(precision)).validate()
+    _check_train_values(
+        widths,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        val_fraction=val_fraction,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    config = TrainConfig(
+        hidden=widths,
+        lr=lr,
+        momentum=momentum,
+        batch_size=batch_size,
+        epochs=epochs,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        seed=seed,
+        precision=resolve_precision(precision),
+    ).validate()
     settings = load_settings(device=device)
     bound_native_caches()
-    params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed,
-                                      val_fraction=val_fraction)
+    params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed, val_fraction=val_fraction)
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
     progress = _progress(not as_json)
     try:
-        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train",
-                                           threads=policy_for(settings.threads))
+        model, history = pipeline.fit_best(
+            prepared, config, progress=progress, label="train", threads=policy_for(settings.threads)
+        )
     finally:
         progress.close()
     test = pipeline.evaluate_test(model, prepared)
     result = {
-        "dataset": bundle.name, "source": bundle.source, "fingerprint": bundle.fingerprint,
-        "device": str(prepared.device), "config": config.to_dict(),
-        "train_samples": int(prepared.splits.train_y.numel()), "val_samples": int(prepared.splits.val_y.numel()),
+        "dataset": bundle.name,
+        "source": bundle.source,
+        "fingerprint": bundle.fingerprint,
+        "device": str(prepared.device),
+        "config": config.to_dict(),
+        "train_samples": int(prepared.splits.train_y.numel()),
+        "val_samples": int(prepared.splits.val_y.numel()),
         "test_samples": int(prepared.test_y.numel()),
         "epoch_seconds": [round(s, 4) for s in history.column("seconds")],
         "train_loss": [round(v, 5) for v in history.column("train_loss")],
-        "val_accuracy": history.best.val_accuracy, "val_accuracy_per_epoch": history.column("val_accuracy"),
-        "test_accuracy": test.accuracy, "test_loss": test.loss,
+        "val_accuracy": history.best.val_accuracy,
+        "val_accuracy_per_epoch": history.column("val_accuracy"),
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
     }
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         for e in history.epochs:
-            print(f"epoch {e.epoch:>2}: train_loss {e.train_loss:.4f}  val_acc {e.val_accuracy:.4f}  ({e.seconds:.2f}s)")
+            print(
+                f"epoch {e.epoch:>2}: train_loss {e.train_loss:.4f}  val_acc {e.val_accuracy:.4f}  ({e.seconds:.2f}s)"
+            )
         print(f"test accuracy {test.accuracy:.4f} (loss {test.loss:.4f}) on {result['test_samples']} samples")
 
 
@@ -144,8 +183,9 @@ def tune(ctx: typer.Context) -> None:
     from mnist_flow.train import select_device
 
     parser = build_parser("mnist-flow tune", "Run the dataset's Optuna study without Prefect.")
-    parser.add_argument("--run-key", default=None,
-                        help="trials are counted per run key; pass an earlier run's key to resume it")
+    parser.add_argument(
+        "--run-key", default=None, help="trials are counted per run key; pass an earlier run's key to resume it"
+    )
     args = vars(parser.parse_args(ctx.args))
     as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
     params = RunParams.parse(**args)
@@ -154,8 +194,9 @@ def tune(ctx: typer.Context) -> None:
     watch = pipeline.Stopwatch()
     with watch("data"):
         bundle = pipeline.load_data(params, settings)
-        prepared = pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=params.seed,
-                                    device=select_device(settings.device))
+        prepared = pipeline.prepare(
+            bundle, val_fraction=params.val_fraction, seed=params.seed, device=select_device(settings.device)
+        )
     if not as_json:
         print(f"run key {run_key} (resume with --run-key {run_key})", file=sys.stderr)
     with Registry.from_settings(settings) as registry:
@@ -163,17 +204,33 @@ def tune(ctx: typer.Context) -> None:
     progress = _progress(not as_json)
     try:
         with watch("tune"):
-            study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=run_key,
-                                        progress=progress, heartbeat_interval=settings.heartbeat_interval,
-                                        heartbeat_grace=settings.heartbeat_grace, warm_start=warm_start,
-                                        threads=policy_for(settings.threads))
+            study, best = pipeline.tune(
+                prepared,
+                params,
+                settings.resolved_database_url,
+                run_key=run_key,
+                progress=progress,
+                heartbeat_interval=settings.heartbeat_interval,
+                heartbeat_grace=settings.heartbeat_grace,
+                warm_start=warm_start,
+                threads=policy_for(settings.threads),
+            )
     finally:
         progress.close()
-    result = {"study": study.study_name, "run_key": run_key, "best_trial": best.number,
-              "best_params": best.params, "best_val_accuracy": best.value, "trials": len(study.trials),
-              "seconds": watch.seconds}
-    print(json.dumps(result, indent=2) if as_json else
-          f"best trial #{best.number}: val_accuracy {best.value:.4f} {best.params} ({study.study_name})")
+    result = {
+        "study": study.study_name,
+        "run_key": run_key,
+        "best_trial": best.number,
+        "best_params": best.params,
+        "best_val_accuracy": best.value,
+        "trials": len(study.trials),
+        "seconds": watch.seconds,
+    }
+    print(
+        json.dumps(result, indent=2)
+        if as_json
+        else f"best trial #{best.number}: val_accuracy {best.value:.4f} {best.params} ({study.study_name})"
+    )
 
 
 def _mount_subcommands() -> None:

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mnist_flow.errors import INTERRUPTED, MnistFlowError, quiet_user_error_tracebacks
-from mnist_flow.pipeline import summary_lines
 from mnist_flow.params import RunParams, flat_fields
+from mnist_flow.pipeline import summary_lines
 from mnist_flow.settings import load_settings
 
 
@@ -41,18 +41,27 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser(prog: str, description: str = "") -> argparse.ArgumentParser:
     """One ``--flag`` per flow parameter (:func:`~mnist_flow.params.flat_fields`), with its help text."""
-    parser = OneLineParser(prog=prog, description=description,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, field in flat_fields().items():
         convert, choices = _arg_type(field.annotation)
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=convert, choices=choices,
-                            default=field.default, help=field.description)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=convert,
+            choices=choices,
+            default=field.default,
+            help=field.description,
+        )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
-def run_flow_cli(flow_fn: Callable[..., Any], argv: list[str] | None = None, prog: str = "flows/mnist.py",
-                 before_run: Callable[[], None] | None = None) -> int:
+def run_flow_cli(
+    flow_fn: Callable[..., Any],
+    argv: list[str] | None = None,
+    prog: str = "flows/mnist.py",
+    before_run: Callable[[], None] | None = None,
+) -> int:
     """Parse, validate, run the flow and print its summary. Returns the exit code (2: bad input, 130: Ctrl-C).
 
     ``before_run`` (e.g. starting Prefect's temporary server) runs once the arguments are valid.
@@ -116,5 +125,11 @@ def tie_to_this_process(pid: int) -> None:
         os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    subprocess.Popen([sys.executable, "-c", _LIFELINE, str(os.getpid()), str(pid)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, preexec_fn=_own_group)
+    subprocess.Popen(
+        [sys.executable, "-c", _LIFELINE, str(os.getpid()), str(pid)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
+        preexec_fn=_own_group,
+    )

@@ -34,11 +34,15 @@ def check_ref(ref: str) -> str:
     text = ref.strip()
     digits = text[1:] if text[:1] in ("v", "V") else text
     if digits.isascii() and digits.isdigit() and not 1 <= int(digits) <= MAX_VERSION:
-        raise ConfigError(f"Version {text[:40]!r} is out of range: versions are 1 to {MAX_VERSION}.",
-                          fix="Pass a version number from `mnist-flow registry list`, or an alias such as champion.")
+        raise ConfigError(
+            f"Version {text[:40]!r} is out of range: versions are 1 to {MAX_VERSION}.",
+            fix="Pass a version number from `mnist-flow registry list`, or an alias such as champion.",
+        )
     if not text.isascii() or not text.isprintable():
-        raise ConfigError(f"Version or alias {text[:40]!r} has characters a version or alias cannot have.",
-                          fix="Pass a version number from `mnist-flow registry list`, or an alias such as champion.")
+        raise ConfigError(
+            f"Version or alias {text[:40]!r} has characters a version or alias cannot have.",
+            fix="Pass a version number from `mnist-flow registry list`, or an alias such as champion.",
+        )
     return text
 
 
@@ -60,10 +64,16 @@ def _versions_table(versions: list[ModelVersion]) -> Table:
         table.add_column(column)
     for v in versions:
         lineage = f"{v.study_name}#{v.trial_number}" if v.study_name else "-"
-        table.add_row(v.name, str(v.version), ", ".join(v.aliases) or "-",
-                      v.created_at.strftime("%Y-%m-%d %H:%M:%S"), _fmt(v.metrics.get("val_accuracy")),
-                      _fmt(v.metrics.get("test_accuracy")), f"{v.dataset_name} ({v.dataset_fingerprint[:12]})",
-                      lineage)
+        table.add_row(
+            v.name,
+            str(v.version),
+            ", ".join(v.aliases) or "-",
+            v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _fmt(v.metrics.get("val_accuracy")),
+            _fmt(v.metrics.get("test_accuracy")),
+            f"{v.dataset_name} ({v.dataset_fingerprint[:12]})",
+            lineage,
+        )
     return table
 
 
@@ -81,8 +91,11 @@ def list_command(name: NameOption = None, as_json: JsonOption = False) -> None:
 
 
 @registry_app.command("show")
-def show_command(ref: Annotated[str, typer.Argument(help="Version number or alias, e.g. champion.")],
-                 name: NameOption = None, as_json: JsonOption = False) -> None:
+def show_command(
+    ref: Annotated[str, typer.Argument(help="Version number or alias, e.g. champion.")],
+    name: NameOption = None,
+    as_json: JsonOption = False,
+) -> None:
     """Show one version with its metrics, dataset, artifact and lineage."""
     ref = check_ref(ref)
     with _registry() as registry:
@@ -100,9 +113,11 @@ def show_command(ref: Annotated[str, typer.Argument(help="Version number or alia
 
 
 @registry_app.command("promote")
-def promote_command(version: VersionArgument,
-                    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")],
-                    name: NameOption = None) -> None:
+def promote_command(
+    version: VersionArgument,
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")],
+    name: NameOption = None,
+) -> None:
     """Make VERSION the champion by hand (recorded in the history)."""
     with _registry() as registry:
         model = registry.resolve_name(name)
@@ -111,8 +126,9 @@ def promote_command(version: VersionArgument,
 
 
 @registry_app.command("rollback")
-def rollback_command(reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")],
-                     name: NameOption = None) -> None:
+def rollback_command(
+    reason: Annotated[str, typer.Option("--reason", help="Why (kept in the history).")], name: NameOption = None
+) -> None:
     """Give the champion alias back to the previous champion."""
     with _registry() as registry:
         model = registry.resolve_name(name)
@@ -136,8 +152,15 @@ def history_command(name: NameOption = None, as_json: JsonOption = False) -> Non
         table.add_column(column, no_wrap=True)
     table.add_column("reason", overflow="fold")
     for e in entries:
-        table.add_row(e["created_at"][:19].replace("T", " "), e["name"], e["outcome"],
-                      str(e["challenger_version"]), _fmt(e["champion_version"]),
-                      f"{_fmt(e['challenger_accuracy'])}/{_fmt(e['champion_accuracy'])}", _fmt(e["p_value"]),
-                      e["actor"], e["reason"])
+        table.add_row(
+            e["created_at"][:19].replace("T", " "),
+            e["name"],
+            e["outcome"],
+            str(e["challenger_version"]),
+            _fmt(e["champion_version"]),
+            f"{_fmt(e['challenger_accuracy'])}/{_fmt(e['champion_accuracy'])}",
+            _fmt(e["p_value"]),
+            e["actor"],
+            e["reason"],
+        )
     Console().print(table)

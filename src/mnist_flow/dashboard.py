@@ -59,9 +59,11 @@ def trial_note(trial: FrozenTrial, model_version: Any | None = None) -> str:
     lines = [f"## Trial {trial.number}", ""]
     value = format_value(trial.value)
     seconds = trial.duration.total_seconds() if trial.duration else None
-    lines.append(f"**{trial.state.name.lower()}**, validation accuracy **{value}**"
-                 + (f", {seconds:.1f} s" if seconds is not None else "")
-                 + (f", worker `{trial.user_attrs['worker']}`" if "worker" in trial.user_attrs else ""))
+    lines.append(
+        f"**{trial.state.name.lower()}**, validation accuracy **{value}**"
+        + (f", {seconds:.1f} s" if seconds is not None else "")
+        + (f", worker `{trial.user_attrs['worker']}`" if "worker" in trial.user_attrs else "")
+    )
     if trial.params:
         lines += ["", "Parameters: " + format_params(trial.params, code=True)]
     curve = {key: list(trial.user_attrs.get(key) or []) for key in CURVE_KEYS}
@@ -98,8 +100,9 @@ def read_note(study: optuna.Study, trial: FrozenTrial) -> str:
     return get_note(_TrialRef(study, trial._trial_id))  # type: ignore[arg-type]
 
 
-def annotate_trials(study: optuna.Study, model_versions: Mapping[int, Any] | None = None, *,
-                    trials: Iterable[FrozenTrial] | None = None) -> int:
+def annotate_trials(
+    study: optuna.Study, model_versions: Mapping[int, Any] | None = None, *, trials: Iterable[FrozenTrial] | None = None
+) -> int:
     """Write a dashboard note on every completed trial (or on ``trials``); return how many changed.
 
     ``model_versions`` maps a trial number to the registered model (a ``ModelVersion`` or a
@@ -140,7 +143,7 @@ class _ThreadedServer(socketserver.ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - wsgiref's signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("dashboard: " + format, *args)
 
 
@@ -149,14 +152,18 @@ def check_database_exists(database_url: str) -> None:
     if is_sqlite(database_url):
         path = sqlite_path(database_url)
         if path is not None and not path.exists():
-            raise ConfigError(f"No study database at {path}.",
-                              fix="Run the flow or `mnist-flow tune` first, or set MNIST_FLOW_DATABASE_URL.")
+            raise ConfigError(
+                f"No study database at {path}.",
+                fix="Run the flow or `mnist-flow tune` first, or set MNIST_FLOW_DATABASE_URL.",
+            )
 
 
 #: Methods that only read; optuna-dashboard changes the study on every other one (notes, deletes, tells...).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-READ_ONLY_MESSAGE = ("This dashboard is read-only: it refuses requests that change the study. "
-                     "Restart it with `mnist-flow dashboard --allow-write` to edit notes or delete studies.")
+READ_ONLY_MESSAGE = (
+    "This dashboard is read-only: it refuses requests that change the study. "
+    "Restart it with `mnist-flow dashboard --allow-write` to edit notes or delete studies."
+)
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
@@ -215,17 +222,23 @@ class GuardedApp:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET").upper()
         if not self.host_allowed(environ.get("HTTP_HOST", "")):
-            return _refuse(start_response, "421 Misdirected Request",
-                           f"Host {environ.get('HTTP_HOST', '')[:100]!r} is not this dashboard's address; "
-                           "open it at the address it printed (or pass --allowed-host NAME).")
+            return _refuse(
+                start_response,
+                "421 Misdirected Request",
+                f"Host {environ.get('HTTP_HOST', '')[:100]!r} is not this dashboard's address; "
+                "open it at the address it printed (or pass --allowed-host NAME).",
+            )
         if method not in SAFE_METHODS:
             if not self.allow_write:
                 return _refuse(start_response, "403 Forbidden", READ_ONLY_MESSAGE)
             origin = environ.get("HTTP_ORIGIN")
             if origin is not None and not self.host_allowed(origin.split("://", 1)[-1].rstrip("/")):
-                return _refuse(start_response, "403 Forbidden",
-                               f"Cross-site request from {origin[:100]!r} refused: changes come only from "
-                               "the dashboard's own pages.")
+                return _refuse(
+                    start_response,
+                    "403 Forbidden",
+                    f"Cross-site request from {origin[:100]!r} refused: changes come only from "
+                    "the dashboard's own pages.",
+                )
         return self.app(environ, start_response)
 
 
@@ -234,7 +247,7 @@ def _split_host(header: str) -> tuple[str, str] | None:
     header = header.strip().lower()
     if header.startswith("["):
         end = header.find("]")
-        name, rest = header[:end + 1], header[end + 1:]
+        name, rest = header[: end + 1], header[end + 1 :]
         if end < 0 or (rest and not rest.startswith(":")):
             return None
         port = rest[1:]
@@ -253,8 +266,14 @@ def _refuse(start_response: Any, status: str, message: str) -> list[bytes]:
     return [body]
 
 
-def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-                          allow_write: bool = False, allowed_hosts: Iterable[str] = ()) -> WSGIServer:
+def make_dashboard_server(
+    database_url: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    allow_write: bool = False,
+    allowed_hosts: Iterable[str] = (),
+) -> WSGIServer:
     """A threaded WSGI server bound to ``host:port`` serving optuna-dashboard on ``database_url``.
 
     Read-only unless ``allow_write``; requests for another ``Host`` are refused (see :class:`GuardedApp`).
@@ -271,22 +290,35 @@ def make_dashboard_server(database_url: str, host: str = DEFAULT_HOST, port: int
     except (OSError, OverflowError, ValueError) as exc:  # busy port, unknown host, a NUL byte in the name
         dispose_storage(storage)
         reason = getattr(exc, "strerror", None) or exc
-        raise ConfigError(f"Cannot listen on {host[:80]}:{port}: {reason}.",
-                          fix="Pick a free port with --port (or stop what is using it), and for --host an address "
-                          "of this machine (default 127.0.0.1).") from None
+        raise ConfigError(
+            f"Cannot listen on {host[:80]}:{port}: {reason}.",
+            fix="Pick a free port with --port (or stop what is using it), and for --host an address "
+            "of this machine (default 127.0.0.1).",
+        ) from None
     app.port = server.server_address[1]
     return server
 
 
-def serve(database_url: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
-          out: TextIO | None = None, allow_write: bool = False, allowed_hosts: Iterable[str] = ()) -> None:
+def serve(
+    database_url: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    *,
+    out: TextIO | None = None,
+    allow_write: bool = False,
+    allowed_hosts: Iterable[str] = (),
+) -> None:
     """Serve optuna-dashboard on ``database_url`` until interrupted (Ctrl-C returns quietly)."""
     out = out or sys.stderr
     server = make_dashboard_server(database_url, host, port, allow_write=allow_write, allowed_hosts=allowed_hosts)
     bound_host, bound_port = server.server_address[:2]
     mode = "read-write" if allow_write else "read-only (--allow-write to edit)"
-    print(f"optuna-dashboard on http://{bound_host}:{bound_port}/, {mode} (database {mask_url(database_url)}); "
-          "Ctrl-C stops it", file=out, flush=True)
+    print(
+        f"optuna-dashboard on http://{bound_host}:{bound_port}/, {mode} (database {mask_url(database_url)}); "
+        "Ctrl-C stops it",
+        file=out,
+        flush=True,
+    )
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -241,8 +241,10 @@ def _find_dir_files(folder: Path) -> _DirLayout:
     try:
         return _scan_dir(folder)
     except OSError as exc:  # e.g. a folder that cannot be listed
-        raise ConfigError(f"Data folder {folder} cannot be read ({exc.strerror or exc}).",
-                          fix="Check the folder's permissions, or pass another folder.") from None
+        raise ConfigError(
+            f"Data folder {folder} cannot be read ({exc.strerror or exc}).",
+            fix="Check the folder's permissions, or pass another folder.",
+        ) from None
 
 
 def _scan_dir(folder: Path) -> _DirLayout:
@@ -312,8 +314,9 @@ def _check_kind(field: str, where: str, magic: int, dims: tuple[int, ...]) -> No
 
 def _read_field(field: str, path: Path, *, stored_md5: bool = False) -> tuple[torch.Tensor, str | None]:
     """Read one IDX file, refusing the wrong kind of file from its header, before reading its payload."""
-    result = load_idx(path, stored_md5=stored_md5,
-                      check=lambda header: _check_kind(field, str(path), header.magic, header.dims))
+    result = load_idx(
+        path, stored_md5=stored_md5, check=lambda header: _check_kind(field, str(path), header.magic, header.dims)
+    )
     return result.tensor, result.stored_md5
 
 
@@ -338,8 +341,10 @@ def _check_official(name: str, field: str, where: str, array: torch.Tensor, *, g
             stored_md5 = hashlib.md5(gz.read_bytes(), usedforsecurity=False).hexdigest()
         except OSError:
             stored_md5 = "unreadable"
-        also = (f"; nor is it the official .gz file: expected md5 "
-                f"{_torchvision_resources(name)[f'{base}.gz']}, found {stored_md5}")
+        also = (
+            f"; nor is it the official .gz file: expected md5 "
+            f"{_torchvision_resources(name)[f'{base}.gz']}, found {stored_md5}"
+        )
     raise DataError(
         f"{where}: claims the official {count} {name} records but is not the official file: expected SHA-256 "
         f"{expected}, found {actual} (of the uncompressed {base} content){also}.",
@@ -428,8 +433,9 @@ def _npz_members(path: Path, archive: zipfile.ZipFile) -> dict[str, zipfile.ZipI
     return {field: infos[f"{key}.npy"] for field, key in NPZ_KEYS.items()}
 
 
-def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
-                info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+def _npz_header(
+    path: Path, field: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo
+) -> tuple[tuple[int, ...], np.dtype]:
     """Read an .npy entry's header; check its dtype, shape and declared size; return (shape, dtype).
 
     Only the header is decompressed; the entry's declared size must be exactly what the header implies
@@ -450,8 +456,11 @@ def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
         header_length = handle.tell()
     is_images = field.endswith("images")
     if dtype.hasobject or dtype.kind not in "ui" or dtype.fields is not None or dtype.subdtype is not None:
-        raise _npz_error(path, f"{info.filename} holds {dtype} data, expected "
-                         f"{'uint8 grey levels' if is_images else 'integer labels'} (object arrays are never loaded).")
+        raise _npz_error(
+            path,
+            f"{info.filename} holds {dtype} data, expected "
+            f"{'uint8 grey levels' if is_images else 'integer labels'} (object arrays are never loaded).",
+        )
     if is_images and (dtype.kind != "u" or dtype.itemsize != 1):
         raise _npz_error(path, f"{info.filename} holds {dtype} data, expected uint8 grey levels 0..255.")
     if len(shape) != (3 if is_images else 1):
@@ -461,13 +470,18 @@ def _npz_header(path: Path, field: str, archive: zipfile.ZipFile,
     _check_kind(field, where, magic, tuple(int(d) for d in shape))
     data_size = math.prod(shape) * dtype.itemsize
     if data_size > MAX_PAYLOAD_BYTES:
-        raise _npz_error(path, f"{info.filename} announces {list(shape)} = {data_size} bytes of data, more than "
-                         f"the limit of {MAX_PAYLOAD_BYTES} bytes.")
+        raise _npz_error(
+            path,
+            f"{info.filename} announces {list(shape)} = {data_size} bytes of data, more than "
+            f"the limit of {MAX_PAYLOAD_BYTES} bytes.",
+        )
     if info.file_size != header_length + data_size:
         raise _npz_error(
-            path, f"{info.filename}: the zip entry's size and the array's header disagree: {list(shape)} {dtype} "
+            path,
+            f"{info.filename}: the zip entry's size and the array's header disagree: {list(shape)} {dtype} "
             f"needs {header_length + data_size} bytes, the entry declares {info.file_size} (truncated, padded, "
-            "or a zip bomb).")
+            "or a zip bomb).",
+        )
     return tuple(int(d) for d in shape), dtype  # a Fortran-order array is read by numpy and made C-contiguous
 
 
@@ -496,7 +510,9 @@ def _load_npz(name: str, path: Path) -> DataBundle:
     except (zlib.error, EOFError, ValueError, RuntimeError, NotImplementedError, OverflowError) as exc:
         raise _npz_error(path, f"cannot be read as Keras' mnist.npz ({type(exc).__name__}: {exc}).") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file's permissions.") from None
+        raise DataError(
+            f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file's permissions."
+        ) from None
     _check_pairs(arrays, where)  # labels in range before they become bytes
     for field in FILES:
         _check_official(name, field, where[field], arrays[field].to(torch.uint8))
@@ -517,8 +533,10 @@ def _load_sample() -> DataBundle:
         try:
             stored = path.read_bytes()
         except OSError as exc:
-            raise DataError(f"{path}: the bundled sample file cannot be read ({exc.strerror or exc}).",
-                            fix="Reinstall mnist-flow (the package data is damaged).") from None
+            raise DataError(
+                f"{path}: the bundled sample file cannot be read ({exc.strerror or exc}).",
+                fix="Reinstall mnist-flow (the package data is damaged).",
+            ) from None
         expected = SAMPLE_SHA256.get(path.name)
         actual = hashlib.sha256(stored).hexdigest()
         if actual != expected:
@@ -538,8 +556,9 @@ def _move_aside(path: Path, reason: str) -> None:
     logger.warning("%s is corrupt (%s); moved it to %s and fetching it again", path, reason, target.name)
 
 
-def _download_file(filename: str, md5: str, target: Path, mirrors: Sequence[str], dead: set[str],
-                   timeout: float, tried: list[str]) -> str:
+def _download_file(
+    filename: str, md5: str, target: Path, mirrors: Sequence[str], dead: set[str], timeout: float, tried: list[str]
+) -> str:
     """Fetch ``filename`` from the first mirror that serves it with the right md5; return the URL used."""
     for mirror in mirrors:
         url = f"{mirror.rstrip('/')}/{filename}"
@@ -677,8 +696,15 @@ def _load_cache_or_download(name: str, cache_dir: Path, mirrors: Sequence[str], 
     return _bundle(name, "cache", str(raw_dir), arrays, paths)
 
 
-def load_dataset(name: str, source: str = "auto", *, data_dir: Path | None = None, cache_dir: Path,
-                 mirrors: Sequence[str] = (), timeout: float = 30.0) -> DataBundle:
+def load_dataset(
+    name: str,
+    source: str = "auto",
+    *,
+    data_dir: Path | None = None,
+    cache_dir: Path,
+    mirrors: Sequence[str] = (),
+    timeout: float = 30.0,
+) -> DataBundle:
     """Load a whole dataset into memory from ``source``; see the module docstring for what each source does."""
     validate_source(name, source, data_dir)
     if source == "dir":
@@ -754,4 +780,3 @@ def to_features(images: torch.Tensor, device: torch.device | str | None = None) 
     # Move the bytes first (4x less to transfer), then one fused chain of in-place ops on the float copy.
     features = images.to(device=device).reshape(images.shape[0], -1).to(torch.float32)
     return features.div_(255.0).sub_(MEAN).div_(STD)
-

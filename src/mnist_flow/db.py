@@ -84,7 +84,7 @@ def mask_url(url: str, *known: str) -> str:
     return masked
 
 
-def _parse(url: str):  # noqa: ANN202 - sqlalchemy URL
+def _parse(url: str):
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError) as exc:
@@ -149,10 +149,14 @@ def _prepare_sqlite_folder(url: str) -> None:
             raise
 
 
-STORAGE_FIX = ("Free some space or make the folder writable, or set MNIST_FLOW_DATABASE_URL (or MNIST_FLOW_HOME) "
-               "to a writable disk with room.")
-DAMAGED_FIX = ("Restore the database from a backup, or move it away and set MNIST_FLOW_DATABASE_URL to a new "
-               "database (a new one starts with no studies and no models).")
+STORAGE_FIX = (
+    "Free some space or make the folder writable, or set MNIST_FLOW_DATABASE_URL (or MNIST_FLOW_HOME) "
+    "to a writable disk with room."
+)
+DAMAGED_FIX = (
+    "Restore the database from a backup, or move it away and set MNIST_FLOW_DATABASE_URL to a new "
+    "database (a new one starts with no studies and no models)."
+)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -172,11 +176,15 @@ def permanent_error(url: str, exc: BaseException) -> MnistFlowError | None:
     cause = mask_url(_first_line(detail), url)
     code = getattr(detail, "sqlstate", None) or getattr(detail, "pgcode", None) or ""
     if any(s in message for s in ("file is not a database", "malformed", "file is encrypted")):
-        return DatabaseDamagedError(f"The database {where} is damaged or not a database at all: {cause}.",
-                                    fix=DAMAGED_FIX)
+        return DatabaseDamagedError(
+            f"The database {where} is damaged or not a database at all: {cause}.", fix=DAMAGED_FIX
+        )
     if "no such table" in message or code == "42P01" or ("relation" in message and "does not exist" in message):
-        return DatabaseDamagedError(f"The database {where} lacks a table mnist-flow needs ({cause}): it was dropped "
-                                    "or the database was damaged.", fix=DAMAGED_FIX)
+        return DatabaseDamagedError(
+            f"The database {where} lacks a table mnist-flow needs ({cause}): it was dropped "
+            "or the database was damaged.",
+            fix=DAMAGED_FIX,
+        )
     if "database or disk is full" in message or code == "53100" or "no space left on device" in message:
         return StorageError(f"Cannot write to the database {where}: the disk is full ({cause}).", fix=STORAGE_FIX)
     if "readonly database" in message or "read-only" in message or code == "25006":
@@ -184,8 +192,10 @@ def permanent_error(url: str, exc: BaseException) -> MnistFlowError | None:
     if "unable to open database file" in message:
         path = sqlite_path(url) if is_sqlite(url) else None
         if path is not None and not os.access(path.parent, os.W_OK):
-            return StorageError(f"Cannot open the database {where}: its folder {path.parent} is read-only or "
-                                f"not writable ({cause}).", fix=STORAGE_FIX)
+            return StorageError(
+                f"Cannot open the database {where}: its folder {path.parent} is read-only or not writable ({cause}).",
+                fix=STORAGE_FIX,
+            )
     return None
 
 
@@ -195,8 +205,10 @@ def database_must_exist(url: str, *, fix: str | None = None, message: str | None
     if path is not None and not path.exists():
         raise DatabaseUnavailableError(
             message or f"There is no database at {path}: nothing was ever stored there.",
-            fix=fix or "Check MNIST_FLOW_HOME and MNIST_FLOW_DATABASE_URL (a mistyped path?), or run the flow "
-            "(`make run`) or `mnist-flow tune` first to create it.")
+            fix=fix
+            or "Check MNIST_FLOW_HOME and MNIST_FLOW_DATABASE_URL (a mistyped path?), or run the flow "
+            "(`make run`) or `mnist-flow tune` first to create it.",
+        )
 
 
 def make_engine(url: str) -> Engine:
@@ -239,8 +251,9 @@ def is_transient(exc: BaseException) -> bool:
     return True  # server databases report connection trouble and deadlocks as OperationalError
 
 
-def retry_db(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.1, max_delay: float = 2.0,
-             url: str = "") -> T:
+def retry_db(
+    fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.1, max_delay: float = 2.0, url: str = ""
+) -> T:
     """Call ``fn``, retrying transient OperationalErrors with exponential backoff (capped at ``max_delay``).
 
     Past the budget (or on a connection error that is not transient) a DatabaseUnavailableError
@@ -280,8 +293,13 @@ def check_database(url: str) -> None:
         engine.dispose()
 
 
-def optuna_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                   failed_trial_callback: Callable[..., None] | None = None):  # noqa: ANN201 - optuna type
+def optuna_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    failed_trial_callback: Callable[..., None] | None = None,
+):
     """An Optuna RDBStorage on ``url`` with the same SQLite pragmas and PostgreSQL pre-ping as make_engine."""
     import optuna
 
@@ -315,7 +333,8 @@ def optuna_storage(url: str, *, heartbeat_interval: int | None = None, grace_per
                 f"The Optuna tables of the database {mask_url(url)} cannot be used by this Optuna "
                 f"({optuna.__version__}): {mask_url(_first_line(exc), url)}",
                 fix="Install the Optuna version that wrote them (or run `optuna storage upgrade` if it is older), "
-                "or set MNIST_FLOW_DATABASE_URL to another database.") from None
+                "or set MNIST_FLOW_DATABASE_URL to another database.",
+            ) from None
 
     # Optuna creates its tables on first use; processes starting together on a new database would race.
     with database_lock(url, "optuna-schema"):
@@ -344,7 +363,9 @@ def check_optuna_schema(url: str) -> None:
     if missing:
         raise DatabaseDamagedError(
             f"The database {mask_url(url)} holds Optuna studies but lacks the table(s) {', '.join(missing)}: "
-            "they were dropped or the database was damaged.", fix=DAMAGED_FIX)
+            "they were dropped or the database was damaged.",
+            fix=DAMAGED_FIX,
+        )
 
 
 def database_lock(url: str, name: str) -> Lock:

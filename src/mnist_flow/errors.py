@@ -63,8 +63,9 @@ class TrainingDiverged(MnistFlowError):
     done about it. ``epoch`` is the epoch it happened in, ``loss`` the mean loss that gave it away.
     """
 
-    def __init__(self, message: str, *, fix: str | None = None, epoch: int | None = None,
-                 loss: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, fix: str | None = None, epoch: int | None = None, loss: float | None = None
+    ) -> None:
         super().__init__(message, fix=fix)
         self.epoch, self.loss = epoch, loss
 
@@ -77,8 +78,15 @@ TRANSIENT_ERRORS: tuple[type[MnistFlowError], ...] = (DownloadError, DatabaseUna
 INTERRUPTED = "interrupted (Ctrl-C): stopped; what finished is kept (an interrupted trial is recorded as FAIL)"
 
 #: Loggers whose records may carry a user error's traceback: Prefect's run and engine loggers, Optuna's.
-NOISY_LOGGERS = ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine",
-                 "optuna", "optuna.study._optimize")
+NOISY_LOGGERS = (
+    "prefect",
+    "prefect.flow_runs",
+    "prefect.task_runs",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "optuna",
+    "optuna.study._optimize",
+)
 
 
 def is_user_error(exc: BaseException | None) -> bool:

@@ -21,6 +21,7 @@ def format_value(value: Any, digits: int = 4, *, small: float = 0.0) -> str:
 
 def format_params(params: Mapping[str, Any], *, code: bool = False) -> str:
     """``name=value`` pairs joined by ``, `` (floats with 4 significant digits); ``code`` puts names in backticks."""
+
     def name(key: str) -> str:
         return f"`{key}`" if code else key
 

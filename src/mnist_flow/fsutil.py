@@ -19,12 +19,15 @@ from mnist_flow.errors import StorageError
 
 #: errno values of writes that fail again on a retry: disk full or quota, read-only, no permission, too big.
 PERMANENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-DEFAULT_FIX = "Free some space or make the folder writable, or point MNIST_FLOW_HOME (or MNIST_FLOW_DATA_DIR, " \
+DEFAULT_FIX = (
+    "Free some space or make the folder writable, or point MNIST_FLOW_HOME (or MNIST_FLOW_DATA_DIR, "
     "MNIST_FLOW_ARTIFACTS_URL, MNIST_FLOW_DATABASE_URL) at a writable disk with room."
+)
 
 
-def storage_error(exc: BaseException, path: str | os.PathLike[str], what: str = "the file", *,
-                  fix: str = DEFAULT_FIX) -> StorageError | None:
+def storage_error(
+    exc: BaseException, path: str | os.PathLike[str], what: str = "the file", *, fix: str = DEFAULT_FIX
+) -> StorageError | None:
     """The StorageError for ``exc`` when it is a write failure no retry can fix (else None).
 
     ``path`` is the file (or folder) being written; the message names its folder and the cause.
@@ -43,8 +46,9 @@ def storage_error(exc: BaseException, path: str | os.PathLike[str], what: str = 
     return StorageError(f"Cannot write {what}: {cause} ({os.strerror(exc.errno)}).", fix=fix)
 
 
-def raise_storage_error(exc: BaseException, path: str | os.PathLike[str], what: str = "the file", *,
-                        fix: str = DEFAULT_FIX) -> None:
+def raise_storage_error(
+    exc: BaseException, path: str | os.PathLike[str], what: str = "the file", *, fix: str = DEFAULT_FIX
+) -> None:
     """Raise :func:`storage_error`'s StorageError for ``exc`` if there is one (else return)."""
     error = storage_error(exc, path, what, fix=fix)
     if error is not None:
@@ -52,8 +56,14 @@ def raise_storage_error(exc: BaseException, path: str | os.PathLike[str], what: 
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike[str], *, suffix: str = ".part", sync_folder: bool = False,
-                what: str | None = None, fix: str = DEFAULT_FIX) -> Iterator[BinaryIO]:
+def atomic_file(
+    path: str | os.PathLike[str],
+    *,
+    suffix: str = ".part",
+    sync_folder: bool = False,
+    what: str | None = None,
+    fix: str = DEFAULT_FIX,
+) -> Iterator[BinaryIO]:
     """Yield a binary file that replaces ``path`` when the block ends without an exception.
 
     The bytes go to a hidden temp file next to ``path`` (``.NAME.XXXX<suffix>``), are fsynced, then
@@ -89,8 +99,15 @@ def atomic_file(path: str | os.PathLike[str], *, suffix: str = ".part", sync_fol
             os.close(folder)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, suffix: str = ".part", sync_folder: bool = False,
-                 what: str | None = None, fix: str = DEFAULT_FIX) -> None:
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes,
+    *,
+    suffix: str = ".part",
+    sync_folder: bool = False,
+    what: str | None = None,
+    fix: str = DEFAULT_FIX,
+) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
     with atomic_file(path, suffix=suffix, sync_folder=sync_folder, what=what, fix=fix) as handle:
         handle.write(data)

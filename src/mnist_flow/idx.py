@@ -188,7 +188,9 @@ def _open_regular(path: Path) -> tuple[BufferedReader, int]:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found.", fix="Check the path, or fetch the file again.") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file's permissions.") from None
+        raise DataError(
+            f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file's permissions."
+        ) from None
     return handle, info.st_size
 
 
@@ -200,8 +202,9 @@ def _read_up_to(handle: BufferedReader, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_raw(path: Path, handle: BufferedReader, size: int, max_payload: int,
-              check: Callable[[IdxHeader], None] | None) -> tuple[IdxHeader, np.ndarray]:
+def _read_raw(
+    path: Path, handle: BufferedReader, size: int, max_payload: int, check: Callable[[IdxHeader], None] | None
+) -> tuple[IdxHeader, np.ndarray]:
     prefix = _read_up_to(handle, 4)
     if len(prefix) == 4 and 1 <= prefix[3] <= MAX_NDIM:
         prefix += _read_up_to(handle, 4 * prefix[3])
@@ -266,8 +269,9 @@ class _Inflater:
         return b"".join(parts)
 
 
-def _read_gzip(path: Path, handle: BufferedReader, size: int, max_payload: int,
-               check: Callable[[IdxHeader], None] | None) -> tuple[IdxHeader, np.ndarray, bytes]:
+def _read_gzip(
+    path: Path, handle: BufferedReader, size: int, max_payload: int, check: Callable[[IdxHeader], None] | None
+) -> tuple[IdxHeader, np.ndarray, bytes]:
     magic = handle.read(2)
     if magic != GZIP_MAGIC:
         raise DataError(
@@ -305,15 +309,23 @@ def _read_gzip(path: Path, handle: BufferedReader, size: int, max_payload: int,
         raise DataError(
             f"{path}: header and content disagree: header says {header.shape_text} bytes of data, so the "
             f"decompressed file should be {header.size} bytes, but it "
-            + (f"holds more (decompression stopped at {header.size + 1} bytes: trailing data or a gzip bomb)."
-               if more else f"is {header.offset + len(payload)} bytes (truncated)."),
+            + (
+                f"holds more (decompression stopped at {header.size + 1} bytes: trailing data or a gzip bomb)."
+                if more
+                else f"is {header.offset + len(payload)} bytes (truncated)."
+            ),
             fix=_REFETCH_FIX,
         )
     return header, np.frombuffer(payload, dtype=np.uint8).copy(), stored
 
 
-def load_idx(path: Path, *, max_payload: int = MAX_PAYLOAD_BYTES, stored_md5: bool = False,
-             check: Callable[[IdxHeader], None] | None = None) -> IdxData:
+def load_idx(
+    path: Path,
+    *,
+    max_payload: int = MAX_PAYLOAD_BYTES,
+    stored_md5: bool = False,
+    check: Callable[[IdxHeader], None] | None = None,
+) -> IdxData:
     """Read an IDX file (gzipped when its name ends in .gz), header first, within limits; raises only DataError.
 
     ``check`` is called with the header before the payload is read (to refuse the wrong kind of file
@@ -335,7 +347,9 @@ def load_idx(path: Path, *, max_payload: int = MAX_PAYLOAD_BYTES, stored_md5: bo
                     digest.update(payload.data)
                     md5 = digest.hexdigest()
     except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file and its disk.") from None
+        raise DataError(
+            f"{path}: cannot be read ({exc.strerror or exc}).", fix="Check the file and its disk."
+        ) from None
     return IdxData(header, torch.from_numpy(payload.reshape(header.dims)), md5)
 
 

@@ -20,8 +20,9 @@ NUM_CLASSES = 10
 class MLP(nn.Module):
     """784 -> hidden... -> 10 with ReLU; returns logits (the loss applies the softmax once)."""
 
-    def __init__(self, hidden: Sequence[int] = (500, 256), in_features: int = IN_FEATURES,
-                 num_classes: int = NUM_CLASSES) -> None:
+    def __init__(
+        self, hidden: Sequence[int] = (500, 256), in_features: int = IN_FEATURES, num_classes: int = NUM_CLASSES
+    ) -> None:
         super().__init__()
         hidden = tuple(int(h) for h in hidden)
         if not hidden or any(h < 1 for h in hidden):
@@ -44,8 +45,12 @@ class MLP(nn.Module):
 
     def architecture(self) -> dict[str, Any]:
         """What it takes to rebuild this model: stored in the artifact's sidecar."""
-        return {"type": "mlp", "in_features": self.in_features, "hidden": list(self.hidden),
-                "num_classes": self.num_classes}
+        return {
+            "type": "mlp",
+            "in_features": self.in_features,
+            "hidden": list(self.hidden),
+            "num_classes": self.num_classes,
+        }
 
     def to_safetensors(self) -> bytes:
         """The weights as safetensors bytes (contiguous CPU tensors)."""
@@ -53,14 +58,19 @@ class MLP(nn.Module):
         return save_safetensors(state)
 
     @classmethod
-    def from_safetensors(cls, data: bytes, architecture: dict[str, Any]) -> "MLP":
+    def from_safetensors(cls, data: bytes, architecture: dict[str, Any]) -> MLP:
         """Rebuild a model from its sidecar architecture and safetensors weights."""
         if architecture.get("type") != "mlp":
-            raise ConfigError(f"Unknown model type {architecture.get('type')!r} in the artifact sidecar.",
-                              fix="Only 'mlp' artifacts can be loaded: restore the sidecar from a backup, or "
-                                  "register the model again with this version of mnist-flow.")
-        model = cls(architecture["hidden"], architecture.get("in_features", IN_FEATURES),
-                    architecture.get("num_classes", NUM_CLASSES))
+            raise ConfigError(
+                f"Unknown model type {architecture.get('type')!r} in the artifact sidecar.",
+                fix="Only 'mlp' artifacts can be loaded: restore the sidecar from a backup, or "
+                "register the model again with this version of mnist-flow.",
+            )
+        model = cls(
+            architecture["hidden"],
+            architecture.get("in_features", IN_FEATURES),
+            architecture.get("num_classes", NUM_CLASSES),
+        )
         model.load_state_dict(load_safetensors(data))
         model.eval()
         return model
@@ -70,8 +80,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def multiply_adds_per_sample(hidden: Sequence[int], in_features: int = IN_FEATURES,
-                             num_classes: int = NUM_CLASSES) -> int:
+def multiply_adds_per_sample(
+    hidden: Sequence[int], in_features: int = IN_FEATURES, num_classes: int = NUM_CLASSES
+) -> int:
     """Multiply-adds of one forward pass for one sample (used for the FLOP floor)."""
     sizes = (in_features, *hidden, num_classes)
     return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))

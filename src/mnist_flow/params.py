@@ -48,10 +48,12 @@ MAX_WEIGHT_DECAY = 1.0
 CAP_REASONS = {
     "hidden": f"widths are capped at {MAX_WIDTH} to bound an epoch's time and memory; the default maximum is 1024",
     "seed": f"seeds stop at {MAX_SEED}: Optuna's sampler (NumPy) takes seeds below 2**32 and adds offsets",
-    "epochs": f"epochs are capped at {MAX_EPOCHS}", "n_trials": f"a run is capped at {MAX_TRIALS} trials",
+    "epochs": f"epochs are capped at {MAX_EPOCHS}",
+    "n_trials": f"a run is capped at {MAX_TRIALS} trials",
     "batch_size": f"batches are capped at {MAX_BATCH_SIZE} (more than the training set)",
     "workers": f"a run has at most {MAX_WORKERS} trial workers",
-    "lr": f"learning rates above {MAX_LR} diverge", "weight_decay": f"weight decay is capped at {MAX_WEIGHT_DECAY}",
+    "lr": f"learning rates above {MAX_LR} diverge",
+    "weight_decay": f"weight decay is capped at {MAX_WEIGHT_DECAY}",
 }
 
 
@@ -94,7 +96,7 @@ class TrainConfig:
     #: "bf16" runs the matmuls in bfloat16, about 1.5x faster on CPUs with AVX512-BF16 (docs/benchmarks.md).
     precision: Precision = "fp32"
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise ConfigError naming the first bad value; return self so calls chain."""
         problems = []
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -114,8 +116,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if problems:
-            raise ConfigError("Invalid training parameters: " + "; ".join(problems) + ".",
-                              fix="Correct the parameter and run again.")
+            raise ConfigError(
+                "Invalid training parameters: " + "; ".join(problems) + ".", fix="Correct the parameter and run again."
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,9 +126,8 @@ class TrainConfig:
         d["hidden"] = list(self.hidden)
         return d
 
-    def with_(self, **changes: Any) -> "TrainConfig":
+    def with_(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)
-
 
 
 class SearchSpace(BaseModel):
@@ -155,8 +157,9 @@ class SearchSpace(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise ConfigError(describe_validation_error(exc, "Invalid search space"),
-                              fix="Swap or correct the bounds and run again.") from None
+            raise ConfigError(
+                describe_validation_error(exc, "Invalid search space"), fix="Swap or correct the bounds and run again."
+            ) from None
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> SearchSpace:
@@ -167,8 +170,9 @@ class SearchSpace(BaseModel):
             if lo > hi:
                 problems.append(f"{name} bounds are inverted ({name}_min={lo} > {name}_max={hi})")
         if problems:
-            raise ConfigError("Invalid search space: " + "; ".join(problems) + ".",
-                              fix="Swap or correct the bounds and run again.")
+            raise ConfigError(
+                "Invalid search space: " + "; ".join(problems) + ".", fix="Swap or correct the bounds and run again."
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,9 +188,13 @@ class Recipe(BaseModel):
     weight_decay: float = Field(5e-4, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 weight decay of SGD.")
     schedule: Schedule = Field("onecycle", description="Learning-rate schedule: onecycle or constant.")
     precision: PrecisionChoice = Field(
-        "auto", description=("Training arithmetic: bf16 (bfloat16 matmuls, float32 weights, momentum and loss) where the "
-                     "hardware does bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32; auto picks; "
-                     "the test set is always evaluated in fp32."))
+        "auto",
+        description=(
+            "Training arithmetic: bf16 (bfloat16 matmuls, float32 weights, momentum and loss) where the "
+            "hardware does bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32; auto picks; "
+            "the test set is always evaluated in fp32."
+        ),
+    )
 
 
 class RunParams(BaseModel):
@@ -195,19 +203,36 @@ class RunParams(BaseModel):
     model_config = _STRICT
 
     dataset: DatasetName = Field("mnist", description="mnist or fashion-mnist.")
-    source: SourceName = Field("auto", description=("Where the data comes from: auto (local cache, then download, then the bundled sample, with a "
-                    "warning), download, dir or sample."))
-    data_dir: Path | None = Field(None, description="Folder with the four IDX files, or Keras' mnist.npz (for source=dir).")
-    n_trials: int = Field(20, ge=1, le=MAX_TRIALS, description="Optuna trials to finish in this run (COMPLETE or PRUNED).")
-    max_epochs: int = Field(8, ge=1, le=MAX_EPOCHS, description="Epochs per trial (the pruner may stop a trial earlier).")
+    source: SourceName = Field(
+        "auto",
+        description=(
+            "Where the data comes from: auto (local cache, then download, then the bundled sample, with a "
+            "warning), download, dir or sample."
+        ),
+    )
+    data_dir: Path | None = Field(
+        None, description="Folder with the four IDX files, or Keras' mnist.npz (for source=dir)."
+    )
+    n_trials: int = Field(
+        20, ge=1, le=MAX_TRIALS, description="Optuna trials to finish in this run (COMPLETE or PRUNED)."
+    )
+    max_epochs: int = Field(
+        8, ge=1, le=MAX_EPOCHS, description="Epochs per trial (the pruner may stop a trial earlier)."
+    )
     final_epochs: int = Field(24, ge=1, le=MAX_EPOCHS, description="Epochs of the final fit of the best configuration.")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds the split, the sampler, the initial weights and the batch order.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seeds the split, the sampler, the initial weights and the batch order."
+    )
     workers: Annotated[int, Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
-        "auto", description="Trial processes running the study at the same time: auto (one per available CPU, "
-        "no more than n_trials and than the memory holds) or a number; 1 runs the trials in the flow's process.")
+        "auto",
+        description="Trial processes running the study at the same time: auto (one per available CPU, "
+        "no more than n_trials and than the memory holds) or a number; 1 runs the trials in the flow's process.",
+    )
     trial_runner: Literal["local", "deployment"] = Field(
-        "local", description="Where workers > 1 run: local (processes on this machine, Prefect's "
-        "ProcessPoolTaskRunner) or deployment (runs of mnist-trials/worker on any Prefect worker).")
+        "local",
+        description="Where workers > 1 run: local (processes on this machine, Prefect's "
+        "ProcessPoolTaskRunner) or deployment (runs of mnist-trials/worker on any Prefect worker).",
+    )
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Share of the training set held out for validation.")
     recipe: Recipe = Field(default_factory=Recipe)
     space: SearchSpace = Field(default_factory=SearchSpace)
@@ -260,8 +285,10 @@ class RunParams(BaseModel):
         try:
             data_lib.validate_source(params.dataset, params.source, params.data_dir)
         except (ValueError, OSError) as exc:  # e.g. a NUL byte or an over-long name in data_dir
-            raise ConfigError(f"Invalid parameter(s): data_dir: {exc} (got {str(params.data_dir)[:60]!r}).",
-                              fix="Pass the folder holding the four IDX files.") from None
+            raise ConfigError(
+                f"Invalid parameter(s): data_dir: {exc} (got {str(params.data_dir)[:60]!r}).",
+                fix="Pass the folder holding the four IDX files.",
+            ) from None
         return params
 
     def base_config(self) -> TrainConfig:
@@ -299,16 +326,20 @@ def flow_signature() -> inspect.Signature:
         if info.metadata:
             annotation = Annotated[(annotation, *info.metadata)]  # type: ignore[assignment]
         default = info.get_default(call_default_factory=True)
-        parameters.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
-                                            annotation=annotation))
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+        )
     return inspect.Signature(parameters, return_annotation=dict[str, Any])
 
 
 def with_run_parameters(fn: Any) -> Any:
     """Give ``fn(**parameters)`` the explicit signature of :func:`flow_signature` (for Prefect's schema)."""
     fn.__signature__ = flow_signature()
-    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\nArgs:\n" + "".join(
-        f"    {name}: {info.description}\n" for name, info in flat_fields().items())
+    fn.__doc__ = (
+        (fn.__doc__ or "").rstrip()
+        + "\n\nArgs:\n"
+        + "".join(f"    {name}: {info.description}\n" for name, info in flat_fields().items())
+    )
     return fn
 
 
@@ -354,8 +385,13 @@ def describe_validation_error(exc: ValidationError, prefix: str = "Invalid param
         name = ".".join(str(p) for p in loc) or "parameters"
         msg = err["msg"].removeprefix("Value error, ")
         info = _field_of(loc)
-        if info is not None and err["type"] in {"greater_than", "greater_than_equal", "less_than", "less_than_equal",
-                                                "finite_number"}:
+        if info is not None and err["type"] in {
+            "greater_than",
+            "greater_than_equal",
+            "less_than",
+            "less_than_equal",
+            "finite_number",
+        }:
             msg = "must be " + ("a finite number " if err["type"] == "finite_number" else "") + _range(info)
         given = err.get("input")
         text = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."

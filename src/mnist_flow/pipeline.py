@@ -23,13 +23,23 @@ from mnist_flow.budget import fail_stale_trials, trial_lock
 from mnist_flow.dashboard import annotate_finished_trial
 from mnist_flow.db import dispose_storage, mask_url, optuna_storage
 from mnist_flow.errors import TrainingDiverged
-from mnist_flow.params import RunParams
 from mnist_flow.formatting import format_params
+from mnist_flow.params import RunParams, TrainConfig
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.settings import Settings
 from mnist_flow.train import EvalResult, History, all_finite, evaluate, train_model
-from mnist_flow.params import TrainConfig
-from mnist_flow.tune import Objective, Splits, best_trial, config_from_params, last_value, open_study, recipe_of, run_study, study_name_for
+from mnist_flow.tune import (
+    Objective,
+    Splits,
+    best_trial,
+    config_from_params,
+    last_value,
+    open_study,
+    recipe_of,
+    run_study,
+    study_name_for,
+)
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -44,19 +54,25 @@ class Prepared:
 
 def load_data(params: RunParams, settings: Settings) -> data_lib.DataBundle:
     """Fetch (or read) and verify the dataset."""
-    return data_lib.load_dataset(params.dataset, params.source, data_dir=params.data_dir,
-                                 cache_dir=settings.cache_dir, mirrors=settings.mirrors)
+    return data_lib.load_dataset(
+        params.dataset, params.source, data_dir=params.data_dir, cache_dir=settings.cache_dir, mirrors=settings.mirrors
+    )
 
 
-def prepare(bundle: data_lib.DataBundle, *, val_fraction: float, seed: int,
-            device: torch.device | str = "cpu") -> Prepared:
+def prepare(
+    bundle: data_lib.DataBundle, *, val_fraction: float, seed: int, device: torch.device | str = "cpu"
+) -> Prepared:
     """Carve the stratified validation split and move features to ``device`` once."""
     device = torch.device(device)
     train_idx, val_idx = data_lib.stratified_split(bundle.train_labels, val_fraction, seed)
     images, labels = bundle.train_images, bundle.train_labels
     # Split the uint8 images before converting: the float32 copy of the full set never exists.
-    splits = Splits(data_lib.to_features(images[train_idx], device), labels[train_idx].to(device),
-                    data_lib.to_features(images[val_idx], device), labels[val_idx].to(device))
+    splits = Splits(
+        data_lib.to_features(images[train_idx], device),
+        labels[train_idx].to(device),
+        data_lib.to_features(images[val_idx], device),
+        labels[val_idx].to(device),
+    )
     test_x = data_lib.to_features(bundle.test_images, device)
     return Prepared(bundle, splits, test_x, bundle.test_labels.to(device), device)
 
@@ -72,8 +88,9 @@ HEARTBEAT_GRACE_S: int = Settings.model_fields["heartbeat_grace"].default
 STALE_TRIAL_RETRIES = 3
 
 
-def study_storage(storage_url: str, *, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
-                  heartbeat_grace: int = HEARTBEAT_GRACE_S) -> optuna.storages.BaseStorage:
+def study_storage(
+    storage_url: str, *, heartbeat_interval: int = HEARTBEAT_INTERVAL_S, heartbeat_grace: int = HEARTBEAT_GRACE_S
+) -> optuna.storages.BaseStorage:
     """The study's RDBStorage with heartbeats: a trial whose process died is failed and retried.
 
     Optuna re-queues a stale trial's configuration as a WAITING trial whose system attributes carry
@@ -83,17 +100,30 @@ def study_storage(storage_url: str, *, heartbeat_interval: int = HEARTBEAT_INTER
 
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.x
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=heartbeat_grace,
-                              failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                                  max_retry=STALE_TRIAL_RETRIES))
+        return optuna_storage(
+            storage_url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=heartbeat_grace,
+            failed_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=STALE_TRIAL_RETRIES),
+        )
 
 
-def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: str,
-         flow_run_id: str | None = None, progress: Progress | None = None,
-         storage: optuna.storages.BaseStorage | None = None, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
-         heartbeat_grace: int = HEARTBEAT_GRACE_S, worker_index: int = 0,
-         warm_start: Sequence[dict[str, Any]] = (), watchdog: Any = None,
-         threads: Any = None) -> tuple[optuna.Study, FrozenTrial]:
+def tune(
+    prepared: Prepared,
+    params: RunParams,
+    storage_url: str,
+    *,
+    run_key: str,
+    flow_run_id: str | None = None,
+    progress: Progress | None = None,
+    storage: optuna.storages.BaseStorage | None = None,
+    heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+    heartbeat_grace: int = HEARTBEAT_GRACE_S,
+    worker_index: int = 0,
+    warm_start: Sequence[dict[str, Any]] = (),
+    watchdog: Any = None,
+    threads: Any = None,
+) -> tuple[optuna.Study, FrozenTrial]:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -107,14 +137,22 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
     """
     progress = progress or NullProgress()
     owned = storage is None  # a storage made here is closed here; a caller's storage is the caller's to close
-    storage = storage or study_storage(storage_url, heartbeat_interval=heartbeat_interval,
-                                       heartbeat_grace=heartbeat_grace)
+    storage = storage or study_storage(
+        storage_url, heartbeat_interval=heartbeat_interval, heartbeat_grace=heartbeat_grace
+    )
     try:
         study = open_run_study(prepared, params, storage, worker_index=worker_index, warm_start=warm_start)
         fail_stale_trials(study)
-        objective = Objective(prepared.splits, params.space, params.base_config(),
-                              device=prepared.device, run_key=run_key, flow_run_id=flow_run_id,
-                              watchdog=watchdog, threads=threads)
+        objective = Objective(
+            prepared.splits,
+            params.space,
+            params.base_config(),
+            device=prepared.device,
+            run_key=run_key,
+            flow_run_id=flow_run_id,
+            watchdog=watchdog,
+            threads=threads,
+        )
         progress.start_trials(params.n_trials)
 
         def on_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -124,13 +162,18 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
                 best = study.best_value
             except ValueError:
                 best = None
-            seconds = (trial.duration.total_seconds() if trial.duration else 0.0)
+            seconds = trial.duration.total_seconds() if trial.duration else 0.0
             progress.trial_done(trial.number, trial.state.name, last_value(trial), best, trial.params, seconds)
 
         # annotate_finished_trial writes each completed trial's dashboard note; it logs instead of raising
-        run_study(study, objective, n_trials=params.n_trials, run_key=run_key,
-                  callbacks=[on_trial, annotate_finished_trial],
-                  lock=trial_lock(storage_url, study.study_name))
+        run_study(
+            study,
+            objective,
+            n_trials=params.n_trials,
+            run_key=run_key,
+            callbacks=[on_trial, annotate_finished_trial],
+            lock=trial_lock(storage_url, study.study_name),
+        )
         return study, best_trial(study, recipe_of(params.base_config()))
     except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
         from mnist_flow.db import permanent_error
@@ -148,16 +191,30 @@ def tune(prepared: Prepared, params: RunParams, storage_url: str, *, run_key: st
 WORKER_SEED_STRIDE = 10_007
 
 
-def open_run_study(prepared: Prepared, params: RunParams, storage: str | optuna.storages.BaseStorage, *,
-                   worker_index: int = 0, warm_start: Sequence[dict[str, Any]] = ()) -> optuna.Study:
+def open_run_study(
+    prepared: Prepared,
+    params: RunParams,
+    storage: str | optuna.storages.BaseStorage,
+    *,
+    worker_index: int = 0,
+    warm_start: Sequence[dict[str, Any]] = (),
+) -> optuna.Study:
     """Create or load the dataset's study (the seed configuration is queued first in a new one)."""
     bundle = prepared.bundle
-    return open_study(storage, study_name_for(bundle.name, bundle.fingerprint),
-                      seed=params.seed + WORKER_SEED_STRIDE * worker_index, max_epochs=params.max_epochs,
-                      user_attrs={"dataset": bundle.name, "fingerprint": bundle.fingerprint,
-                                  "search_space": params.space.to_dict(),
-                                  "recipe": params.base_config().to_dict()},
-                      warm_start=warm_start, space=params.space)
+    return open_study(
+        storage,
+        study_name_for(bundle.name, bundle.fingerprint),
+        seed=params.seed + WORKER_SEED_STRIDE * worker_index,
+        max_epochs=params.max_epochs,
+        user_attrs={
+            "dataset": bundle.name,
+            "fingerprint": bundle.fingerprint,
+            "search_space": params.space.to_dict(),
+            "recipe": params.base_config().to_dict(),
+        },
+        warm_start=warm_start,
+        space=params.space,
+    )
 
 
 def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
@@ -166,8 +223,9 @@ def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
     if champion is None or len(champion.params.get("hidden", ())) != 2:
         return []
     hidden1, hidden2 = champion.params["hidden"]
-    return [{"lr": champion.params["lr"], "momentum": champion.params["momentum"], "hidden1": hidden1,
-             "hidden2": hidden2}]
+    return [
+        {"lr": champion.params["lr"], "momentum": champion.params["momentum"], "hidden1": hidden1, "hidden2": hidden2}
+    ]
 
 
 #: Recoveries a final fit may make (restore the best state, halve the rate): 8 halvings take the rate
@@ -177,8 +235,14 @@ FINAL_RECOVERIES = 8
 FINAL_FIT_TOLERANCE = 0.003
 
 
-def fit_best(prepared: Prepared, config: TrainConfig, *, progress: Progress | None = None,
-             label: str = "final fit", threads: Any = None) -> tuple[torch.nn.Module, History]:
+def fit_best(
+    prepared: Prepared,
+    config: TrainConfig,
+    *,
+    progress: Progress | None = None,
+    label: str = "final fit",
+    threads: Any = None,
+) -> tuple[torch.nn.Module, History]:
     """Train ``config`` on the training split, watching the validation split.
 
     Guarded (:func:`mnist_flow.train.fit`): a diverging epoch restores the best state so far and goes on
@@ -189,12 +253,23 @@ def fit_best(prepared: Prepared, config: TrainConfig, *, progress: Progress | No
     progress = progress or NullProgress()
     progress.start_epochs(label, config.epochs)
     s = prepared.splits
-    model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=prepared.device,
-                                 on_epoch=lambda stats: progress.epoch_done(stats, config.epochs),
-                                 recover=FINAL_RECOVERIES, keep_best=True, threads=threads)
+    model, history = train_model(
+        config,
+        s.train_x,
+        s.train_y,
+        s.val_x,
+        s.val_y,
+        device=prepared.device,
+        on_epoch=lambda stats: progress.epoch_done(stats, config.epochs),
+        recover=FINAL_RECOVERIES,
+        keep_best=True,
+        threads=threads,
+    )
     if not all_finite(model):  # cannot happen with a finite best checkpoint; never hand on a NaN model
-        raise TrainingDiverged(f"The {label} of {config.to_dict()} ended with non-finite weights.",
-                               fix="Lower the learning rate (lr_max) or the momentum (momentum_max).")
+        raise TrainingDiverged(
+            f"The {label} of {config.to_dict()} ended with non-finite weights.",
+            fix="Lower the learning rate (lr_max) or the momentum (momentum_max).",
+        )
     return model, history
 
 
@@ -218,8 +293,9 @@ class FinalFit:
     notes: tuple[str, ...]
 
 
-def final_fit(prepared: Prepared, trial: FrozenTrial, params: RunParams, *,
-              progress: Progress | None = None, threads: Any = None) -> FinalFit:
+def final_fit(
+    prepared: Prepared, trial: FrozenTrial, params: RunParams, *, progress: Progress | None = None, threads: Any = None
+) -> FinalFit:
     """Fit the best trial's configuration over ``final_epochs``; never below the trial by more than 0.3 points.
 
     1. The trial's configuration with its one-cycle stretched over ``final_epochs`` (longer training is
@@ -240,25 +316,39 @@ def final_fit(prepared: Prepared, trial: FrozenTrial, params: RunParams, *,
         first = fit_best(prepared, config, progress=progress, threads=threads)
         notes += first[1].events
         best = first[1].best
-        notes.append(f"final fit of trial #{trial.number}: {config.epochs} epochs, kept epoch {best.epoch} "
-                     f"(val accuracy {best.val_accuracy:.4f}; trial {trial.value:.4f})")
+        notes.append(
+            f"final fit of trial #{trial.number}: {config.epochs} epochs, kept epoch {best.epoch} "
+            f"(val accuracy {best.val_accuracy:.4f}; trial {trial.value:.4f})"
+        )
         if best.val_accuracy >= floor or recipe == config:
             return FinalFit(first[0], config, first[1], tuple(notes))
-        notes.append(f"val accuracy {best.val_accuracy:.4f} is more than {FINAL_FIT_TOLERANCE * 100:.1f} points "
-                     f"below trial #{trial.number}'s {trial.value:.4f}: retraining the trial's recipe "
-                     f"({recipe.epochs} epochs)")
+        notes.append(
+            f"val accuracy {best.val_accuracy:.4f} is more than {FINAL_FIT_TOLERANCE * 100:.1f} points "
+            f"below trial #{trial.number}'s {trial.value:.4f}: retraining the trial's recipe "
+            f"({recipe.epochs} epochs)"
+        )
     except TrainingDiverged as exc:
         if recipe == config:
-            raise TrainingDiverged(f"The final fit of trial #{trial.number} diverged: {exc.message}",
-                                   fix=exc.fix, epoch=exc.epoch, loss=exc.loss) from None
-        notes.append(f"final fit of trial #{trial.number} diverged ({exc.message}): retraining the trial's "
-                     f"recipe ({recipe.epochs} epochs)")
+            raise TrainingDiverged(
+                f"The final fit of trial #{trial.number} diverged: {exc.message}",
+                fix=exc.fix,
+                epoch=exc.epoch,
+                loss=exc.loss,
+            ) from None
+        notes.append(
+            f"final fit of trial #{trial.number} diverged ({exc.message}): retraining the trial's "
+            f"recipe ({recipe.epochs} epochs)"
+        )
     try:
         model, history = fit_best(prepared, recipe, progress=progress, label="trial recipe", threads=threads)
     except TrainingDiverged as exc:
         if first is None:
-            raise TrainingDiverged(f"The final fit of trial #{trial.number} diverged, and so did its trial recipe "
-                                   f"({exc.message}).", fix=exc.fix, epoch=exc.epoch, loss=exc.loss) from None
+            raise TrainingDiverged(
+                f"The final fit of trial #{trial.number} diverged, and so did its trial recipe ({exc.message}).",
+                fix=exc.fix,
+                epoch=exc.epoch,
+                loss=exc.loss,
+            ) from None
         notes.append(f"the trial recipe diverged too ({exc.message}): keeping the final fit")
         return FinalFit(first[0], config, first[1], tuple(notes))
     notes += history.events
@@ -283,10 +373,17 @@ def sidecar(bundle: data_lib.DataBundle) -> dict[str, Any]:
     """How the model's inputs were made, for `predict` and `serve` to repeat exactly (see predict.Preprocessing)."""
     from mnist_flow.predict import preparation_for
 
-    return {"normalization": {"mean": data_lib.MEAN, "std": data_lib.STD, "scale": 255.0},
-            "classes": list(bundle.classes), "input": {"height": 28, "width": 28, "channels": 1,
-                                                       "background": "dark",
-                                                       "preparation": preparation_for(bundle.name)}}
+    return {
+        "normalization": {"mean": data_lib.MEAN, "std": data_lib.STD, "scale": 255.0},
+        "classes": list(bundle.classes),
+        "input": {
+            "height": 28,
+            "width": 28,
+            "channels": 1,
+            "background": "dark",
+            "preparation": preparation_for(bundle.name),
+        },
+    }
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -301,9 +398,14 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"best params: trial #{best['trial']}: " + format_params(best["params"]),
         f"accuracy:    best trial val {best['val_accuracy']:.4f}; final model val "
         f"{summary['metrics']['val_accuracy']:.4f}, test {summary['metrics']['test_accuracy']:.4f}",
-        *([f"final fit:   epoch {fit['best_epoch']} of {fit['epochs']} kept (best val), "
-           f"{fit['recoveries']} divergence recover{'y' if fit['recoveries'] == 1 else 'ies'}"]
-          if (fit := summary.get("final_fit")) else []),
+        *(
+            [
+                f"final fit:   epoch {fit['best_epoch']} of {fit['epochs']} kept (best val), "
+                f"{fit['recoveries']} divergence recover{'y' if fit['recoveries'] == 1 else 'ies'}"
+            ]
+            if (fit := summary.get("final_fit"))
+            else []
+        ),
         f"registered:  {summary['model']['name']} v{summary['model']['version']} "
         + ("(champion)" if summary["model"]["champion"] else "(challenger, not promoted)")
         + (f": {summary['decision']['reason']}" if summary.get("decision") else ""),
@@ -319,7 +421,7 @@ class Stopwatch:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def __call__(self, name: str) -> "_Lap":
+    def __call__(self, name: str) -> _Lap:
         return _Lap(self, name)
 
 
@@ -343,10 +445,22 @@ def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, tria
     return f"{flow_run_id or run_key}:{study_name}:{trial_number}"
 
 
-def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
-                        history: History, test: EvalResult, *, study_name: str, trial_number: int,
-                        run_key: str, flow_run_id: str | None, decision: Any = None,
-                        champion_version: int | None = None, require_study: bool = False) -> Any:
+def register_challenger(
+    registry: Any,
+    prepared: Prepared,
+    model: torch.nn.Module,
+    config: TrainConfig,
+    history: History,
+    test: EvalResult,
+    *,
+    study_name: str,
+    trial_number: int,
+    run_key: str,
+    flow_run_id: str | None,
+    decision: Any = None,
+    champion_version: int | None = None,
+    require_study: bool = False,
+) -> Any:
     """Register the model with its lineage; idempotent per run and trial, so a retry registers once.
 
     The metrics are those of the epoch whose weights the model holds (``history.best``). A model with a
@@ -357,26 +471,46 @@ def register_challenger(registry: Any, prepared: Prepared, model: torch.nn.Modul
     """
     bundle = prepared.bundle
     kept = history.best
-    metrics = {"val_accuracy": kept.val_accuracy, "val_loss": kept.val_loss,
-               "test_accuracy": test.accuracy, "test_loss": test.loss, "train_loss": kept.train_loss,
-               "epochs": len(history.epochs), "train_seconds": round(sum(history.column("seconds")), 3),
-               "best_epoch": kept.epoch, "recoveries": history.recoveries}
+    metrics = {
+        "val_accuracy": kept.val_accuracy,
+        "val_loss": kept.val_loss,
+        "test_accuracy": test.accuracy,
+        "test_loss": test.loss,
+        "train_loss": kept.train_loss,
+        "epochs": len(history.epochs),
+        "train_seconds": round(sum(history.column("seconds")), 3),
+        "best_epoch": kept.epoch,
+        "recoveries": history.recoveries,
+    }
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad or not all_finite(model):
         what = f"non-finite {', '.join(bad)}" if bad else "non-finite weights"
-        raise TrainingDiverged(f"Not registered: the model of trial #{trial_number} has {what}: its training "
-                               "diverged.", fix="Lower the learning rate (lr_max) or the momentum (momentum_max) "
-                               "and run again.")
+        raise TrainingDiverged(
+            f"Not registered: the model of trial #{trial_number} has {what}: its training diverged.",
+            fix="Lower the learning rate (lr_max) or the momentum (momentum_max) and run again.",
+        )
     return registry.register(
-        model_name(bundle.name), model, sidecar=sidecar(bundle), params=config.to_dict(), metrics=metrics,
-        dataset_name=bundle.name, dataset_fingerprint=bundle.fingerprint, study_name=study_name,
-        trial_number=trial_number, flow_run_id=flow_run_id, seed=config.seed,
+        model_name(bundle.name),
+        model,
+        sidecar=sidecar(bundle),
+        params=config.to_dict(),
+        metrics=metrics,
+        dataset_name=bundle.name,
+        dataset_fingerprint=bundle.fingerprint,
+        study_name=study_name,
+        trial_number=trial_number,
+        flow_run_id=flow_run_id,
+        seed=config.seed,
         idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number),
-        require_study=require_study, decision=decision, champion_version=champion_version)
+        require_study=require_study,
+        decision=decision,
+        champion_version=champion_version,
+    )
 
 
-def _gate(registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float,
-          alpha: float | None) -> Any:
+def _gate(
+    registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float, alpha: float | None
+) -> Any:
     """The gate's decision for a challenger with ``test`` results against ``champion`` (None: no champion yet)."""
     from mnist_flow.promotion import decide
 
@@ -387,13 +521,26 @@ def _gate(registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *,
         champion_model, _, _ = registry.load(champion.name, champion.version)
         champion_model.to(prepared.device)
         champion_correct = evaluate_test(champion_model, prepared).predictions == prepared.test_y.cpu()
-    return decide(challenger_correct, champion_correct, challenger_fingerprint=fingerprint,
-                  champion_fingerprint=champion.dataset_fingerprint if champion else None,
-                  margin=margin, alpha=alpha)
+    return decide(
+        challenger_correct,
+        champion_correct,
+        challenger_fingerprint=fingerprint,
+        champion_fingerprint=champion.dataset_fingerprint if champion else None,
+        margin=margin,
+        alpha=alpha,
+    )
 
 
-def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: EvalResult, *,
-                     flow_run_id: str | None, margin: float, alpha: float | None) -> tuple[Any, Any]:
+def decide_promotion(
+    registry: Any,
+    prepared: Prepared,
+    version: Any,
+    test: EvalResult,
+    *,
+    flow_run_id: str | None,
+    margin: float,
+    alpha: float | None,
+) -> tuple[Any, Any]:
     """Compare the challenger with the champion on the same test set, record the decision, move the alias.
 
     Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run, or
@@ -411,8 +558,13 @@ def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: Eval
     if champion is not None and champion.version == version.version:
         return version, None  # made champion by hand in the meantime: nothing to decide
     decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
-    registry.record_decision(name, decision, challenger_version=version.version,
-                             champion_version=champion.version if champion else None, flow_run_id=flow_run_id)
+    registry.record_decision(
+        name,
+        decision,
+        challenger_version=version.version,
+        champion_version=champion.version if champion else None,
+        flow_run_id=flow_run_id,
+    )
     return registry.get(name, version.version), decision
 
 
@@ -420,10 +572,22 @@ def decide_promotion(registry: Any, prepared: Prepared, version: Any, test: Eval
 GATE_ATTEMPTS = 5
 
 
-def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Module, config: TrainConfig,
-                        history: History, test: EvalResult, *, study_name: str, trial_number: int,
-                        run_key: str, flow_run_id: str | None, margin: float,
-                        alpha: float | None, require_study: bool = False) -> tuple[Any, Any]:
+def register_and_decide(
+    registry: Any,
+    prepared: Prepared,
+    model: torch.nn.Module,
+    config: TrainConfig,
+    history: History,
+    test: EvalResult,
+    *,
+    study_name: str,
+    trial_number: int,
+    run_key: str,
+    flow_run_id: str | None,
+    margin: float,
+    alpha: float | None,
+    require_study: bool = False,
+) -> tuple[Any, Any]:
     """Register the model and record the gate's decision in one transaction; return ``(version, decision)``.
 
     There is no moment at which the version exists without its decision, so a process killed at any
@@ -440,53 +604,91 @@ def register_and_decide(registry: Any, prepared: Prepared, model: torch.nn.Modul
         registry.require_database(study_name)
     existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
     if existing is not None:
-        return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin,
-                                alpha=alpha)
+        return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
     name = model_name(prepared.bundle.name)
     moved: ChampionMovedError | None = None
     for _ in range(GATE_ATTEMPTS):
         champion = registry.champion(name)
         decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
         try:
-            version = register_challenger(registry, prepared, model, config, history, test, study_name=study_name,
-                                          trial_number=trial_number, run_key=run_key, flow_run_id=flow_run_id,
-                                          decision=decision, champion_version=champion.version if champion else None,
-                                          require_study=require_study)
+            version = register_challenger(
+                registry,
+                prepared,
+                model,
+                config,
+                history,
+                test,
+                study_name=study_name,
+                trial_number=trial_number,
+                run_key=run_key,
+                flow_run_id=flow_run_id,
+                decision=decision,
+                champion_version=champion.version if champion else None,
+                require_study=require_study,
+            )
         except ChampionMovedError as exc:
             moved = exc  # another run promoted its model meanwhile: compare with the new champion
             continue
         # the recorded decision: ours, or that of a concurrent registration with the same key that won
-        return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin,
-                                alpha=alpha)
+        return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
     assert moved is not None
     raise moved
 
 
-def build_summary(params: RunParams, prepared: Prepared, study: optuna.Study, best: FrozenTrial, run_key: str,
-                  version: Any, decision: Any, test: EvalResult, history: History, seconds: dict[str, float],
-                  database_url: str, notes: Sequence[str] = ()) -> dict[str, Any]:
+def build_summary(
+    params: RunParams,
+    prepared: Prepared,
+    study: optuna.Study,
+    best: FrozenTrial,
+    run_key: str,
+    version: Any,
+    decision: Any,
+    test: EvalResult,
+    history: History,
+    seconds: dict[str, float],
+    database_url: str,
+    notes: Sequence[str] = (),
+) -> dict[str, Any]:
     """The dict the flow returns and the CLI prints."""
     from mnist_flow.tune import finished_trials
 
     mine = finished_trials(study, run_key)
     bundle = prepared.bundle
     return {
-        "data": {"name": bundle.name, "source": bundle.source, "origin": bundle.origin,
-                 "fingerprint": bundle.fingerprint, "train_samples": int(prepared.splits.train_y.numel()),
-                 "val_samples": int(prepared.splits.val_y.numel()), "test_samples": int(prepared.test_y.numel())},
+        "data": {
+            "name": bundle.name,
+            "source": bundle.source,
+            "origin": bundle.origin,
+            "fingerprint": bundle.fingerprint,
+            "train_samples": int(prepared.splits.train_y.numel()),
+            "val_samples": int(prepared.splits.val_y.numel()),
+            "test_samples": int(prepared.test_y.numel()),
+        },
         "study": study.study_name,
-        "trials": {"finished": len(mine), "complete": sum(t.state.name == "COMPLETE" for t in mine),
-                   "pruned": sum(t.state.name == "PRUNED" for t in mine), "in_study": len(study.trials)},
+        "trials": {
+            "finished": len(mine),
+            "complete": sum(t.state.name == "COMPLETE" for t in mine),
+            "pruned": sum(t.state.name == "PRUNED" for t in mine),
+            "in_study": len(study.trials),
+        },
         "best": {"trial": best.number, "params": best.params, "val_accuracy": best.value},
         "params": params.flat(),
-        "metrics": {"val_accuracy": history.best.val_accuracy, "test_accuracy": test.accuracy,
-                    "test_loss": test.loss},
-        "final_fit": {"epochs": len(history.epochs), "best_epoch": history.best.epoch,
-                      "recoveries": history.recoveries, "notes": list(notes)},
-        "model": {"name": version.name, "version": version.version, "champion": "champion" in version.aliases,
-                  "artifact": version.artifact_uri},
-        "decision": None if decision is None else {"outcome": decision.outcome, "reason": decision.reason,
-                                                    "p_value": decision.p_value},
+        "metrics": {"val_accuracy": history.best.val_accuracy, "test_accuracy": test.accuracy, "test_loss": test.loss},
+        "final_fit": {
+            "epochs": len(history.epochs),
+            "best_epoch": history.best.epoch,
+            "recoveries": history.recoveries,
+            "notes": list(notes),
+        },
+        "model": {
+            "name": version.name,
+            "version": version.version,
+            "champion": "champion" in version.aliases,
+            "artifact": version.artifact_uri,
+        },
+        "decision": None
+        if decision is None
+        else {"outcome": decision.outcome, "reason": decision.reason, "p_value": decision.p_value},
         "seconds": seconds,
         "database": mask_url(database_url),
         "dashboard_command": dashboard_command(database_url),

@@ -112,8 +112,9 @@ class Preprocessing:
             raise SidecarError("'input' and 'normalization' must be JSON objects")
         preparation = spec.get("preparation", DIGIT)
         if preparation not in PREPARATIONS:
-            raise SidecarError(f"unknown input preparation {preparation!r} (this version knows "
-                               f"{', '.join(PREPARATIONS)})")
+            raise SidecarError(
+                f"unknown input preparation {preparation!r} (this version knows {', '.join(PREPARATIONS)})"
+            )
         background = spec.get("background", "dark")
         if background not in BACKGROUNDS:
             raise SidecarError(f"unknown input background {background!r} (expected dark or light)")
@@ -126,18 +127,31 @@ class Preprocessing:
         std = _finite(norm.get("std", 0.5), "normalization std", low=1e-6, high=1e6)
         scale = _finite(norm.get("scale", 255.0), "normalization scale", low=1e-6, high=1e6)
         classes = sidecar.get("classes", [str(d) for d in range(10)])
-        if (not isinstance(classes, list) or not classes or len(classes) > 1000 or not all(
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or len(classes) > 1000
+            or not all(
                 (isinstance(c, str) and 0 < len(c) <= 200) or (isinstance(c, int) and not isinstance(c, bool))
-                for c in classes)):
+                for c in classes
+            )
+        ):
             raise SidecarError("'classes' must be a list of class names (non-empty strings)")
         return cls(preparation, background, mean, std, scale, tuple(str(c) for c in classes))
 
     def to_sidecar(self) -> dict[str, Any]:
         """The sidecar entries this preprocessing is read from."""
-        return {"normalization": {"mean": self.mean, "std": self.std, "scale": self.scale},
-                "classes": list(self.classes),
-                "input": {"height": FRAME, "width": FRAME, "channels": 1, "background": self.background,
-                          "preparation": self.preparation}}
+        return {
+            "normalization": {"mean": self.mean, "std": self.std, "scale": self.scale},
+            "classes": list(self.classes),
+            "input": {
+                "height": FRAME,
+                "width": FRAME,
+                "channels": 1,
+                "background": self.background,
+                "preparation": self.preparation,
+            },
+        }
 
     def image(self, image: Image.Image, name: str = "image") -> np.ndarray:
         """A decoded image -> uint8 [28, 28] in the training data's format."""
@@ -153,8 +167,9 @@ class Preprocessing:
         features = torch.from_numpy(np.ascontiguousarray(images).reshape(images.shape[0], -1).astype(np.float32))
         return features.div_(self.scale).sub_(self.mean).div_(self.std)
 
-    def __call__(self, source: str | Path | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> torch.Tensor:
+    def __call__(
+        self, source: str | Path | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> torch.Tensor:
         """One image (a path, encoded bytes or a Pillow image) -> float32 [1, 784], ready for the model."""
         if isinstance(source, Image.Image):
             return self.features(self.image(source)[None])
@@ -178,7 +193,8 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
 def _too_big(path: str, size: str, max_pixels: int) -> ImageError:
     return ImageTooLargeError(
         f"{path}: the image is too large ({size}; the limit is {max_pixels:,} pixels).",
-        fix="Shrink the image, or raise MNIST_FLOW_MAX_IMAGE_PIXELS if the file is trusted.")
+        fix="Shrink the image, or raise MNIST_FLOW_MAX_IMAGE_PIXELS if the file is trusted.",
+    )
 
 
 def _shown(source: object) -> str:
@@ -199,8 +215,7 @@ def read_image_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES
     except IsADirectoryError:
         raise ImageError(f"{shown}: is a folder, not an image file.", fix="Pass image files.") from None
     except PermissionError:
-        raise ImageError(f"{shown}: cannot be read (permission denied).",
-                         fix="Check the file's permissions.") from None
+        raise ImageError(f"{shown}: cannot be read (permission denied).", fix="Check the file's permissions.") from None
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a socket, or a FIFO opened for writing only
             raise _not_regular(shown, "a socket") from None
@@ -210,14 +225,21 @@ def read_image_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES
         if stat.S_ISDIR(info.st_mode):
             raise ImageError(f"{shown}: is a folder, not an image file.", fix="Pass image files.")
         if not stat.S_ISREG(info.st_mode):
-            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode) else
-                    "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else
-                    "a socket" if stat.S_ISSOCK(info.st_mode) else "not a regular file")
+            kind = (
+                "a FIFO (named pipe)"
+                if stat.S_ISFIFO(info.st_mode)
+                else "a device"
+                if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(info.st_mode)
+                else "not a regular file"
+            )
             raise _not_regular(shown, kind)
         if info.st_size > max_bytes:
             raise ImageTooLargeError(
                 f"{shown}: the file is too large ({info.st_size:,} bytes; the limit is {max_bytes:,} bytes).",
-                fix="Shrink or recompress the image.")
+                fix="Shrink or recompress the image.",
+            )
         chunks, left = [], max_bytes + 1
         while left > 0:
             chunk = os.read(fd, min(left, 1 << 20))
@@ -227,12 +249,14 @@ def read_image_file(path: str | Path, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES
             left -= len(chunk)
         data = b"".join(chunks)
         if len(data) > max_bytes:  # it grew while being read
-            raise ImageTooLargeError(f"{shown}: the file is too large (over {max_bytes:,} bytes).",
-                                     fix="Shrink or recompress the image.")
+            raise ImageTooLargeError(
+                f"{shown}: the file is too large (over {max_bytes:,} bytes).", fix="Shrink or recompress the image."
+            )
         return data
     except OSError as exc:
-        raise ImageError(f"{shown}: cannot be read ({exc.strerror or exc}).",
-                         fix="Check that the file is complete and readable.") from None
+        raise ImageError(
+            f"{shown}: cannot be read ({exc.strerror or exc}).", fix="Check that the file is complete and readable."
+        ) from None
     finally:
         os.close(fd)
 
@@ -241,8 +265,13 @@ def _not_regular(shown: str, kind: str) -> ImageError:
     return ImageError(f"{shown}: is {kind}, not a regular file.", fix="Pass PNG or JPEG files saved on disk.")
 
 
-def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_bytes: int = DEFAULT_MAX_FILE_BYTES, name: str | None = None) -> Image.Image:
+def load_image(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    name: str | None = None,
+) -> Image.Image:
     """Open ``source`` (a path, or the encoded bytes) as a PNG or JPEG of a supported mode within the limits.
 
     Returns its first frame, decoded. ``name`` names the image in errors (default: the path).
@@ -250,35 +279,39 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     shown = name or _shown(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > max_bytes:
-            raise ImageTooLargeError(f"{shown}: the file is too large ({len(source):,} bytes; the limit is "
-                                     f"{max_bytes:,} bytes).", fix="Shrink or recompress the image.")
+            raise ImageTooLargeError(
+                f"{shown}: the file is too large ({len(source):,} bytes; the limit is {max_bytes:,} bytes).",
+                fix="Shrink or recompress the image.",
+            )
         data = bytes(source)
     else:
         data = read_image_file(source, max_bytes=max_bytes)
     try:
-        with _pixel_limit(max_pixels):
-            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-                if image.width * image.height > max_pixels:
-                    raise _too_big(shown, f"{image.width}x{image.height} = {image.width * image.height:,} pixels",
-                                   max_pixels)
-                if image.mode not in MODES:
-                    raise ImageError(
-                        f"{shown}: unsupported image mode {image.mode!r} ({image.format}); supported: "
-                        f"{', '.join(MODES)}.",
-                        fix="Save the image as 8-bit greyscale or RGB(A) PNG or JPEG.")
-                image.load()
-                return image.copy()
+        with _pixel_limit(max_pixels), Image.open(io.BytesIO(data), formats=FORMATS) as image:
+            if image.width * image.height > max_pixels:
+                raise _too_big(
+                    shown, f"{image.width}x{image.height} = {image.width * image.height:,} pixels", max_pixels
+                )
+            if image.mode not in MODES:
+                raise ImageError(
+                    f"{shown}: unsupported image mode {image.mode!r} ({image.format}); supported: {', '.join(MODES)}.",
+                    fix="Save the image as 8-bit greyscale or RGB(A) PNG or JPEG.",
+                )
+            image.load()
+            return image.copy()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own check, made with our limit; its message gives the size
         raise _too_big(shown, str(exc).split(" exceeds")[0].strip(), max_pixels) from None
     except UnidentifiedImageError:
-        raise NotAnImageError(f"{shown}: not a PNG or JPEG image.",
-                              fix="Pass PNG or JPEG files (convert other formats first).") from None
+        raise NotAnImageError(
+            f"{shown}: not a PNG or JPEG image.", fix="Pass PNG or JPEG files (convert other formats first)."
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise NotAnImageError(f"{shown}: the image cannot be decoded ({exc}).",
-                              fix="Check that the file is complete and not damaged.") from None
+        raise NotAnImageError(
+            f"{shown}: the image cannot be decoded ({exc}).", fix="Check that the file is complete and not damaged."
+        ) from None
 
 
 def _grey(image: Image.Image) -> np.ndarray:
@@ -298,8 +331,9 @@ def _border(pixels: np.ndarray) -> np.ndarray:
 def _corners(pixels: np.ndarray) -> np.ndarray:
     # Fashion-MNIST items fill the frame, so only the corners are reliably background.
     k = max(1, min(BORDER, min(pixels.shape) // 4))
-    return np.concatenate([pixels[:k, :k].ravel(), pixels[:k, -k:].ravel(), pixels[-k:, :k].ravel(),
-                           pixels[-k:, -k:].ravel()])
+    return np.concatenate(
+        [pixels[:k, :k].ravel(), pixels[:k, -k:].ravel(), pixels[-k:, :k].ravel(), pixels[-k:, -k:].ravel()]
+    )
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:
@@ -315,11 +349,13 @@ def _prepare_digit(pixels: np.ndarray, name: str) -> np.ndarray:
     pixels = np.clip(pixels - np.median(_border(pixels)), 0, None)
     peak = float(pixels.max())
     if peak < 8:  # nothing stands out from the background
-        raise ImageError(f"{name}: no digit found (the image is blank or has no contrast).",
-                         fix="Pass an image of one handwritten digit.")
+        raise ImageError(
+            f"{name}: no digit found (the image is blank or has no contrast).",
+            fix="Pass an image of one handwritten digit.",
+        )
     pixels = pixels * (255.0 / peak)
     rows, cols = np.nonzero(pixels > INK_THRESHOLD * 255)
-    crop = pixels[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     height, width = crop.shape
     scale = BOX / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -331,7 +367,7 @@ def _prepare_digit(pixels: np.ndarray, name: str) -> np.ndarray:
     top = int(np.clip(round(FRAME / 2 - com_y), 0, FRAME - box.shape[0]))
     left = int(np.clip(round(FRAME / 2 - com_x), 0, FRAME - box.shape[1]))
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
-    frame[top:top + box.shape[0], left:left + box.shape[1]] = box
+    frame[top : top + box.shape[0], left : left + box.shape[1]] = box
     return _as_uint8(frame)
 
 
@@ -344,11 +380,12 @@ def _prepare_item(pixels: np.ndarray, name: str) -> np.ndarray:
     background = float(np.median(_corners(pixels)))
     rows, cols = np.nonzero(np.abs(pixels - background) > ITEM_THRESHOLD)
     if rows.size == 0:
-        raise ImageError(f"{name}: no item found (the image is blank or has no contrast).",
-                         fix="Pass an image of one clothing item.")
+        raise ImageError(
+            f"{name}: no item found (the image is blank or has no contrast).", fix="Pass an image of one clothing item."
+        )
     # the paper's level becomes black, black stays full intensity (no stretch: item brightness is a feature)
     item = np.clip((pixels - background) * (255.0 / max(1.0, 255.0 - background)), 0, 255)
-    crop = item[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    crop = item[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     height, width = crop.shape
     scale = FRAME / max(height, width)
     size = (min(FRAME, max(1, round(width * scale))), min(FRAME, max(1, round(height * scale))))
@@ -356,7 +393,7 @@ def _prepare_item(pixels: np.ndarray, name: str) -> np.ndarray:
     box = np.asarray(resized, dtype=np.float32)
     top, left = (FRAME - box.shape[0]) // 2, (FRAME - box.shape[1]) // 2
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
-    frame[top:top + box.shape[0], left:left + box.shape[1]] = box
+    frame[top : top + box.shape[0], left : left + box.shape[1]] = box
     return _as_uint8(frame)
 
 
@@ -373,8 +410,10 @@ def _preprocessing(spec: Preprocessing | Mapping[str, Any]) -> Preprocessing:
     except SidecarError as exc:
         from mnist_flow.errors import ConfigError
 
-        raise ConfigError(f"The model's sidecar cannot be used: {exc}.",
-                          fix="Load the model through the registry (`mnist-flow predict`), which verifies it.") from None
+        raise ConfigError(
+            f"The model's sidecar cannot be used: {exc}.",
+            fix="Load the model through the registry (`mnist-flow predict`), which verifies it.",
+        ) from None
 
 
 def to_features(images: np.ndarray, sidecar: Preprocessing | Mapping[str, Any]) -> torch.Tensor:
@@ -382,8 +421,9 @@ def to_features(images: np.ndarray, sidecar: Preprocessing | Mapping[str, Any]) 
     return _preprocessing(sidecar).features(images)
 
 
-def preprocess_files(paths: Sequence[str | Path], *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     preprocessing: Preprocessing | None = None) -> np.ndarray:
+def preprocess_files(
+    paths: Sequence[str | Path], *, max_pixels: int = DEFAULT_MAX_PIXELS, preprocessing: Preprocessing | None = None
+) -> np.ndarray:
     """Open and preprocess every file (the first unusable one raises ImageError naming it)."""
     spec = preprocessing or Preprocessing()
     return np.stack([spec.image(load_image(p, max_pixels=max_pixels), str(p)) for p in paths])
@@ -400,12 +440,23 @@ def classify(images: np.ndarray, model: torch.nn.Module, spec: Preprocessing) ->
     with torch.inference_mode():
         probabilities = torch.softmax(model(features.to(device)).float(), dim=1).cpu()
     best, labels = probabilities.max(dim=1)
-    return [{"class": int(label), "name": spec.classes[label] if label < len(spec.classes) else str(label),
-             "probability": round(float(p), 6)} for label, p in zip(labels.tolist(), best.tolist())]
+    return [
+        {
+            "class": int(label),
+            "name": spec.classes[label] if label < len(spec.classes) else str(label),
+            "probability": round(float(p), 6),
+        }
+        for label, p in zip(labels.tolist(), best.tolist())
+    ]
 
 
-def predict_images(paths: Sequence[str | Path], model: torch.nn.Module, sidecar: Preprocessing | Mapping[str, Any],
-                   *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict[str, Any]]:
+def predict_images(
+    paths: Sequence[str | Path],
+    model: torch.nn.Module,
+    sidecar: Preprocessing | Mapping[str, Any],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[dict[str, Any]]:
     """Classify image files: ``[{"path": <as given>, "digit": int, "name": str, "probability": float}, ...]``.
 
     ``digit`` is the class index (kept under that name for scripts written for digits); ``name`` is
@@ -416,8 +467,10 @@ def predict_images(paths: Sequence[str | Path], model: torch.nn.Module, sidecar:
         return []
     spec = _preprocessing(sidecar)
     rows = classify(preprocess_files(paths, max_pixels=max_pixels, preprocessing=spec), model, spec)
-    return [{"path": str(path), "digit": row["class"], "name": row["name"], "probability": row["probability"]}
-            for path, row in zip(paths, rows)]
+    return [
+        {"path": str(path), "digit": row["class"], "name": row["name"], "probability": row["probability"]}
+        for path, row in zip(paths, rows)
+    ]
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 class Progress(Protocol):
     def start_trials(self, total: int) -> None: ...
-    def trial_done(self, number: int, state: str, value: float | None, best: float | None,
-                   params: dict, seconds: float) -> None: ...
+    def trial_done(
+        self, number: int, state: str, value: float | None, best: float | None, params: dict, seconds: float
+    ) -> None: ...
     def start_epochs(self, label: str, total: int) -> None: ...
     def epoch_done(self, stats: EpochStats, total: int) -> None: ...
     def close(self) -> None: ...
@@ -38,20 +39,39 @@ class LogProgress:
     def start_trials(self, total: int) -> None:
         self.total, self.done, self.started = total, 0, time.perf_counter()
 
-    def trial_done(self, number: int, state: str, value: float | None, best: float | None,
-                   params: dict, seconds: float) -> None:
+    def trial_done(
+        self, number: int, state: str, value: float | None, best: float | None, params: dict, seconds: float
+    ) -> None:
         self.done += 1
         elapsed = time.perf_counter() - self.started
         eta = elapsed / self.done * max(0, self.total - self.done)
-        self.logger.info("trial %d/%d (#%d) %s value=%s best=%s in %.1fs, eta %.0fs: %s", self.done, self.total,
-                         number, state, format_value(value), format_value(best), seconds, eta, format_params(params))
+        self.logger.info(
+            "trial %d/%d (#%d) %s value=%s best=%s in %.1fs, eta %.0fs: %s",
+            self.done,
+            self.total,
+            number,
+            state,
+            format_value(value),
+            format_value(best),
+            seconds,
+            eta,
+            format_params(params),
+        )
 
     def start_epochs(self, label: str, total: int) -> None:
         self.label = label
 
     def epoch_done(self, stats: EpochStats, total: int) -> None:
-        self.logger.info("%s epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f (%.2fs)", self.label,
-                         stats.epoch, total, stats.train_loss, stats.val_loss, stats.val_accuracy, stats.seconds)
+        self.logger.info(
+            "%s epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f (%.2fs)",
+            self.label,
+            stats.epoch,
+            total,
+            stats.train_loss,
+            stats.val_loss,
+            stats.val_accuracy,
+            stats.seconds,
+        )
 
     def close(self) -> None:
         pass
@@ -69,12 +89,25 @@ class RichProgress:
     """Live bars: trials (done/total, best so far, ETA) and the epochs of the current fit."""
 
     def __init__(self) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
-        self.bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-                             TimeRemainingColumn(), transient=False)
+        self.bars = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self.bars.start()
         self.trials = None
         self.epochs = None
@@ -82,11 +115,13 @@ class RichProgress:
     def start_trials(self, total: int) -> None:
         self.trials = self.bars.add_task("trials", total=total, info="best -")
 
-    def trial_done(self, number: int, state: str, value: float | None, best: float | None,
-                   params: dict, seconds: float) -> None:
+    def trial_done(
+        self, number: int, state: str, value: float | None, best: float | None, params: dict, seconds: float
+    ) -> None:
         if self.trials is not None:
-            self.bars.update(self.trials, advance=1,
-                             info=f"best {format_value(best)} (last #{number} {state} {format_value(value)})")
+            self.bars.update(
+                self.trials, advance=1, info=f"best {format_value(best)} (last #{number} {state} {format_value(value)})"
+            )
 
     def start_epochs(self, label: str, total: int) -> None:
         if self.epochs is not None:
@@ -95,8 +130,9 @@ class RichProgress:
 
     def epoch_done(self, stats: EpochStats, total: int) -> None:
         if self.epochs is not None:
-            self.bars.update(self.epochs, completed=stats.epoch,
-                             info=f"val_acc {stats.val_accuracy:.4f} loss {stats.train_loss:.4f}")
+            self.bars.update(
+                self.epochs, completed=stats.epoch, info=f"val_acc {stats.val_accuracy:.4f} loss {stats.train_loss:.4f}"
+            )
 
     def close(self) -> None:
         self.bars.stop()

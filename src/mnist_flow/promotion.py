@@ -66,46 +66,77 @@ def _as_bool(correct: torch.Tensor, what: str) -> torch.Tensor:
     return tensor.cpu()
 
 
-def decide(challenger_correct: torch.Tensor, champion_correct: torch.Tensor | None, *,
-           challenger_fingerprint: str, champion_fingerprint: str | None, margin: float,
-           alpha: float | None) -> Decision:
+def decide(
+    challenger_correct: torch.Tensor,
+    champion_correct: torch.Tensor | None,
+    *,
+    challenger_fingerprint: str,
+    champion_fingerprint: str | None,
+    margin: float,
+    alpha: float | None,
+) -> Decision:
     """Decide whether the challenger replaces the champion (see the module docstring for the rules)."""
     if margin < 0 or (alpha is not None and not 0 < alpha <= 1):
-        raise ConfigError(f"Invalid gate settings margin={margin}, alpha={alpha}.",
-                          fix="Use margin >= 0 and 0 < alpha <= 1 (or no alpha).")
+        raise ConfigError(
+            f"Invalid gate settings margin={margin}, alpha={alpha}.",
+            fix="Use margin >= 0 and 0 < alpha <= 1 (or no alpha).",
+        )
     challenger = _as_bool(challenger_correct, "challenger")
     challenger_acc = _accuracy(challenger)
     if champion_fingerprint is None:
-        return Decision("first", "no champion yet: the first model becomes champion", challenger_acc,
-                        None, None, None, None, margin, alpha)
+        return Decision(
+            "first",
+            "no champion yet: the first model becomes champion",
+            challenger_acc,
+            None,
+            None,
+            None,
+            None,
+            margin,
+            alpha,
+        )
     if challenger_fingerprint != champion_fingerprint:
         # Checked before any paired comparison: the caller does not score the champion on other data.
         return Decision(
             "blocked",
             f"dataset fingerprints differ (challenger {challenger_fingerprint}, champion {champion_fingerprint}): "
             "the accuracies are not comparable, nothing was promoted automatically; promote by hand if intended",
-            challenger_acc, None, None, None, None, margin, alpha)
+            challenger_acc,
+            None,
+            None,
+            None,
+            None,
+            margin,
+            alpha,
+        )
     if champion_correct is None:
-        raise ConfigError("The champion has the challenger's data fingerprint but was not scored on its test set.",
-                          fix="Pass the champion's per-sample results (champion_correct).")
+        raise ConfigError(
+            "The champion has the challenger's data fingerprint but was not scored on its test set.",
+            fix="Pass the champion's per-sample results (champion_correct).",
+        )
     champion = _as_bool(champion_correct, "champion")
     champion_acc = _accuracy(champion)
     if challenger.shape != champion.shape:
         raise ConfigError(
             f"Challenger and champion were scored on different numbers of samples "
             f"({challenger.numel()} vs {champion.numel()}) despite equal fingerprints.",
-            fix="Evaluate both models on the same test set.")
+            fix="Evaluate both models on the same test set.",
+        )
     b = int((challenger & ~champion).sum().item())
     c = int((~challenger & champion).sum().item())
     p_value = mcnemar_exact(b, c)
     gain = challenger_acc - champion_acc
     if gain <= margin:
-        reason = (f"accuracy gain {gain:+.4f} ({challenger_acc:.4f} vs {champion_acc:.4f}) "
-                  f"is not above the margin {margin:.4f}")
+        reason = (
+            f"accuracy gain {gain:+.4f} ({challenger_acc:.4f} vs {champion_acc:.4f}) "
+            f"is not above the margin {margin:.4f}"
+        )
         return Decision("kept", reason, challenger_acc, champion_acc, p_value, b, c, margin, alpha)
     if alpha is not None and not p_value < alpha:
-        reason = (f"accuracy gain {gain:+.4f} is above the margin {margin:.4f} but not significant: "
-                  f"McNemar p={p_value:.4g} (b={b}, c={c}) >= alpha {alpha}")
+        reason = (
+            f"accuracy gain {gain:+.4f} is above the margin {margin:.4f} but not significant: "
+            f"McNemar p={p_value:.4g} (b={b}, c={c}) >= alpha {alpha}"
+        )
         return Decision("kept", reason, challenger_acc, champion_acc, p_value, b, c, margin, alpha)
     test = "significance test off" if alpha is None else f"McNemar p={p_value:.4g} < alpha {alpha}"
     reason = f"accuracy gain {gain:+.4f} ({challenger_acc:.4f} vs {champion_acc:.4f}) > margin {margin:.4f}; {test}"

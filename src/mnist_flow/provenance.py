@@ -15,8 +15,12 @@ def git_commit(folder: Path | None = None) -> str | None:
     cwd = folder or Path(__file__).resolve().parent
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-            timeout=GIT_TIMEOUT_S, check=False,
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError, ValueError):
         return None

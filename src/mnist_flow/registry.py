@@ -21,8 +21,21 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
-from sqlalchemy import (JSON, BigInteger, DateTime, Float, ForeignKeyConstraint, Integer, String, Text,
-                        UniqueConstraint, func, inspect, select, text)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKeyConstraint,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -51,8 +64,10 @@ class ChampionMovedError(RegistryError):
     """The champion changed between computing a gate decision and recording it: compare again."""
 
     def __init__(self, name: str, expected: int | None, current: int | None) -> None:
-        super().__init__(f"The champion of {name!r} changed from {expected} to {current} during the gate.",
-                         fix="Run the gate again: the challenger must be compared with the current champion.")
+        super().__init__(
+            f"The champion of {name!r} changed from {expected} to {current} during the gate.",
+            fix="Run the gate again: the challenger must be compared with the current champion.",
+        )
         self.current = current
 
 
@@ -88,9 +103,11 @@ class ModelVersionRow(Base):
 class AliasRow(Base):
     __tablename__ = "mnist_flow_aliases"
     __table_args__ = (
-        ForeignKeyConstraint(["name", "version"], ["mnist_flow_model_versions.name",
-                                                   "mnist_flow_model_versions.version"],
-                             name="fk_mnist_flow_aliases_version"),
+        ForeignKeyConstraint(
+            ["name", "version"],
+            ["mnist_flow_model_versions.name", "mnist_flow_model_versions.version"],
+            name="fk_mnist_flow_aliases_version",
+        ),
     )
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     alias: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -184,22 +201,44 @@ class ModelVersion:
 
 def _to_version(row: ModelVersionRow, aliases: tuple[str, ...]) -> ModelVersion:
     return ModelVersion(
-        name=row.name, version=row.version, created_at=_utc(row.created_at), params=dict(row.params or {}),
-        metrics=dict(row.metrics or {}), dataset_name=row.dataset_name,
-        dataset_fingerprint=row.dataset_fingerprint, artifact_uri=row.artifact_uri,
-        artifact_sha256=row.artifact_sha256, study_name=row.study_name, trial_number=row.trial_number,
-        flow_run_id=row.flow_run_id, code_version=dict(row.code_version or {}), seed=row.seed,
-        aliases=aliases, idempotency_key=row.idempotency_key, sidecar_sha256=row.sidecar_sha256,
+        name=row.name,
+        version=row.version,
+        created_at=_utc(row.created_at),
+        params=dict(row.params or {}),
+        metrics=dict(row.metrics or {}),
+        dataset_name=row.dataset_name,
+        dataset_fingerprint=row.dataset_fingerprint,
+        artifact_uri=row.artifact_uri,
+        artifact_sha256=row.artifact_sha256,
+        study_name=row.study_name,
+        trial_number=row.trial_number,
+        flow_run_id=row.flow_run_id,
+        code_version=dict(row.code_version or {}),
+        seed=row.seed,
+        aliases=aliases,
+        idempotency_key=row.idempotency_key,
+        sidecar_sha256=row.sidecar_sha256,
     )
 
 
 def _decision_dict(row: DecisionRow) -> dict:
     return {
-        "id": row.id, "created_at": _utc(row.created_at).isoformat(), "name": row.name,
-        "challenger_version": row.challenger_version, "champion_version": row.champion_version,
-        "outcome": row.outcome, "reason": row.reason, "challenger_accuracy": row.challenger_accuracy,
-        "champion_accuracy": row.champion_accuracy, "p_value": row.p_value, "b": row.b, "c": row.c,
-        "margin": row.margin, "alpha": row.alpha, "actor": row.actor, "flow_run_id": row.flow_run_id,
+        "id": row.id,
+        "created_at": _utc(row.created_at).isoformat(),
+        "name": row.name,
+        "challenger_version": row.challenger_version,
+        "champion_version": row.champion_version,
+        "outcome": row.outcome,
+        "reason": row.reason,
+        "challenger_accuracy": row.challenger_accuracy,
+        "champion_accuracy": row.champion_accuracy,
+        "p_value": row.p_value,
+        "b": row.b,
+        "c": row.c,
+        "margin": row.margin,
+        "alpha": row.alpha,
+        "actor": row.actor,
+        "flow_run_id": row.flow_run_id,
     }
 
 
@@ -207,8 +246,10 @@ def _json_ready(value: Any, what: str) -> Any:
     try:
         return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"The {what} cannot be stored as JSON: {exc}.",
-                          fix="Pass plain numbers, strings, lists and dicts (no NaN or infinity).") from None
+        raise ConfigError(
+            f"The {what} cannot be stored as JSON: {exc}.",
+            fix="Pass plain numbers, strings, lists and dicts (no NaN or infinity).",
+        ) from None
 
 
 class Registry:
@@ -311,7 +352,8 @@ class Registry:
         if name not in names:
             raise RegistryError(
                 f"No model named {name!r} is registered; registered names: {', '.join(names) or '(none)'}.",
-                fix="Use one of the registered names, or register a model first.")
+                fix="Use one of the registered names, or register a model first.",
+            )
         version = _as_version_number(ref)
         if version is None:
             alias = validate_name(str(ref), "alias")
@@ -320,16 +362,20 @@ class Registry:
                 existing = sorted(session.scalars(select(AliasRow.alias).where(AliasRow.name == name)))
                 raise RegistryError(
                     f"Model {name!r} has no alias {alias!r}; aliases: {', '.join(existing) or '(none)'}.",
-                    fix="Use a version number or an existing alias (champion appears after the first promotion).")
+                    fix="Use a version number or an existing alias (champion appears after the first promotion).",
+                )
             version = alias_row.version
-        row = session.scalar(select(ModelVersionRow).where(ModelVersionRow.name == name,
-                                                           ModelVersionRow.version == version))
+        row = session.scalar(
+            select(ModelVersionRow).where(ModelVersionRow.name == name, ModelVersionRow.version == version)
+        )
         if row is None:
-            versions = session.scalars(select(ModelVersionRow.version).where(ModelVersionRow.name == name)
-                                       .order_by(ModelVersionRow.version))
+            versions = session.scalars(
+                select(ModelVersionRow.version).where(ModelVersionRow.name == name).order_by(ModelVersionRow.version)
+            )
             raise RegistryError(
                 f"Model {name!r} has no version {version}; versions: {', '.join(map(str, versions))}.",
-                fix="Pick one of the listed versions (see `mnist-flow registry list`).")
+                fix="Pick one of the listed versions (see `mnist-flow registry list`).",
+            )
         return row
 
     def _snapshot(self, session: Session, row: ModelVersionRow) -> ModelVersion:
@@ -347,12 +393,15 @@ class Registry:
         if len(names) == 1:
             return names[0]
         if not names:
-            raise RegistryError("No model is registered yet.",
-                                fix="Run the flow (`make run`) or `mnist-flow tune` and register a model first.")
+            raise RegistryError(
+                "No model is registered yet.",
+                fix="Run the flow (`make run`) or `mnist-flow tune` and register a model first.",
+            )
         raise RegistryError(f"Several models are registered: {', '.join(names)}.", fix="Choose one with --name NAME.")
 
     def list_versions(self, name: str | None = None) -> list[ModelVersion]:
         """All versions (of ``name``, or of every model), ordered by name then version."""
+
         def query(session: Session) -> list[ModelVersion]:
             statement = select(ModelVersionRow).order_by(ModelVersionRow.name, ModelVersionRow.version)
             if name is not None:
@@ -368,6 +417,7 @@ class Registry:
 
     def champion(self, name: str) -> ModelVersion | None:
         """The current champion of ``name``, or None if there is none yet."""
+
         def query(session: Session) -> ModelVersion | None:
             alias = session.get(AliasRow, (name, CHAMPION))
             if alias is None:
@@ -378,11 +428,25 @@ class Registry:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def register(self, name: str, model: MLP, *, sidecar: dict, params: dict, metrics: dict,
-                 dataset_name: str, dataset_fingerprint: str, study_name: str | None = None,
-                 trial_number: int | None = None, flow_run_id: str | None = None, seed: int | None = None,
-                 idempotency_key: str | None = None, require_study: bool = False, decision: Decision | None = None,
-                 champion_version: int | None = None) -> ModelVersion:
+    def register(
+        self,
+        name: str,
+        model: MLP,
+        *,
+        sidecar: dict,
+        params: dict,
+        metrics: dict,
+        dataset_name: str,
+        dataset_fingerprint: str,
+        study_name: str | None = None,
+        trial_number: int | None = None,
+        flow_run_id: str | None = None,
+        seed: int | None = None,
+        idempotency_key: str | None = None,
+        require_study: bool = False,
+        decision: Decision | None = None,
+        champion_version: int | None = None,
+    ) -> ModelVersion:
         """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``).
 
         ``require_study``: refuse (RegistryError) when the database no longer holds ``study_name``: a SQLite
@@ -405,8 +469,9 @@ class Registry:
                 return existing
         weights = model.to_safetensors()
         digest = sha256(weights)
-        sidecar_bytes = json.dumps(_json_ready({"architecture": model.architecture(), **sidecar}, "sidecar"),
-                                   indent=2, sort_keys=True).encode()
+        sidecar_bytes = json.dumps(
+            _json_ready({"architecture": model.architecture(), **sidecar}, "sidecar"), indent=2, sort_keys=True
+        ).encode()
         _check_sidecar(json.loads(sidecar_bytes), model.architecture(), "the sidecar to register", error=ConfigError)
         sidecar_digest = sha256(sidecar_bytes)
         # the folder hashes weights and sidecar together so equal weights with another sidecar never collide
@@ -419,11 +484,23 @@ class Registry:
         def insert(session: Session) -> ModelVersion:
             latest = session.scalar(select(func.max(ModelVersionRow.version)).where(ModelVersionRow.name == name))
             row = ModelVersionRow(
-                name=name, version=(latest or 0) + 1, created_at=datetime.now(UTC), params=params,
-                metrics=metrics, dataset_name=dataset_name, dataset_fingerprint=dataset_fingerprint,
-                artifact_uri=uri, artifact_sha256=digest, study_name=study_name, trial_number=trial_number,
-                flow_run_id=flow_run_id, code_version=versions, seed=seed, idempotency_key=idempotency_key,
-                sidecar_sha256=sidecar_digest)
+                name=name,
+                version=(latest or 0) + 1,
+                created_at=datetime.now(UTC),
+                params=params,
+                metrics=metrics,
+                dataset_name=dataset_name,
+                dataset_fingerprint=dataset_fingerprint,
+                artifact_uri=uri,
+                artifact_sha256=digest,
+                study_name=study_name,
+                trial_number=trial_number,
+                flow_run_id=flow_run_id,
+                code_version=versions,
+                seed=seed,
+                idempotency_key=idempotency_key,
+                sidecar_sha256=sidecar_digest,
+            )
             if require_study:
                 self._require_study(session, study_name)
             session.add(row)
@@ -433,8 +510,17 @@ class Registry:
                 current = self._current_champion(session, name)
                 if current != champion_version:
                     raise ChampionMovedError(name, champion_version, current)
-                self._log(session, name, row.version, champion_version, decision.outcome, decision.reason,
-                          actor="gate", decision=decision, flow_run_id=flow_run_id)
+                self._log(
+                    session,
+                    name,
+                    row.version,
+                    champion_version,
+                    decision.outcome,
+                    decision.reason,
+                    actor="gate",
+                    decision=decision,
+                    flow_run_id=flow_run_id,
+                )
                 if decision.outcome in ("promoted", "first"):
                     self._move_alias(session, name, CHAMPION, row.version)
                     aliases = (CHAMPION,)
@@ -451,7 +537,8 @@ class Registry:
                         return existing
         raise RegistryError(
             f"Could not allocate a version number for {name!r} after {INSERT_ATTEMPTS} attempts.",
-            fix="Too many concurrent registrations; run the registration again.")
+            fix="Too many concurrent registrations; run the registration again.",
+        )
 
     def require_database(self, study_name: str | None) -> None:
         """RegistryError if the (SQLite) database holding ``study_name`` no longer exists; nothing is created."""
@@ -461,20 +548,21 @@ class Registry:
                 f"The database {path} no longer exists: it was deleted or moved during the run, and the study "
                 f"{study_name!r} with it; the model is not registered (its lineage would point at a study that "
                 "does not exist).",
-                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).",
+            )
 
     def _require_study(self, session: Session, study_name: str | None) -> None:
         connection = session.connection()
         if not inspect(connection).has_table("studies"):
             return  # a registry-only database (no Optuna study was ever run here): nothing to check against
-        found = connection.execute(text("SELECT 1 FROM studies WHERE study_name = :name"),
-                                   {"name": study_name}).first()
+        found = connection.execute(text("SELECT 1 FROM studies WHERE study_name = :name"), {"name": study_name}).first()
         if found is None:
             raise RegistryError(
                 f"The study {study_name!r} is not in the database {db.mask_url(self.database_url)}: the database "
                 "was replaced or the study deleted during the run; the model is not registered (its lineage would "
                 "point at a study that does not exist).",
-                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).")
+                fix="Restore the database from a backup and run again, or start a new run (it creates a new study).",
+            )
 
     def by_key(self, key: str) -> ModelVersion | None:
         """The version registered with idempotency key ``key``, or None."""
@@ -509,32 +597,78 @@ class Registry:
         def update(session: Session) -> None:
             self._row(session, name, int(version))
             if alias == CHAMPION:
-                self._log(session, name, int(version), self._current_champion(session, name), "promoted",
-                          f"champion alias set to version {version}", actor="user")
+                self._log(
+                    session,
+                    name,
+                    int(version),
+                    self._current_champion(session, name),
+                    "promoted",
+                    f"champion alias set to version {version}",
+                    actor="user",
+                )
             self._move_alias(session, name, alias, int(version))
 
         self._write(update)
 
     @staticmethod
-    def _log(session: Session, name: str, challenger: int, champion: int | None, outcome: str, reason: str, *,
-             actor: str, decision: Decision | None = None, flow_run_id: str | None = None,
-             challenger_accuracy: float | None = None) -> None:
-        session.add(DecisionRow(
-            created_at=datetime.now(UTC), name=name, challenger_version=challenger, champion_version=champion,
-            outcome=outcome, reason=reason,
-            challenger_accuracy=decision.challenger_accuracy if decision else challenger_accuracy,
-            champion_accuracy=decision.champion_accuracy if decision else None,
-            p_value=decision.p_value if decision else None, b=decision.b if decision else None,
-            c=decision.c if decision else None, margin=decision.margin if decision else None,
-            alpha=decision.alpha if decision else None, actor=actor, flow_run_id=flow_run_id))
+    def _log(
+        session: Session,
+        name: str,
+        challenger: int,
+        champion: int | None,
+        outcome: str,
+        reason: str,
+        *,
+        actor: str,
+        decision: Decision | None = None,
+        flow_run_id: str | None = None,
+        challenger_accuracy: float | None = None,
+    ) -> None:
+        session.add(
+            DecisionRow(
+                created_at=datetime.now(UTC),
+                name=name,
+                challenger_version=challenger,
+                champion_version=champion,
+                outcome=outcome,
+                reason=reason,
+                challenger_accuracy=decision.challenger_accuracy if decision else challenger_accuracy,
+                champion_accuracy=decision.champion_accuracy if decision else None,
+                p_value=decision.p_value if decision else None,
+                b=decision.b if decision else None,
+                c=decision.c if decision else None,
+                margin=decision.margin if decision else None,
+                alpha=decision.alpha if decision else None,
+                actor=actor,
+                flow_run_id=flow_run_id,
+            )
+        )
 
-    def record_decision(self, name: str, decision: Decision, *, challenger_version: int,
-                        champion_version: int | None, actor: str = "gate", flow_run_id: str | None = None) -> None:
+    def record_decision(
+        self,
+        name: str,
+        decision: Decision,
+        *,
+        challenger_version: int,
+        champion_version: int | None,
+        actor: str = "gate",
+        flow_run_id: str | None = None,
+    ) -> None:
         """Log a gate decision; when it promotes, move ``champion`` in the same transaction."""
+
         def update(session: Session) -> None:
             self._row(session, name, int(challenger_version))
-            self._log(session, name, int(challenger_version), champion_version, decision.outcome, decision.reason,
-                      actor=actor, decision=decision, flow_run_id=flow_run_id)
+            self._log(
+                session,
+                name,
+                int(challenger_version),
+                champion_version,
+                decision.outcome,
+                decision.reason,
+                actor=actor,
+                decision=decision,
+                flow_run_id=flow_run_id,
+            )
             if decision.outcome in ("promoted", "first"):
                 self._move_alias(session, name, CHAMPION, int(challenger_version))
 
@@ -542,25 +676,38 @@ class Registry:
 
     def promote(self, name: str, version: int, *, reason: str) -> None:
         """Make ``version`` champion by hand (logged as a decision with actor ``user``)."""
+
         def update(session: Session) -> None:
             row = self._row(session, name, int(version))
             accuracy = row.metrics.get("test_accuracy") if isinstance(row.metrics, dict) else None
             current = self._current_champion(session, name)
-            self._log(session, name, row.version, current, "promoted", f"manual promotion: {reason}", actor="user",
-                      challenger_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) else None)
+            self._log(
+                session,
+                name,
+                row.version,
+                current,
+                "promoted",
+                f"manual promotion: {reason}",
+                actor="user",
+                challenger_accuracy=float(accuracy) if isinstance(accuracy, (int, float)) else None,
+            )
             self._move_alias(session, name, CHAMPION, row.version)
 
         self._write(update)
 
     def rollback(self, name: str, *, reason: str) -> ModelVersion:
         """Put back the champion that preceded the current one (per the decision log) and return it."""
+
         def update(session: Session) -> ModelVersion:
-            stack = _champion_stack(session.scalars(
-                select(DecisionRow).where(DecisionRow.name == name).order_by(DecisionRow.id)))
+            stack = _champion_stack(
+                session.scalars(select(DecisionRow).where(DecisionRow.name == name).order_by(DecisionRow.id))
+            )
             current = self._current_champion(session, name)
             if len(stack) < 2 or current is None:
-                raise RegistryError(f"Model {name!r} has no previous champion to roll back to.",
-                                    fix="Promote a specific version instead: `mnist-flow registry promote VERSION`.")
+                raise RegistryError(
+                    f"Model {name!r} has no previous champion to roll back to.",
+                    fix="Promote a specific version instead: `mnist-flow registry promote VERSION`.",
+                )
             target = stack[-2]
             row = self._row(session, name, target)
             self._log(session, name, target, current, "rolled_back", f"rollback: {reason}", actor="user")
@@ -572,6 +719,7 @@ class Registry:
 
     def history(self, name: str | None = None) -> list[dict]:
         """The decision log (oldest first), for ``name`` or for every model."""
+
         def query(session: Session) -> list[dict]:
             statement = select(DecisionRow).order_by(DecisionRow.id)
             if name is not None:
@@ -597,7 +745,8 @@ class Registry:
             raise ArtifactIntegrityError(
                 f"artifact {version.artifact_uri} has SHA-256 {actual}, the registry recorded "
                 f"{version.artifact_sha256}: the file was modified; re-register or restore it",
-                fix="Restore the original file from a backup, or register the model again.")
+                fix="Restore the original file from a backup, or register the model again.",
+            )
         sidecar_bytes = self.store.read(version.sidecar_uri, max_bytes=MAX_SIDECAR_BYTES)
         _verify_sidecar_digest(version, data, sidecar_bytes)
         try:
@@ -609,7 +758,8 @@ class Registry:
         except ValueError as exc:
             raise ArtifactIntegrityError(
                 f"artifact {version.artifact_uri} is not the weights of an MLP: {exc}",
-                fix="Restore both files of this version from a backup, or register the model again.") from None
+                fix="Restore both files of this version from a backup, or register the model again.",
+            ) from None
         _check_sidecar(sidecar, architecture, f"artifact sidecar {version.sidecar_uri}")
         spec = sidecar.get("input") or {}
         if "preparation" not in spec:
@@ -624,7 +774,8 @@ class Registry:
             raise ArtifactIntegrityError(
                 f"artifact {version.artifact_uri} cannot be loaded as the architecture its header gives "
                 f"({architecture!r}): {_brief(exc)}",
-                fix="Restore both files of this version from a backup, or register the model again.") from None
+                fix="Restore both files of this version from a backup, or register the model again.",
+            ) from None
         return model, sidecar, version
 
 
@@ -639,7 +790,8 @@ _CONTENT_KEY = re.compile(r"^[0-9a-f]{16}$")
 def _sidecar_error(uri: str, problem: str) -> ArtifactIntegrityError:
     return ArtifactIntegrityError(
         f"artifact sidecar {uri} cannot be trusted: {problem}",
-        fix="Restore the original model.json of this version from a backup, or register the model again.")
+        fix="Restore the original model.json of this version from a backup, or register the model again.",
+    )
 
 
 def _verify_sidecar_digest(version: ModelVersion, weights: bytes, sidecar_bytes: bytes) -> None:
@@ -647,19 +799,25 @@ def _verify_sidecar_digest(version: ModelVersion, weights: bytes, sidecar_bytes:
     if version.sidecar_sha256 is not None:
         actual = sha256(sidecar_bytes)
         if actual != version.sidecar_sha256:
-            raise _sidecar_error(version.sidecar_uri, f"it has SHA-256 {actual}, the registry recorded "
-                                 f"{version.sidecar_sha256}: the file was modified")
+            raise _sidecar_error(
+                version.sidecar_uri,
+                f"it has SHA-256 {actual}, the registry recorded {version.sidecar_sha256}: the file was modified",
+            )
         return
     # Rows registered before the sidecar digest was recorded: register() named the folder after
     # sha256(weights + NUL + sidecar)[:16], which pins the sidecar to the (verified) weights.
     key = version.artifact_uri.rsplit("/", 2)[-2] if version.artifact_uri.count("/") >= 2 else ""
     if not _CONTENT_KEY.match(key):
-        raise _sidecar_error(version.sidecar_uri, "the registry holds no digest for it and its folder "
-                             f"name {key!r} is not a content key")
+        raise _sidecar_error(
+            version.sidecar_uri, f"the registry holds no digest for it and its folder name {key!r} is not a content key"
+        )
     if sha256(weights + b"\0" + sidecar_bytes)[:16] != key:
-        raise _sidecar_error(version.sidecar_uri, f"it does not match the content key {key} of its folder "
-                             "(the weights and the sidecar were hashed together at registration): "
-                             "the file was modified")
+        raise _sidecar_error(
+            version.sidecar_uri,
+            f"it does not match the content key {key} of its folder "
+            "(the weights and the sidecar were hashed together at registration): "
+            "the file was modified",
+        )
 
 
 def architecture_from_safetensors(data: bytes) -> dict[str, Any]:
@@ -674,7 +832,7 @@ def architecture_from_safetensors(data: bytes) -> dict[str, Any]:
     if size > min(_SAFETENSORS_HEADER_LIMIT, len(data) - 8):
         raise ValueError(f"its header claims {size:,} bytes")
     try:
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
     except ValueError:
         raise ValueError("its header is not valid JSON") from None
     if not isinstance(header, dict):
@@ -688,8 +846,11 @@ def architecture_from_safetensors(data: bytes) -> dict[str, Any]:
         if not match or not isinstance(entry, dict):
             raise ValueError(f"unexpected tensor {key!r}")
         shape = entry.get("shape")
-        if entry.get("dtype") != "F32" or not isinstance(shape, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 24 for n in shape):
+        if (
+            entry.get("dtype") != "F32"
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and not isinstance(n, bool) and 0 < n <= 1 << 24 for n in shape)
+        ):
             raise ValueError(f"tensor {key!r} is not a float32 tensor of positive sizes")
         layers.setdefault(int(match.group(1)), {})[match.group(2)] = shape
         total += 4 * math.prod(shape)
@@ -713,8 +874,9 @@ def architecture_from_safetensors(data: bytes) -> dict[str, Any]:
     return {"type": "mlp", "in_features": sizes[0], "hidden": sizes[1:-1], "num_classes": sizes[-1]}
 
 
-def _check_sidecar(sidecar: Any, architecture: dict[str, Any], where: str,
-                   error: type[Exception] = ArtifactIntegrityError) -> None:
+def _check_sidecar(
+    sidecar: Any, architecture: dict[str, Any], where: str, error: type[Exception] = ArtifactIntegrityError
+) -> None:
     """The sidecar's architecture equals ``architecture`` and its input description is usable."""
     from mnist_flow.predict import Preprocessing, SidecarError
 
@@ -728,8 +890,12 @@ def _check_sidecar(sidecar: Any, architecture: dict[str, Any], where: str,
     claimed = sidecar.get("architecture")
     if not isinstance(claimed, dict) or claimed.get("type") != "mlp":
         raise fail(f"its architecture {claimed!r} is not an 'mlp' entry")
-    expected = {"type": "mlp", "in_features": architecture["in_features"], "hidden": list(architecture["hidden"]),
-                "num_classes": architecture["num_classes"]}
+    expected = {
+        "type": "mlp",
+        "in_features": architecture["in_features"],
+        "hidden": list(architecture["hidden"]),
+        "num_classes": architecture["num_classes"],
+    }
     if {**expected, **claimed} != expected or claimed.get("hidden") != expected["hidden"]:
         raise fail(f"its architecture {claimed!r} does not match the weights ({expected!r})")
     if expected["in_features"] != 28 * 28:
@@ -745,7 +911,7 @@ def _check_sidecar(sidecar: Any, architecture: dict[str, Any], where: str,
 def _brief(exc: BaseException, limit: int = 300) -> str:
     """One line of at most ``limit`` characters (load_state_dict lists every mismatched tensor)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _as_version_number(ref: str | int) -> int | None:
@@ -774,8 +940,9 @@ def _champion_stack(decisions: Any) -> list[int]:
     return stack
 
 
-def load_model(ref: str | int = "champion", *, name: str | None = None,
-               settings: Settings | None = None) -> LoadedModel:
+def load_model(
+    ref: str | int = "champion", *, name: str | None = None, settings: Settings | None = None
+) -> LoadedModel:
     """Load a registered model (alias or version number) with every file verified, for notebooks and scripts.
 
     ``mnist_flow.load_model("champion").predict(["digit.png"])``; ``.preprocessing(image)`` gives the

@@ -61,15 +61,31 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         row: dict[str, Any] = {"number": t.number, "state": t.state.name, "value": t.value}
         for name in param_names:
             row[f"params_{name}"] = t.params.get(name)
-        row.update({
-            "duration_s": _duration(t), "worker": t.user_attrs.get("worker"), "run_key": t.user_attrs.get("run_key"),
-            "flow_run_id": t.user_attrs.get("flow_run_id"), "epochs": _epochs(t),
-            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
-        })
+        row.update(
+            {
+                "duration_s": _duration(t),
+                "worker": t.user_attrs.get("worker"),
+                "run_key": t.user_attrs.get("run_key"),
+                "flow_run_id": t.user_attrs.get("flow_run_id"),
+                "epochs": _epochs(t),
+                "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+                "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+            }
+        )
         rows.append(row)
-    columns = ["number", "state", "value", *(f"params_{n}" for n in param_names), "duration_s",
-               "worker", "run_key", "flow_run_id", "epochs", "datetime_start", "datetime_complete"]
+    columns = [
+        "number",
+        "state",
+        "value",
+        *(f"params_{n}" for n in param_names),
+        "duration_s",
+        "worker",
+        "run_key",
+        "flow_run_id",
+        "epochs",
+        "datetime_start",
+        "datetime_complete",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -114,14 +130,20 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     data, best, metrics = summary.get("data", {}), summary.get("best", {}), summary.get("metrics", {})
     model, decision, trials = summary.get("model", {}), summary.get("decision"), summary.get("trials", {})
     lines = [f"# mnist run: {data.get('name', '?')}, study `{summary.get('study', '?')}`", ""]
-    lines += ["## Result", "", "| | |", "|---|---|",
-              f"| best trial | #{best.get('trial', '-')} (validation accuracy {_fmt(best.get('val_accuracy'))}) |",
-              f"| best parameters | {_params_text(best.get('params') or {})} |",
-              f"| final model validation accuracy | {_fmt(metrics.get('val_accuracy'))} |",
-              f"| final model test accuracy | {_fmt(metrics.get('test_accuracy'))} |",
-              f"| test loss | {_fmt(metrics.get('test_loss'))} |",
-              f"| trials this run | {trials.get('finished', '-')} finished ({trials.get('complete', '-')} complete, "
-              f"{trials.get('pruned', '-')} pruned); {trials.get('in_study', '-')} in the study |", ""]
+    lines += [
+        "## Result",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| best trial | #{best.get('trial', '-')} (validation accuracy {_fmt(best.get('val_accuracy'))}) |",
+        f"| best parameters | {_params_text(best.get('params') or {})} |",
+        f"| final model validation accuracy | {_fmt(metrics.get('val_accuracy'))} |",
+        f"| final model test accuracy | {_fmt(metrics.get('test_accuracy'))} |",
+        f"| test loss | {_fmt(metrics.get('test_loss'))} |",
+        f"| trials this run | {trials.get('finished', '-')} finished ({trials.get('complete', '-')} complete, "
+        f"{trials.get('pruned', '-')} pruned); {trials.get('in_study', '-')} in the study |",
+        "",
+    ]
     lines += ["## Champion comparison", ""]
     registered = f"`{model.get('name', '?')}` v{model.get('version', '?')}"
     status = "is the champion" if model.get("champion") else "is a challenger (not promoted)"
@@ -131,8 +153,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"- outcome: **{decision.get('outcome', '-')}**", f"- reason: {decision.get('reason', '-')}"]
         if p_value is not None:
             lines.append(f"- McNemar p-value: {_fmt(p_value)}")
-        for key, label in (("champion_accuracy", "champion test accuracy"),
-                           ("challenger_accuracy", "challenger test accuracy")):
+        for key, label in (
+            ("champion_accuracy", "champion test accuracy"),
+            ("challenger_accuracy", "challenger test accuracy"),
+        ):
             if decision.get(key) is not None:
                 lines.append(f"- {label}: {_fmt(decision[key])}")
     else:
@@ -140,12 +164,16 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     for stage, seconds in (summary.get("seconds") or {}).items():
         lines.append(f"| {stage} | {seconds:.1f} |")
-    lines += ["", "## Data", "",
-              f"- dataset: {data.get('name', '-')} from {data.get('source', '-')} "
-              f"({mask_url(str(data.get('origin', '-')))})",
-              f"- samples: {data.get('train_samples', '-')} train / {data.get('val_samples', '-')} validation / "
-              f"{data.get('test_samples', '-')} test",
-              f"- fingerprint: `{data.get('fingerprint', '-')}`", ""]
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"- dataset: {data.get('name', '-')} from {data.get('source', '-')} ({mask_url(str(data.get('origin', '-')))})",
+        f"- samples: {data.get('train_samples', '-')} train / {data.get('val_samples', '-')} validation / "
+        f"{data.get('test_samples', '-')} test",
+        f"- fingerprint: `{data.get('fingerprint', '-')}`",
+        "",
+    ]
     if summary.get("database"):
         lines.append(f"Study database: `{mask_url(summary['database'])}`")
     if summary.get("dashboard_command"):
@@ -156,7 +184,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 # --- plots ------------------------------------------------------------------------------------------
 
 
-def _figure(width: float = 7.0, height: float = 4.5):  # noqa: ANN202 - matplotlib Figure
+def _figure(width: float = 7.0, height: float = 4.5):
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
@@ -183,8 +211,13 @@ def plot_optimization_history(study: optuna.Study, path: Path) -> Path:
             ys.append(best)
         ax.step(xs, ys, where="post", color="tab:red", label="best so far")
     if pruned:
-        ax.scatter([t.number for t in pruned], [last_value(t) for t in pruned], marker="x", color="tab:gray",
-                   label="pruned (last epoch)")
+        ax.scatter(
+            [t.number for t in pruned],
+            [last_value(t) for t in pruned],
+            marker="x",
+            color="tab:gray",
+            label="pruned (last epoch)",
+        )
     if not complete and not pruned:
         ax.text(0.5, 0.5, "no finished trials yet", ha="center", va="center", transform=ax.transAxes)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -215,8 +248,7 @@ def param_importances(study: optuna.Study) -> tuple[dict[str, float] | None, str
         return None, f"importances could not be computed: {exc}"
 
 
-def plot_param_importances(study: optuna.Study,
-                           path: Path) -> tuple[Path, dict[str, float] | None, str | None]:
+def plot_param_importances(study: optuna.Study, path: Path) -> tuple[Path, dict[str, float] | None, str | None]:
     """A bar chart of hyperparameter importances, or a figure saying why there is none.
 
     Returns the plot's path, the importances and, when there are none, the reason.
@@ -270,12 +302,22 @@ def plot_param_scatter(study: optuna.Study, path: Path) -> Path:
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     others = [t for t in trials if t not in complete]
     if complete:
-        points = ax.scatter([t.params["lr"] for t in complete], [t.params["momentum"] for t in complete],
-                            c=[t.value for t in complete], cmap="viridis", label="complete")
+        points = ax.scatter(
+            [t.params["lr"] for t in complete],
+            [t.params["momentum"] for t in complete],
+            c=[t.value for t in complete],
+            cmap="viridis",
+            label="complete",
+        )
         fig.colorbar(points, ax=ax, label="validation accuracy")
     if others:
-        ax.scatter([t.params["lr"] for t in others], [t.params["momentum"] for t in others], facecolors="none",
-                   edgecolors="tab:gray", label="pruned / failed")
+        ax.scatter(
+            [t.params["lr"] for t in others],
+            [t.params["momentum"] for t in others],
+            facecolors="none",
+            edgecolors="tab:gray",
+            label="pruned / failed",
+        )
     if trials:
         ax.set_xscale("log")
         ax.legend(loc="best")
@@ -307,8 +349,15 @@ def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             if values[i, j]:
-                ax.text(j, i, str(values[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if values[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(values[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if values[i, j] > threshold else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -329,8 +378,15 @@ class ChampionEvaluation:
     data_source: str
 
 
-def load_test_data(dataset: str, fingerprint: str, *, source: str | None = None, data_dir: Path | None = None,
-                   cache_dir: Path | None = None, mirrors: Sequence[str] = ()) -> data_lib.DataBundle:
+def load_test_data(
+    dataset: str,
+    fingerprint: str,
+    *,
+    source: str | None = None,
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    mirrors: Sequence[str] = (),
+) -> data_lib.DataBundle:
     """The dataset the champion was trained on (same fingerprint), for its test set.
 
     With ``source=None`` the bundled sample is tried first (MNIST, cheap), then the download cache
@@ -341,20 +397,28 @@ def load_test_data(dataset: str, fingerprint: str, *, source: str | None = None,
         candidates = [source]
     else:
         cached = cache_dir is not None and all(
-            (Path(cache_dir) / dataset / "raw" / f"{base}.gz").is_file() for base in data_lib.FILES.values())
+            (Path(cache_dir) / dataset / "raw" / f"{base}.gz").is_file() for base in data_lib.FILES.values()
+        )
         candidates = (["sample"] if dataset == "mnist" else []) + (["download"] if cached else [])
     found: list[str] = []
     for candidate in candidates:
-        bundle = data_lib.load_dataset(dataset, candidate, data_dir=data_dir if candidate == "dir" else None,
-                                       cache_dir=cache_dir or Path("."), mirrors=mirrors)
+        bundle = data_lib.load_dataset(
+            dataset,
+            candidate,
+            data_dir=data_dir if candidate == "dir" else None,
+            cache_dir=cache_dir or Path("."),
+            mirrors=mirrors,
+        )
         if bundle.fingerprint == fingerprint:
             return bundle
         found.append(f"{candidate}: {bundle.fingerprint[:16]}")
     raise DataError(
         f"No {dataset} data with the champion's fingerprint {fingerprint[:16]} was found"
-        + (f" (found {'; '.join(found)})" if found else "") + ".",
+        + (f" (found {'; '.join(found)})" if found else "")
+        + ".",
         fix="Pass the data the champion was trained on: `mnist-flow report --source dir --data-dir DIR` "
-            "(or --source download).")
+        "(or --source download).",
+    )
 
 
 def evaluate_champion(registry: Any, name: str, bundle: data_lib.DataBundle) -> ChampionEvaluation:
@@ -383,9 +447,17 @@ class Report:
     champion: ChampionEvaluation | None = None
 
 
-def write_report(study: optuna.Study, registry: Any, out_dir: Path, *, source: str | None = None,
-                 data_dir: Path | None = None, cache_dir: Path | None = None, mirrors: Sequence[str] = (),
-                 top: int = TOP_TRIALS) -> Report:
+def write_report(
+    study: optuna.Study,
+    registry: Any,
+    out_dir: Path,
+    *,
+    source: str | None = None,
+    data_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    mirrors: Sequence[str] = (),
+    top: int = TOP_TRIALS,
+) -> Report:
     """Write ``trials.csv``, ``summary.md`` and the PNG plots of ``study`` into ``out_dir``.
 
     The champion of the study's dataset (from ``registry``) is evaluated on the test set of the
@@ -404,8 +476,7 @@ def write_report(study: optuna.Study, registry: Any, out_dir: Path, *, source: s
     frame.to_csv(csv_path, index=False)
     report = Report(out_dir, csv_path, out_dir / "summary.md")
     report.plots.append(plot_optimization_history(study, out_dir / "optimization_history.png"))
-    importance_path, importances, no_importances = plot_param_importances(study,
-                                                                          out_dir / "param_importances.png")
+    importance_path, importances, no_importances = plot_param_importances(study, out_dir / "param_importances.png")
     report.plots.append(importance_path)
     report.plots.append(plot_validation_curves(study, out_dir / "validation_curves.png", top))
     report.plots.append(plot_param_scatter(study, out_dir / "param_scatter.png"))
@@ -421,49 +492,80 @@ def write_report(study: optuna.Study, registry: Any, out_dir: Path, *, source: s
             report.skipped["confusion_matrix.png"] = f"no champion of model {name!r} is registered yet"
         else:
             try:
-                bundle = load_test_data(champion.dataset_name, champion.dataset_fingerprint, source=source,
-                                        data_dir=data_dir, cache_dir=cache_dir, mirrors=mirrors)
+                bundle = load_test_data(
+                    champion.dataset_name,
+                    champion.dataset_fingerprint,
+                    source=source,
+                    data_dir=data_dir,
+                    cache_dir=cache_dir,
+                    mirrors=mirrors,
+                )
             except DataError as exc:
                 report.skipped["confusion_matrix.png"] = exc.message
             else:
                 report.champion = evaluate_champion(registry, name, bundle)
-                title = (f"{name} v{champion.version} (champion) on the {bundle.source} test set: "
-                         f"accuracy {report.champion.accuracy:.4f}")
-                report.plots.append(plot_confusion_matrix(report.champion.matrix, bundle.classes,
-                                                          out_dir / "confusion_matrix.png", title))
-    report.summary.write_text(report_markdown(study, frame, report, importances, top,
-                                              importances_reason=no_importances))
+                title = (
+                    f"{name} v{champion.version} (champion) on the {bundle.source} test set: "
+                    f"accuracy {report.champion.accuracy:.4f}"
+                )
+                report.plots.append(
+                    plot_confusion_matrix(
+                        report.champion.matrix, bundle.classes, out_dir / "confusion_matrix.png", title
+                    )
+                )
+    report.summary.write_text(
+        report_markdown(study, frame, report, importances, top, importances_reason=no_importances)
+    )
     return report
 
 
-def report_markdown(study: optuna.Study, frame: pd.DataFrame, report: Report,
-                    importances: dict[str, float] | None, top: int = TOP_TRIALS, *,
-                    importances_reason: str | None = None) -> str:
+def report_markdown(
+    study: optuna.Study,
+    frame: pd.DataFrame,
+    report: Report,
+    importances: dict[str, float] | None,
+    top: int = TOP_TRIALS,
+    *,
+    importances_reason: str | None = None,
+) -> str:
     """summary.md: the study, its trials by state, the best trials, importances, the champion, the files.
 
     ``importances_reason`` says why ``importances`` is None (as :func:`param_importances` returns it).
     """
     attrs = study.user_attrs
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
-    lines = [f"# Study `{study.study_name}`", "",
-             f"- dataset: {attrs.get('dataset', '-')}, fingerprint `{attrs.get('fingerprint', '-')}`",
-             f"- trials: {len(frame)} (" + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or
-                                            "none") + ")"]
+    lines = [
+        f"# Study `{study.study_name}`",
+        "",
+        f"- dataset: {attrs.get('dataset', '-')}, fingerprint `{attrs.get('fingerprint', '-')}`",
+        f"- trials: {len(frame)} ("
+        + (", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) or "none")
+        + ")",
+    ]
     if attrs.get("search_space"):
         space = attrs["search_space"]
-        lines.append("- search space: " + ", ".join(
-            f"{p} {_fmt(space.get(f'{p}_min'))}..{_fmt(space.get(f'{p}_max'))}" for p in ("lr", "momentum",
-                                                                                        "hidden1", "hidden2")
-            if f"{p}_min" in space))
+        lines.append(
+            "- search space: "
+            + ", ".join(
+                f"{p} {_fmt(space.get(f'{p}_min'))}..{_fmt(space.get(f'{p}_max'))}"
+                for p in ("lr", "momentum", "hidden1", "hidden2")
+                if f"{p}_min" in space
+            )
+        )
     best = complete_trials(study)[:top]
     lines += ["", f"## Best {len(best)} trial(s)", ""]
     if best:
         names = sorted({n for t in best for n in t.params})
-        lines += ["| trial | val accuracy | " + " | ".join(names) + " | epochs | seconds |",
-                  "|---:|---:|" + "---:|" * len(names) + "---:|---:|"]
+        lines += [
+            "| trial | val accuracy | " + " | ".join(names) + " | epochs | seconds |",
+            "|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+        ]
         for t in best:
-            lines.append(f"| {t.number} | {_fmt(t.value)} | " + " | ".join(_fmt(t.params.get(n)) for n in names)
-                         + f" | {_epochs(t)} | {_fmt(_duration(t), 1)} |")
+            lines.append(
+                f"| {t.number} | {_fmt(t.value)} | "
+                + " | ".join(_fmt(t.params.get(n)) for n in names)
+                + f" | {_epochs(t)} | {_fmt(_duration(t), 1)} |"
+            )
     else:
         lines.append("No trial has completed yet.")
     lines += ["", f"## Hyperparameter importances ({IMPORTANCE_METHOD})", ""]
@@ -475,11 +577,12 @@ def report_markdown(study: optuna.Study, frame: pd.DataFrame, report: Report,
     if report.champion is not None:
         v = report.champion.version
         recorded = v.metrics.get("test_accuracy") if isinstance(v.metrics, dict) else None
-        lines += [f"- `{v.name}` v{v.version}, from study `{v.study_name}` trial #{v.trial_number}",
-                  f"- test accuracy now: {report.champion.accuracy:.4f} on the {report.champion.data_source} test "
-                  f"set (recorded at registration: {_fmt(recorded)})",
-                  "- parameters: " + _params_text({k: v.params[k] for k in ("lr", "momentum", "hidden")
-                                                   if k in v.params})]
+        lines += [
+            f"- `{v.name}` v{v.version}, from study `{v.study_name}` trial #{v.trial_number}",
+            f"- test accuracy now: {report.champion.accuracy:.4f} on the {report.champion.data_source} test "
+            f"set (recorded at registration: {_fmt(recorded)})",
+            "- parameters: " + _params_text({k: v.params[k] for k in ("lr", "momentum", "hidden") if k in v.params}),
+        ]
     else:
         lines.append(f"Not evaluated: {report.skipped.get('confusion_matrix.png', 'no champion')}.")
     lines += ["", "## Files", "", f"- [{report.csv.name}]({report.csv.name})"]
@@ -494,12 +597,13 @@ def resolve_study_name(storage: Any, name: str | None) -> str:
     names = optuna.get_all_study_names(storage)
     if name is not None:
         if name not in names:
-            raise ConfigError(f"No study named {name!r}; studies: {', '.join(names) or '(none)'}.",
-                              fix="Pass one of the listed names with --study.")
+            raise ConfigError(
+                f"No study named {name!r}; studies: {', '.join(names) or '(none)'}.",
+                fix="Pass one of the listed names with --study.",
+            )
         return name
     if len(names) == 1:
         return names[0]
     if not names:
         raise ConfigError("The database holds no study yet.", fix="Run the flow or `mnist-flow tune` first.")
     raise ConfigError(f"The database holds several studies: {', '.join(names)}.", fix="Choose one with --study NAME.")
-

@@ -21,10 +21,12 @@ from mnist_flow.errors import ConfigError
 #: Work pool types whose flow runs are subprocesses of a worker on the worker's own machine.
 LOCAL_POOL_TYPES = frozenset({"process"})
 
-SHARED_FIX = ("Use a PostgreSQL study database (MNIST_FLOW_DATABASE_URL=postgresql+psycopg://user:pass@host/db) "
-              "and a shared artifact store (MNIST_FLOW_ARTIFACTS_URL=s3://bucket/mnist-flow, or "
-              "file:///mnt/shared/artifacts for a mount every machine sees), or run the workers on one machine "
-              "(MNIST_FLOW_MULTI_HOST=false and a process work pool).")
+SHARED_FIX = (
+    "Use a PostgreSQL study database (MNIST_FLOW_DATABASE_URL=postgresql+psycopg://user:pass@host/db) "
+    "and a shared artifact store (MNIST_FLOW_ARTIFACTS_URL=s3://bucket/mnist-flow, or "
+    "file:///mnt/shared/artifacts for a mount every machine sees), or run the workers on one machine "
+    "(MNIST_FLOW_MULTI_HOST=false and a process work pool)."
+)
 
 
 def leaves_this_machine(*, multi_host: bool, pool_type: str | None) -> bool:
@@ -37,21 +39,27 @@ def is_local_path(artifacts_url: str) -> bool:
     return "://" not in artifacts_url
 
 
-def check_shared_state(database_url: str, artifacts_url: str, *, workers: int, multi_host: bool,
-                       pool_type: str | None = None) -> None:
+def check_shared_state(
+    database_url: str, artifacts_url: str, *, workers: int, multi_host: bool, pool_type: str | None = None
+) -> None:
     """Refuse SQLite or local-disk artifacts when ``workers > 1`` may run on several machines."""
     if workers <= 1 or not leaves_this_machine(multi_host=multi_host, pool_type=pool_type):
         return
-    why = ("MNIST_FLOW_MULTI_HOST=true" if multi_host else f"the work pool is of type {pool_type!r}, "
-           "whose flow runs do not share this machine's disk")
+    why = (
+        "MNIST_FLOW_MULTI_HOST=true"
+        if multi_host
+        else f"the work pool is of type {pool_type!r}, whose flow runs do not share this machine's disk"
+    )
     problems = []
     if is_sqlite(database_url):
         problems.append(f"the study database is SQLite ({mask_url(database_url)}), a file on one machine")
     if is_local_path(artifacts_url):
         problems.append(f"the artifacts are on this machine's disk ({artifacts_url})")
     if problems:
-        raise ConfigError(f"workers={workers} may run on several machines ({why}), but "
-                          + " and ".join(problems) + ".", fix=SHARED_FIX)
+        raise ConfigError(
+            f"workers={workers} may run on several machines ({why}), but " + " and ".join(problems) + ".",
+            fix=SHARED_FIX,
+        )
 
 
 def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -132,8 +140,7 @@ def available_memory() -> int | None:
     return available
 
 
-def resolve_workers(workers: int | str, n_trials: int, cpus: int | None = None,
-                    memory: int | None = None) -> int:
+def resolve_workers(workers: int | str, n_trials: int, cpus: int | None = None, memory: int | None = None) -> int:
     """The number of trial processes: ``workers`` as given, or for ``"auto"`` one per available CPU,
     no more than the trials and than the available memory holds (at least 1)."""
     if workers != "auto":

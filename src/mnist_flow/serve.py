@@ -113,8 +113,9 @@ class Health(BaseModel):
 class Champion:
     """The model behind ``ref`` of ``name``, reloaded when the alias moves (checked every ``refresh_seconds``)."""
 
-    def __init__(self, registry: Any, name: str, ref: str | int = "champion", *,
-                 refresh_seconds: float = DEFAULT_REFRESH_SECONDS) -> None:
+    def __init__(
+        self, registry: Any, name: str, ref: str | int = "champion", *, refresh_seconds: float = DEFAULT_REFRESH_SECONDS
+    ) -> None:
         self.registry, self.name, self.ref, self.refresh_seconds = registry, name, ref, refresh_seconds
         self._lock = threading.Lock()
         self._checked = 0.0
@@ -157,8 +158,11 @@ class Champion:
 
 class _BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"The request body is larger than {limit:,} bytes. Send fewer or smaller images, "
-                              "or start the server with a larger --max-request-bytes.")
+        super().__init__(
+            413,
+            f"The request body is larger than {limit:,} bytes. Send fewer or smaller images, "
+            "or start the server with a larger --max-request-bytes.",
+        )
 
 
 class RequestLimits:
@@ -183,8 +187,12 @@ class RequestLimits:
         if scope["method"] == "POST" and scope["path"] == "/predict":
             kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
             if kind != "multipart/form-data":
-                await _refuse(send, 415, f"POST /predict takes multipart/form-data, not {kind or 'no content type'}: "
-                                         "send the images as files in the multipart field 'files'.")
+                await _refuse(
+                    send,
+                    415,
+                    f"POST /predict takes multipart/form-data, not {kind or 'no content type'}: "
+                    "send the images as files in the multipart field 'files'.",
+                )
                 return
         received = 0
 
@@ -202,9 +210,17 @@ class RequestLimits:
 
 async def _refuse(send: Send, status: int, detail: str) -> None:
     body = ErrorBody(detail=detail).model_dump_json().encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -239,8 +255,11 @@ class Limits:
 
 def create_app(champion: Champion, limits: Limits = Limits()) -> ASGIApp:
     """The ASGI app serving ``champion`` (wrapped in the request limits)."""
-    api = FastAPI(title="mnist-flow model API", version="1",
-                  description="Classify 28x28-style images with the registry's champion (mnist-flow serve).")
+    api = FastAPI(
+        title="mnist-flow model API",
+        version="1",
+        description="Classify 28x28-style images with the registry's champion (mnist-flow serve).",
+    )
 
     @api.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -249,57 +268,91 @@ def create_app(champion: Champion, limits: Limits = Limits()) -> ASGIApp:
     @api.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         missing = [e for e in exc.errors() if e.get("type") in ("missing", "too_short")]
-        detail = ("No image in the request: send one or more PNG or JPEG files in the multipart field 'files'."
-                  if missing else "Invalid request: " + "; ".join(str(e.get("msg")) for e in exc.errors()[:3]))
+        detail = (
+            "No image in the request: send one or more PNG or JPEG files in the multipart field 'files'."
+            if missing
+            else "Invalid request: " + "; ".join(str(e.get("msg")) for e in exc.errors()[:3])
+        )
         return JSONResponse({"detail": detail}, status_code=422)
 
     @api.get("/health", response_model=Health)
     def health() -> Health:
         loaded = champion.current()
-        return Health(status="degraded" if champion.problem else "ok",
-                      model=ModelRef(name=loaded.version.name, version=loaded.version.version),
-                      problem=champion.problem)
+        return Health(
+            status="degraded" if champion.problem else "ok",
+            model=ModelRef(name=loaded.version.name, version=loaded.version.version),
+            problem=champion.problem,
+        )
 
     @api.get("/model", response_model=ModelInfo)
     def model() -> ModelInfo:
         loaded = champion.current()
         v = loaded.version
-        return ModelInfo(name=v.name, version=v.version, aliases=list(v.aliases), created_at=v.created_at.isoformat(),
-                         dataset={"name": v.dataset_name, "fingerprint": v.dataset_fingerprint},
-                         metrics=v.metrics, params=v.params,
-                         lineage=Lineage(study_name=v.study_name, trial_number=v.trial_number,
-                                         flow_run_id=v.flow_run_id, seed=v.seed, code_version=v.code_version),
-                         classes=list(loaded.preprocessing.classes), preparation=loaded.preprocessing.preparation)
+        return ModelInfo(
+            name=v.name,
+            version=v.version,
+            aliases=list(v.aliases),
+            created_at=v.created_at.isoformat(),
+            dataset={"name": v.dataset_name, "fingerprint": v.dataset_fingerprint},
+            metrics=v.metrics,
+            params=v.params,
+            lineage=Lineage(
+                study_name=v.study_name,
+                trial_number=v.trial_number,
+                flow_run_id=v.flow_run_id,
+                seed=v.seed,
+                code_version=v.code_version,
+            ),
+            classes=list(loaded.preprocessing.classes),
+            preparation=loaded.preprocessing.preparation,
+        )
 
     @api.post("/predict", response_model=Predictions, responses=ERRORS)
-    def predict(files: Annotated[list[UploadFile], File(min_length=1, description="One or more PNG or JPEG images.")],
-                ) -> Predictions:
+    def predict(
+        files: Annotated[list[UploadFile], File(min_length=1, description="One or more PNG or JPEG images.")],
+    ) -> Predictions:
         if not files:
-            raise HTTPException(422, "No image in the request: send one or more PNG or JPEG files in the "
-                                     "multipart field 'files'.")
+            raise HTTPException(
+                422, "No image in the request: send one or more PNG or JPEG files in the multipart field 'files'."
+            )
         if len(files) > limits.max_files:
-            raise HTTPException(413, f"Too many images in one request ({len(files)}; the limit is "
-                                     f"{limits.max_files}). Send them in several requests.")
+            raise HTTPException(
+                413,
+                f"Too many images in one request ({len(files)}; the limit is "
+                f"{limits.max_files}). Send them in several requests.",
+            )
         loaded = champion.current()
         names, frames = [], []
         for index, upload in enumerate(files):
             name = upload.filename or f"file {index + 1}"
             try:
-                image = load_image(upload.file.read(limits.max_request_bytes + 1), name=name,
-                                   max_pixels=limits.max_pixels, max_bytes=limits.max_request_bytes)
+                image = load_image(
+                    upload.file.read(limits.max_request_bytes + 1),
+                    name=name,
+                    max_pixels=limits.max_pixels,
+                    max_bytes=limits.max_request_bytes,
+                )
                 frames.append(loaded.preprocessing.image(image, name))
             except ImageError as exc:
                 raise HTTPException(_status(exc), _one_line(exc)) from None
             names.append(name)
         rows = classify(np.stack(frames), loaded.model, loaded.preprocessing)
-        return Predictions(model=ModelRef(name=loaded.version.name, version=loaded.version.version),
-                           predictions=[Prediction.model_validate({"filename": n, **r}) for n, r in zip(names, rows)])
+        return Predictions(
+            model=ModelRef(name=loaded.version.name, version=loaded.version.version),
+            predictions=[Prediction.model_validate({"filename": n, **r}) for n, r in zip(names, rows)],
+        )
 
     return RequestLimits(api, max_bytes=limits.max_request_bytes)
 
 
-def serve(champion: Champion, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, limits: Limits = Limits(),
-          log_level: str = "info") -> None:
+def serve(
+    champion: Champion,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    limits: Limits = Limits(),
+    log_level: str = "info",
+) -> None:
     """Run the API with uvicorn until Ctrl-C (or SIGTERM); a port that cannot be bound is a ConfigError."""
     import socket
 
@@ -311,11 +364,18 @@ def serve(champion: Champion, *, host: str = DEFAULT_HOST, port: int = DEFAULT_P
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
-                          fix="Choose another --port (or stop what uses it), or a --host of this machine.") from None
+        raise ConfigError(
+            f"Cannot listen on {host}:{port}: {exc.strerror or exc}.",
+            fix="Choose another --port (or stop what uses it), or a --host of this machine.",
+        ) from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    config = uvicorn.Config(create_app(champion, limits), log_level=log_level, limit_concurrency=64,
-                            timeout_keep_alive=5, server_header=False)
+    config = uvicorn.Config(
+        create_app(champion, limits),
+        log_level=log_level,
+        limit_concurrency=64,
+        timeout_keep_alive=5,
+        server_header=False,
+    )
     server = uvicorn.Server(config)
     try:
         server.run(sockets=[sock])

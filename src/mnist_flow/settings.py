@@ -28,7 +28,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(".mnist-flow"), description="Folder for the database, data cache and artifacts.")
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL of the study and registry database (default: SQLite under home).",
+        None,
+        description="SQLAlchemy URL of the study and registry database (default: SQLite under home).",
         repr=False,  # it may hold a password: never in a repr, a log line or a Prefect task's parameters
     )
     artifacts_url: str | None = Field(
@@ -54,19 +55,24 @@ class Settings(BaseSettings):
         10, ge=1, le=3600, description="Seconds between a running trial's heartbeats in the study database."
     )
     heartbeat_grace: int = Field(
-        60, ge=1, le=7 * 86400, description="Seconds without a heartbeat after which a trial is failed and retried "
-        "(a killed worker's trial)."
+        60,
+        ge=1,
+        le=7 * 86400,
+        description="Seconds without a heartbeat after which a trial is failed and retried (a killed worker's trial).",
     )
     hang_multiple: float = Field(
-        10.0, ge=1.0, description="A trial with no progress for this many times its expected epoch time is "
-        "failed and retried (a stuck process; see docs/service.md)."
+        10.0,
+        ge=1.0,
+        description="A trial with no progress for this many times its expected epoch time is "
+        "failed and retried (a stuck process; see docs/service.md).",
     )
     hang_min_seconds: float = Field(
         120.0, gt=0.0, description="The hang limit of a trial is never shorter than this many seconds."
     )
     multi_host: bool = Field(
-        False, description="Trial workers (workers > 1) may run on other machines: SQLite and local-disk "
-        "artifacts are then refused (see docs/scale-out.md)."
+        False,
+        description="Trial workers (workers > 1) may run on other machines: SQLite and local-disk "
+        "artifacts are then refused (see docs/scale-out.md).",
     )
 
     @field_validator("mirrors", mode="before")

@@ -38,8 +38,9 @@ def constant(lr: float) -> LRSchedule:
     return lambda step: lr
 
 
-def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0,
-              final_div_factor: float = 1e4) -> LRSchedule:
+def one_cycle(
+    max_lr: float, total_steps: int, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4
+) -> LRSchedule:
     """The learning rate of ``torch.optim.lr_scheduler.OneCycleLR`` (cosine, two phases) at each step.
 
     Warm up from ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of the steps, then
@@ -71,8 +72,9 @@ class MLPStep:
     ``inputs`` must be in ``self.dtype`` (``train.train_epoch`` casts each batch).
     """
 
-    def __init__(self, model: nn.Module, *, lr: LRSchedule, momentum: float, weight_decay: float = 0.0,
-                 precision: str = "fp32") -> None:
+    def __init__(
+        self, model: nn.Module, *, lr: LRSchedule, momentum: float, weight_decay: float = 0.0, precision: str = "fp32"
+    ) -> None:
         modules = list(model.net) if hasattr(model, "net") else []
         linears = [m for m in modules if isinstance(m, nn.Linear)]
         expected = [nn.Linear, nn.ReLU] * (len(linears) - 1) + [nn.Linear]
@@ -119,8 +121,7 @@ class MLPStep:
         # Backward, last layer first; each layer is updated once its input gradient is taken.
         for i in range(last, -1, -1):
             a = acts[i]
-            upstream = (torch.ops.aten.threshold_backward(torch.mm(grad, self.low_weights[i]), a, 0)
-                        if i > 0 else None)
+            upstream = torch.ops.aten.threshold_backward(torch.mm(grad, self.low_weights[i]), a, 0) if i > 0 else None
             self._update_weight(i, grad, a, lr)
             self._update_bias(i, grad, lr)
             if upstream is not None:

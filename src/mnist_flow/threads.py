@@ -39,8 +39,10 @@ from typing import Any
 #: the steps' kernels and rebuilds the others once an epoch (milliseconds). Measured over 40 trials of the
 #: sample: 16 entries +12 MB then flat, 32 +35 MB, 64 +65 MB, 1,024 (PyTorch's) +6.6 MB per trial, unbounded.
 KERNEL_CACHE_ENTRIES = 16
-CACHE_ENV = {"LRU_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
-             "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES)}
+CACHE_ENV = {
+    "LRU_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
+}
 #: The environment of a single-threaded trial process (read by OpenMP and MKL when they start).
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 #: More threads than this never helped a batch-128 MLP step; the ladder stops here.
@@ -81,8 +83,7 @@ def child_environment(threads: int | None = None) -> Iterator[None]:
     if threads and threads > 1:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     saved = {key: os.environ.get(key) for key in env}
-    os.environ.update({key: os.environ.get(key, value) if key in CACHE_ENV else value
-                       for key, value in env.items()})
+    os.environ.update({key: os.environ.get(key, value) if key in CACHE_ENV else value for key, value in env.items()})
     try:
         yield
     finally:
@@ -233,8 +234,9 @@ class AdaptiveStep:
         return slow > self._policy.probe_steps // 2  # the median can no longer beat the target
 
     def _finish_probe(self, threads: int) -> None:
-        self._policy.decisions.append(Decision(self._calls // self._per_epoch + 1,
-                                               {c: _median(t) for c, t in self._probe if len(t) > 1}, threads))
+        self._policy.decisions.append(
+            Decision(self._calls // self._per_epoch + 1, {c: _median(t) for c, t in self._probe if len(t) > 1}, threads)
+        )
         self._threads, self._probe, self._window = threads, [], []
 
     def _observe(self, threads: int, seconds: float) -> None:
@@ -308,8 +310,9 @@ def describe(policy: Policy) -> str:
     parts = []
     for d in policy.decisions:
         timings = ", ".join(f"{c}: {1000 * s:.2f}" for c, s in d.seconds_per_step.items())
-        parts.append(f"epoch {d.epoch}: {d.threads} ({timings} ms/step"
-                     + (f"; back to 1 at step {d.fell_back_at_step}" if d.fell_back_at_step is not None else "")
-                     + ")")
+        parts.append(
+            f"epoch {d.epoch}: {d.threads} ({timings} ms/step"
+            + (f"; back to 1 at step {d.fell_back_at_step}" if d.fell_back_at_step is not None else "")
+            + ")"
+        )
     return "adaptive threads: " + ("; ".join(parts) if parts else "no CPU step measured")
-

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_flow.errors import ConfigError, TrainingDiverged
-from mnist_flow.params import TrainConfig
 from mnist_flow.model import MLP
+from mnist_flow.params import TrainConfig
 from mnist_flow.step import MLPStep, constant, one_cycle
+
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The autocast context of evaluation for ``precision`` (disabled for fp32); training does its
@@ -87,8 +88,9 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available.get(name, False):
-        raise ConfigError(f"Device {name!r} is not available on this machine.",
-                          fix="Use --device auto or cpu (MNIST_FLOW_DEVICE).")
+        raise ConfigError(
+            f"Device {name!r} is not available on this machine.", fix="Use --device auto or cpu (MNIST_FLOW_DEVICE)."
+        )
     return torch.device(name)
 
 
@@ -108,8 +110,9 @@ def make_step(model: nn.Module, config: TrainConfig, train_samples: int) -> MLPS
         schedule = one_cycle(config.lr, total_steps=config.epochs * steps_per_epoch)
     else:
         schedule = constant(config.lr)
-    return MLPStep(model, lr=schedule, momentum=config.momentum, weight_decay=config.weight_decay,
-                   precision=config.precision)
+    return MLPStep(
+        model, lr=schedule, momentum=config.momentum, weight_decay=config.weight_decay, precision=config.precision
+    )
 
 
 #: train_epoch reads its running loss back every this many steps (at least four times an epoch; one wait
@@ -153,9 +156,16 @@ class LossWatch:
         self.lowest = min(self.lowest, window)
 
 
-def train_epoch(step: MLPStep, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-                generator: torch.Generator, *, check_every: int = CHECK_EVERY,
-                watch: LossWatch | None = None) -> float:
+def train_epoch(
+    step: MLPStep,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    check_every: int = CHECK_EVERY,
+    watch: LossWatch | None = None,
+) -> float:
     """One pass over (x, y) in a seeded random order; returns the mean training loss.
 
     The order comes from ``generator`` (a CPU generator, so the batches are the same on every
@@ -183,7 +193,7 @@ def train_epoch(step: MLPStep, x: torch.Tensor, y: torch.Tensor, batch_size: int
         seen, counted = now, done
 
     for k, start in enumerate(range(0, n, batch_size), 1):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         if idx.numel() == xb.shape[0]:
             inputs, targets = torch.index_select(x, 0, idx, out=xb), torch.index_select(y, 0, idx, out=yb)
         else:  # the last, shorter batch
@@ -196,8 +206,9 @@ def train_epoch(step: MLPStep, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192,
-             precision: str = "fp32") -> EvalResult:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 8192, precision: str = "fp32"
+) -> EvalResult:
     """Loss, accuracy and predictions in large batches, with autograd off (fp32 unless told otherwise)."""
     model.eval()
     if x.shape[0] == 0:
@@ -206,8 +217,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     preds = []
     for start in range(0, x.shape[0], batch_size):
         with autocast(x.device, precision):
-            logits = model(x[start:start + batch_size]).float()
-        yb = y[start:start + batch_size]
+            logits = model(x[start : start + batch_size]).float()
+        yb = y[start : start + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum")
         preds.append(logits.argmax(dim=1))
     predictions = torch.cat(preds)
@@ -267,13 +278,28 @@ def _check_collapse(val: EvalResult, val_y: torch.Tensor, best: _Checkpoint, sam
     if val.predictions.unique().numel() == 1 and val_y.unique().numel() > 1:
         raise Divergence(val.loss, samples, "validation", how="collapsed (one class predicted) with")
     if best.accuracy - chance >= COLLAPSE_MIN_GAIN and val.accuracy - chance < 0.5 * (best.accuracy - chance):
-        raise Divergence(val.loss, samples, "validation",
-                         how=f"collapsed (val accuracy {val.accuracy:.4f}, best {best.accuracy:.4f}) with")
+        raise Divergence(
+            val.loss,
+            samples,
+            "validation",
+            how=f"collapsed (val accuracy {val.accuracy:.4f}, best {best.accuracy:.4f}) with",
+        )
 
 
-def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor,
-        val_x: torch.Tensor, val_y: torch.Tensor, *, on_epoch: EpochCallback | None = None,
-        recover: int = 0, keep_best: bool = False, check_every: int = CHECK_EVERY, threads: Any = None) -> History:
+def fit(
+    model: nn.Module,
+    config: TrainConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    on_epoch: EpochCallback | None = None,
+    recover: int = 0,
+    keep_best: bool = False,
+    check_every: int = CHECK_EVERY,
+    threads: Any = None,
+) -> History:
     """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop.
 
     A non-finite, exploding or relapsed loss (:class:`LossWatch`; a non-finite validation loss too) stops
@@ -303,8 +329,9 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
         while True:  # once, or again after a recovery
             start = time.perf_counter()
             try:
-                train_loss = train_epoch(runner, train_x, train_y, config.batch_size, generator,
-                                         check_every=check_every, watch=watch)
+                train_loss = train_epoch(
+                    runner, train_x, train_y, config.batch_size, generator, check_every=check_every, watch=watch
+                )
                 seconds = time.perf_counter() - start
                 val = evaluate(model, val_x, val_y, precision=config.precision)
                 if val_x.shape[0] and not math.isfinite(val.loss):
@@ -319,7 +346,9 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
                         f"Training diverged in epoch {epoch} of {config.epochs} ({exc}) at learning rate "
                         f"{config.lr * scale:.4g}, momentum {config.momentum}{done}.",
                         fix="Lower the learning rate (lr_max) or the momentum (momentum_max).",
-                        epoch=epoch, loss=exc.loss) from None
+                        epoch=epoch,
+                        loss=exc.loss,
+                    ) from None
                 best.restore(step)
                 watch.lowest = math.inf  # the restored state starts a new record
                 scale *= RECOVERY_FACTOR
@@ -327,7 +356,8 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
                 step.lr = _scaled(schedule, scale)
                 history.events.append(
                     f"epoch {epoch}: {exc}: restored the state of epoch {best.epoch} (val accuracy "
-                    f"{best.accuracy:.4f}) and went on at {scale:g}x the learning rate")
+                    f"{best.accuracy:.4f}) and went on at {scale:g}x the learning rate"
+                )
         stats = EpochStats(epoch, train_loss, val.loss, val.accuracy, seconds)
         history.epochs.append(stats)
         if best is not None and best.beaten_by(val):
@@ -341,13 +371,32 @@ def fit(model: nn.Module, config: TrainConfig, train_x: torch.Tensor, train_y: t
     return history
 
 
-def train_model(config: TrainConfig, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-                val_y: torch.Tensor, *, device: torch.device | str = "cpu",
-                on_epoch: EpochCallback | None = None, recover: int = 0,
-                keep_best: bool = False, threads: Any = None) -> tuple[MLP, History]:
+def train_model(
+    config: TrainConfig,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    on_epoch: EpochCallback | None = None,
+    recover: int = 0,
+    keep_best: bool = False,
+    threads: Any = None,
+) -> tuple[MLP, History]:
     """Build a seeded model on ``device`` and fit it (see :func:`fit`); the tensors must already be on ``device``."""
     config.validate()
     model = build_model(config, device)
-    history = fit(model, config, train_x, train_y, val_x, val_y, on_epoch=on_epoch, recover=recover,
-                  keep_best=keep_best, threads=threads)
+    history = fit(
+        model,
+        config,
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        on_epoch=on_epoch,
+        recover=recover,
+        keep_best=keep_best,
+        threads=threads,
+    )
     return model, history

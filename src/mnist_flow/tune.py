@@ -25,8 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_flow.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
 from mnist_flow.errors import ConfigError, TrainingDiverged
-from mnist_flow.train import EpochStats, train_model
 from mnist_flow.params import SearchSpace, TrainConfig
+from mnist_flow.train import EpochStats, train_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -49,8 +49,9 @@ def suggest_config(trial: optuna.Trial, space: SearchSpace, base: TrainConfig) -
 
 def config_from_params(params: dict[str, Any], base: TrainConfig) -> TrainConfig:
     """Rebuild the TrainConfig of a finished trial from its Optuna params."""
-    return base.with_(lr=params["lr"], momentum=params["momentum"],
-                      hidden=(int(params["hidden1"]), int(params["hidden2"])))
+    return base.with_(
+        lr=params["lr"], momentum=params["momentum"], hidden=(int(params["hidden1"]), int(params["hidden2"]))
+    )
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,19 @@ def worker_id() -> str:
 class Objective:
     """Train one configuration, reporting validation accuracy every epoch so the pruner can stop it."""
 
-    def __init__(self, splits: Splits, space: SearchSpace, base: TrainConfig, *,
-                 device: torch.device | str = "cpu", run_key: str | None = None,
-                 flow_run_id: str | None = None,
-                 on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None,
-                 watchdog: Any = None, threads: Any = None) -> None:
+    def __init__(
+        self,
+        splits: Splits,
+        space: SearchSpace,
+        base: TrainConfig,
+        *,
+        device: torch.device | str = "cpu",
+        run_key: str | None = None,
+        flow_run_id: str | None = None,
+        on_epoch: Callable[[optuna.Trial, EpochStats], None] | None = None,
+        watchdog: Any = None,
+        threads: Any = None,
+    ) -> None:
         self.splits, self.space, self.base, self.device = splits, space, base, device
         self.run_key, self.flow_run_id, self.on_epoch = run_key, flow_run_id, on_epoch
         self.watchdog = watchdog  # a mnist_flow.watchdog.Watchdog: fails (and re-queues) a trial that hangs
@@ -90,9 +99,16 @@ class Objective:
             trial.set_user_attr("flow_run_id", self.flow_run_id)
         curve: dict[str, list[float]] = {"val_accuracy": [], "train_loss": [], "epoch_seconds": []}
 
-        dog = None if self.watchdog is None else self.watchdog.watch(
-            trial, hidden=config.hidden, train_samples=len(self.splits.train_y),
-            history=trial.study.get_trials(deepcopy=False, states=FINISHED))
+        dog = (
+            None
+            if self.watchdog is None
+            else self.watchdog.watch(
+                trial,
+                hidden=config.hidden,
+                train_samples=len(self.splits.train_y),
+                history=trial.study.get_trials(deepcopy=False, states=FINISHED),
+            )
+        )
 
         def report(stats: EpochStats) -> None:
             if watch is not None:
@@ -111,8 +127,16 @@ class Objective:
         s = self.splits
         with dog if dog is not None else contextlib.nullcontext() as watch:
             try:
-                _, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y, device=self.device,
-                                         on_epoch=report, threads=self.threads)
+                _, history = train_model(
+                    config,
+                    s.train_x,
+                    s.train_y,
+                    s.val_x,
+                    s.val_y,
+                    device=self.device,
+                    on_epoch=report,
+                    threads=self.threads,
+                )
             except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
                 reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
                 trial.set_user_attr("diverged", reason)
@@ -129,8 +153,7 @@ class Objective:
 #: What a trial owns: run_study records these as a failed trial (fail reason) and goes on; anything
 #: else an objective raises is a bug and propagates. A divergence never gets here from :class:`Objective`
 #: (it prunes the trial), only from an objective of the caller's; BudgetFilled ends a surplus trial.
-TRIAL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged,
-                                                   BudgetFilled)
+TRIAL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged, BudgetFilled)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -168,19 +191,30 @@ def fit_to_space(point: dict[str, Any], space: SearchSpace) -> dict[str, Any]:
     A queued trial is run as given, even outside the distributions (Optuna only warns), so the seed
     and champion configurations are fitted to the user's bounds before they are queued.
     """
+
     def width(value: Any, low: int, high: int) -> int:
         top = (high - low) // space.hidden_step  # Optuna's suggest_int(step=...) tops out at the last full step
         return low + min(max(round((int(value) - low) / space.hidden_step), 0), top) * space.hidden_step
 
-    return {"lr": min(max(float(point["lr"]), space.lr_min), space.lr_max),
-            "momentum": min(max(float(point["momentum"]), space.momentum_min), space.momentum_max),
-            "hidden1": width(point["hidden1"], space.hidden1_min, space.hidden1_max),
-            "hidden2": width(point["hidden2"], space.hidden2_min, space.hidden2_max)}
+    return {
+        "lr": min(max(float(point["lr"]), space.lr_min), space.lr_max),
+        "momentum": min(max(float(point["momentum"]), space.momentum_min), space.momentum_max),
+        "hidden1": width(point["hidden1"], space.hidden1_min, space.hidden1_max),
+        "hidden2": width(point["hidden2"], space.hidden2_min, space.hidden2_max),
+    }
 
 
-def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, seed: int, max_epochs: int,
-               user_attrs: dict[str, Any] | None = None, enqueue_seed: bool = True,
-               warm_start: Sequence[dict[str, Any]] = (), space: SearchSpace | None = None) -> optuna.Study:
+def open_study(
+    storage: str | optuna.storages.BaseStorage,
+    study_name: str,
+    *,
+    seed: int,
+    max_epochs: int,
+    user_attrs: dict[str, Any] | None = None,
+    enqueue_seed: bool = True,
+    warm_start: Sequence[dict[str, Any]] = (),
+    space: SearchSpace | None = None,
+) -> optuna.Study:
     """Create or resume (``load_if_exists``) the study; a seeded TPE sampler and a successive-halving pruner.
 
     A new study first runs the seed configuration, then the ``warm_start`` points (e.g. the champion
@@ -190,18 +224,17 @@ def open_study(storage: str | optuna.storages.BaseStorage, study_name: str, *, s
     """
     if isinstance(storage, str):
         storage = optuna.storages.get_storage(storage)
-    probe = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
-                                load_if_exists=True)
+    probe = optuna.create_study(storage=storage, study_name=study_name, direction="maximize", load_if_exists=True)
     # Offset the sampler's seed by the trials already there, so a resumed study does not replay
     # the random start-up points of an earlier run while staying reproducible.
     sampler = optuna.samplers.TPESampler(seed=seed + len(probe.trials), n_startup_trials=8, multivariate=True)
-    study = optuna.load_study(storage=storage, study_name=study_name, sampler=sampler,
-                              pruner=make_pruner(max_epochs))
+    study = optuna.load_study(storage=storage, study_name=study_name, sampler=sampler, pruner=make_pruner(max_epochs))
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
     if not study.trials:
         queued: list[tuple[dict[str, Any], dict[str, Any]]] = (
-            [(SEED_PARAMS, {"baseline": "seed tutorial configuration"})] if enqueue_seed else [])
+            [(SEED_PARAMS, {"baseline": "seed tutorial configuration"})] if enqueue_seed else []
+        )
         queued += [(point, {"warm_start": "champion of an earlier study"}) for point in warm_start]
         for point, attrs in queued:
             fitted = fit_to_space(point, space) if space is not None else dict(point)
@@ -255,10 +288,16 @@ def record_interrupt(objective: Callable[[optuna.Trial], float]) -> Callable[[op
     return run
 
 
-
-def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *, n_trials: int,
-              run_key: str | None, callbacks: Sequence[TrialCallback] = (), lock: Lock | None = None,
-              poll_seconds: float = 1.0) -> list[FrozenTrial]:
+def run_study(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    n_trials: int,
+    run_key: str | None,
+    callbacks: Sequence[TrialCallback] = (),
+    lock: Lock | None = None,
+    poll_seconds: float = 1.0,
+) -> list[FrozenTrial]:
     """Run trials until ``n_trials`` of this run have finished, in this process and any other.
 
     Several processes may call this on the same study and run key at once (``lock`` from
@@ -276,24 +315,30 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
         last.clear()
         if step is Step.WAIT:  # the other slots are running elsewhere; one may die and come back queued
             if not waited:
-                logger.info("run %s: the remaining trial(s) are running in other processes; waiting for them "
-                            "(a dead one is retried after its heartbeat grace period)", run_key)
+                logger.info(
+                    "run %s: the remaining trial(s) are running in other processes; waiting for them "
+                    "(a dead one is retried after its heartbeat grace period)",
+                    run_key,
+                )
             waited = True
             time.sleep(poll_seconds)
             continue
         waited = False
         try:
             # A failed trial (caught, so it costs one trial and not the study) does not count: go round again.
-            study.optimize(guarded, n_trials=1, callbacks=[*callbacks, lambda _s, t: last.append(t)],
-                           catch=TRIAL_FAILURES)
+            study.optimize(
+                guarded, n_trials=1, callbacks=[*callbacks, lambda _s, t: last.append(t)], catch=TRIAL_FAILURES
+            )
         finally:
             budget.release()
         trial = last[-1] if last else None
         if trial is not None and trial.state == TrialState.FAIL and ran_here(trial):
             failed_in_a_row += 1
             if failed_in_a_row >= n_trials:
-                raise ConfigError(f"All {failed_in_a_row} trials of the last round failed.",
-                                  fix="Look at the trials' fail reasons in optuna-dashboard or the log.")
+                raise ConfigError(
+                    f"All {failed_in_a_row} trials of the last round failed.",
+                    fix="Look at the trials' fail reasons in optuna-dashboard or the log.",
+                )
         elif trial is not None:
             failed_in_a_row = 0
     return finished_trials(study, run_key)
@@ -301,8 +346,12 @@ def run_study(study: optuna.Study, objective: Callable[[optuna.Trial], float], *
 
 def recipe_of(config: TrainConfig) -> dict[str, Any]:
     """The fixed (not searched) part of a configuration; trials are only comparable within one recipe."""
-    return {"batch_size": config.batch_size, "weight_decay": config.weight_decay, "schedule": config.schedule,
-            "epochs": config.epochs}
+    return {
+        "batch_size": config.batch_size,
+        "weight_decay": config.weight_decay,
+        "schedule": config.schedule,
+        "epochs": config.epochs,
+    }
 
 
 def best_trial(study: optuna.Study, recipe: dict[str, Any] | None = None) -> FrozenTrial:
@@ -310,17 +359,26 @@ def best_trial(study: optuna.Study, recipe: dict[str, Any] | None = None) -> Fro
 
     A run with another batch size or schedule must not retrain the best point of a different recipe.
     """
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if recipe is None or t.user_attrs.get("recipe") == recipe]
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if recipe is None or t.user_attrs.get("recipe") == recipe
+    ]
     if not complete:
-        diverged = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-                    if "diverged" in t.user_attrs]
+        diverged = [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+            if "diverged" in t.user_attrs
+        ]
         if diverged:
             raise TrainingDiverged(
                 f"No trial of the study completed: {len(diverged)} diverged (trials "
                 f"{', '.join(f'#{n}' for n in diverged[:10])}{', ...' if len(diverged) > 10 else ''}), "
                 "so there is no configuration to train.",
-                fix="Lower the learning rate's upper bound (lr_max) or the momentum's (momentum_max) and run again.")
-        raise ConfigError("No trial of the study completed, so there is no configuration to train.",
-                          fix="Run more trials (--n-trials) or more epochs (--max-epochs) so some finish unpruned.")
+                fix="Lower the learning rate's upper bound (lr_max) or the momentum's (momentum_max) and run again.",
+            )
+        raise ConfigError(
+            "No trial of the study completed, so there is no configuration to train.",
+            fix="Run more trials (--n-trials) or more epochs (--max-epochs) so some finish unpruned.",
+        )
     return max(complete, key=lambda t: (t.value, -t.number))

@@ -94,18 +94,25 @@ def task_timeout(epochs: int, epoch_seconds: float, *, multiple: float, min_seco
     return max(min_seconds, multiple * epochs * epoch_seconds) + min_seconds
 
 
-def stage_timeout(epochs: int, hidden: Sequence[int], train_samples: int, history: Sequence[Any] = (), *,
-                  multiple: float, min_seconds: float) -> float:
+def stage_timeout(
+    epochs: int,
+    hidden: Sequence[int],
+    train_samples: int,
+    history: Sequence[Any] = (),
+    *,
+    multiple: float,
+    min_seconds: float,
+) -> float:
     """The timeout of a stage of ``epochs`` epochs of the configuration ``hidden``.
 
     With measured epochs in ``history`` it is ``multiple`` x their expected time; without, the pessimistic
     estimate alone (already far above any measured epoch, so no multiple on top). Never under ``min_seconds``.
     """
     if seconds_per_weight(history) is not None:
-        return task_timeout(epochs, expected_epoch_seconds(hidden, train_samples, history), multiple=multiple,
-                            min_seconds=min_seconds)
-    return task_timeout(epochs, fallback_epoch_seconds(train_samples, hidden), multiple=1.0,
-                        min_seconds=min_seconds)
+        return task_timeout(
+            epochs, expected_epoch_seconds(hidden, train_samples, history), multiple=multiple, min_seconds=min_seconds
+        )
+    return task_timeout(epochs, fallback_epoch_seconds(train_samples, hidden), multiple=1.0, min_seconds=min_seconds)
 
 
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
@@ -147,8 +154,15 @@ class Watchdog:
     ``MNIST_FLOW_HANG_MIN_SECONDS``). ``exit`` ends the process in the last resort (tests pass their own).
     """
 
-    def __init__(self, *, multiple: float, min_seconds: float, max_retries: int = 1, poll_seconds: float = 0.5,
-                 exit: Callable[[int], Any] = os._exit) -> None:
+    def __init__(
+        self,
+        *,
+        multiple: float,
+        min_seconds: float,
+        max_retries: int = 1,
+        poll_seconds: float = 0.5,
+        exit: Callable[[int], Any] = os._exit,
+    ) -> None:
         self.multiple, self.min_seconds, self.max_retries = multiple, min_seconds, max_retries
         self.poll_seconds, self._exit = poll_seconds, exit
 
@@ -160,23 +174,28 @@ class Watchdog:
         return watch.slowest or watch.expected
 
     @contextlib.contextmanager
-    def watch(self, trial: Any, *, hidden: Sequence[int], train_samples: int,
-              history: Sequence[Any] = ()) -> Iterator[_Watch]:
+    def watch(
+        self, trial: Any, *, hidden: Sequence[int], train_samples: int, history: Sequence[Any] = ()
+    ) -> Iterator[_Watch]:
         """Arm the watchdog for ``trial`` in this thread; on a hang, fail it and queue its configuration again."""
         expected = expected_epoch_seconds(hidden, train_samples, history)
         watch = _Watch(f"trial #{trial.number}", expected, threading.get_ident())
         stop = threading.Event()
-        monitor = threading.Thread(target=self._monitor, args=(watch, stop), name=f"watchdog-{trial.number}",
-                                   daemon=True)
+        monitor = threading.Thread(
+            target=self._monitor, args=(watch, stop), name=f"watchdog-{trial.number}", daemon=True
+        )
         monitor.start()
         try:
             yield watch
         except TrialHung:
             limit = self.limit(self._expected(watch))
             with contextlib.suppress(Exception):  # the reason, shown in optuna-dashboard; best effort
-                trial.set_user_attr(HUNG_ATTR, f"no progress for {limit:.0f} s ({self.multiple:g} x the expected "
-                                              f"epoch time {self._expected(watch):.1f} s, at least "
-                                              f"{self.min_seconds:g} s)")
+                trial.set_user_attr(
+                    HUNG_ATTR,
+                    f"no progress for {limit:.0f} s ({self.multiple:g} x the expected "
+                    f"epoch time {self._expected(watch):.1f} s, at least "
+                    f"{self.min_seconds:g} s)",
+                )
             self._requeue(trial)
             raise
         finally:
@@ -195,13 +214,23 @@ class Watchdog:
             if watch.fired_at is None and now - watch.last > limit:
                 watch.fired_at = now
                 _raise_in_thread(watch.thread_id, TrialHung)
-                _log_aside(logging.WARNING, "%s made no progress for %.0f s (limit %.0f s: %g x the expected epoch "
-                           "time %.1f s, at least %g s): failing it", watch.label, now - watch.last, limit,
-                           self.multiple, self._expected(watch), self.min_seconds)
+                _log_aside(
+                    logging.WARNING,
+                    "%s made no progress for %.0f s (limit %.0f s: %g x the expected epoch "
+                    "time %.1f s, at least %g s): failing it",
+                    watch.label,
+                    now - watch.last,
+                    limit,
+                    self.multiple,
+                    self._expected(watch),
+                    self.min_seconds,
+                )
             elif watch.fired_at is not None and now - watch.fired_at > limit:
-                message = (f"mnist-flow watchdog: {watch.label} is stuck outside Python (it ignored the failure "
-                           f"for {now - watch.fired_at:.0f} s): ending the process (exit {HUNG_EXIT_CODE}) so that "
-                           "it can be restarted\n")
+                message = (
+                    f"mnist-flow watchdog: {watch.label} is stuck outside Python (it ignored the failure "
+                    f"for {now - watch.fired_at:.0f} s): ending the process (exit {HUNG_EXIT_CODE}) so that "
+                    "it can be restarted\n"
+                )
                 with contextlib.suppress(OSError):
                     os.write(2, message.encode())
                 self._exit(HUNG_EXIT_CODE)
@@ -211,10 +240,12 @@ class Watchdog:
         """Queue the hung trial's configuration again for the same run (at most ``max_retries`` times)."""
         retries = int(trial.user_attrs.get("hang_retries", 0))
         if retries >= self.max_retries:
-            logger.warning("trial #%d hung after %d retry(ies) of its configuration: not queued again",
-                           trial.number, retries)
+            logger.warning(
+                "trial #%d hung after %d retry(ies) of its configuration: not queued again", trial.number, retries
+            )
             return
         attrs = {k: v for k, v in trial.user_attrs.items() if k in ("run_key", "baseline", "warm_start")}
-        trial.study.enqueue_trial(trial.params, user_attrs={**attrs, "hang_retries": retries + 1,
-                                                            RETRY_ATTR: trial.number})
+        trial.study.enqueue_trial(
+            trial.params, user_attrs={**attrs, "hang_retries": retries + 1, RETRY_ATTR: trial.number}
+        )
         logger.info("trial #%d hung: its configuration is queued again for the same run", trial.number)

@@ -74,10 +74,10 @@ def test_a_champion_on_other_data_blocks_promotion_even_without_its_per_sample_r
 def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sample_prepared):
     from dataclasses import replace
 
+    from mnist_flow.params import TrainConfig
     from mnist_flow.pipeline import evaluate_test, register_and_decide
     from mnist_flow.registry import Registry
     from mnist_flow.train import train_model
-    from mnist_flow.params import TrainConfig
 
     config = TrainConfig(hidden=(32,), epochs=1)
     s = sample_prepared.splits

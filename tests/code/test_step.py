@@ -10,7 +10,6 @@ from torch import nn
 from mnist_flow.model import MLP
 from mnist_flow.step import MLPStep, constant, one_cycle
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from mnist_flow import threads as th
-from mnist_flow.train import train_model
 from mnist_flow.params import TrainConfig
+from mnist_flow.train import train_model
 
 
 class TimedStep:

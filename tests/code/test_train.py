@@ -9,8 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from mnist_flow.errors import ConfigError, MnistFlowError, TrainingDiverged
-from mnist_flow.train import EXPLODE_FACTOR, Divergence, EvalResult, History, LossWatch, all_finite, build_model, evaluate, make_step, select_device, train_epoch, train_model
 from mnist_flow.params import TrainConfig
+from mnist_flow.train import (
+    EXPLODE_FACTOR,
+    Divergence,
+    EvalResult,
+    History,
+    LossWatch,
+    all_finite,
+    build_model,
+    evaluate,
+    make_step,
+    select_device,
+    train_epoch,
+    train_model,
+)
 
 
 def _problem(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, ...]:

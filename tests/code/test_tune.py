@@ -9,10 +9,19 @@ import pytest
 import torch
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.params import TrainConfig
-from mnist_flow.params import SearchSpace
-from mnist_flow.tune import (SEED_PARAMS, Objective, Splits, best_trial, finished_trials,
-                             open_study, recipe_of, run_study, study_name_for, suggest_config)
+from mnist_flow.params import SearchSpace, TrainConfig
+from mnist_flow.tune import (
+    SEED_PARAMS,
+    Objective,
+    Splits,
+    best_trial,
+    finished_trials,
+    open_study,
+    recipe_of,
+    run_study,
+    study_name_for,
+    suggest_config,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,19 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from mnist_flow.params import TrainConfig
+from mnist_flow.params import SearchSpace, TrainConfig
 from mnist_flow.tune import Objective, Splits, finished_trials, open_study, run_study
-from mnist_flow.params import SearchSpace
-from mnist_flow.watchdog import (HUNG_ATTR, HUNG_EXIT_CODE, RETRY_ATTR, Watchdog, expected_epoch_seconds,
-                                 TrialHung, fallback_epoch_seconds, stage_timeout, weights)
+from mnist_flow.watchdog import (
+    HUNG_ATTR,
+    HUNG_EXIT_CODE,
+    RETRY_ATTR,
+    TrialHung,
+    Watchdog,
+    expected_epoch_seconds,
+    fallback_epoch_seconds,
+    stage_timeout,
+    weights,
+)
 
 SPACE = SearchSpace(hidden1_min=64, hidden1_max=64, hidden2_min=64, hidden2_max=64)
 

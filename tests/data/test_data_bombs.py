@@ -32,7 +32,7 @@ def _peak(call: Callable[[], object]) -> tuple[BaseException | None, int]:
     try:
         try:
             call()
-        except Exception as exc:  # noqa: BLE001 - returned to the test, which checks its type
+        except Exception as exc:
             return exc, tracemalloc.get_traced_memory()[1]
         return None, tracemalloc.get_traced_memory()[1]
     finally:

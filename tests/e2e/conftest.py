@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # procs.py, shared with the scale-out tests
 
-import procs  # noqa: E402
+import procs
+
 
 @pytest.fixture
 def e2e_token() -> Iterator[str]:

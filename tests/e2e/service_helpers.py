@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 import procs
 
 #: Flow-run heartbeats every 30 s (Prefect's minimum) and a run silent for 40 s is a zombie.

@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
 import netns
 import procs
+import pytest
 from service_helpers import FAST, Service, flow_run_pids, registered, state_type, study_trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
@@ -108,7 +107,7 @@ def _wait_for_children(svc: Service, count: int, timeout: float) -> list[str]:
     while True:
         try:
             runs = svc.runs_of("mnist-trials/worker")
-        except Exception:  # noqa: BLE001 - the deployment is there, the runs are not yet
+        except Exception:
             runs = []
         if len(runs) >= count:
             return [r["id"] for r in runs]

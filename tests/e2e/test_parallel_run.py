@@ -15,10 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+import procs
 import pytest
 from optuna.trial import TrialState
-
-import procs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from service_helpers import TINY, ZOMBIE_S, Service, registered, state_type, study_trials
 
 from mnist_flow.watchdog import HUNG_ATTR, RETRY_ATTR
-from service_helpers import TINY, ZOMBIE_S, Service, registered, state_type, study_trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

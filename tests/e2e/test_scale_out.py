@@ -14,13 +14,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import commands
 import httpx
 import optuna
+import procs
 import pytest
 from optuna.trial import TrialState
-
-import commands
-import procs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -13,14 +13,13 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import procs
 import pytest
 import yaml
-
-import procs
 from service_helpers import TINY, Service, registered, state_type
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -54,13 +53,13 @@ def test_after_three_missed_slots_exactly_one_scheduled_run_catches_up(workers: 
     try:
         deadline = time.monotonic() + 90
         while True:  # no worker: the scheduler's runs pile up, Late
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             missed = [r for r in svc.runs_of(name) if _when(r) < now]
             if len(missed) >= 3 and all(r["state"]["name"] == "Late" for r in missed):
                 break
             assert time.monotonic() < deadline, f"the scheduler did not create the runs: {svc.runs_of(name)}"
             time.sleep(1)
-        back = datetime.now(timezone.utc)
+        back = datetime.now(UTC)
         missed = [r["id"] for r in svc.runs_of(name) if _when(r) < back]
         svc.start_worker("worker-catch-up")
         deadline = time.monotonic() + 180

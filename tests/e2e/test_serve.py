@@ -35,8 +35,8 @@ def served_home(tmp_path_factory, sample_prepared) -> Path:
     import torch
 
     from mnist_flow import pipeline
-    from mnist_flow.registry import Registry
     from mnist_flow.params import TrainConfig
+    from mnist_flow.registry import Registry
 
     tmp = tmp_path_factory.mktemp("serve")
     home = tmp / "home"

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-
 import procs
+import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

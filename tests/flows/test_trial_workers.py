@@ -11,8 +11,8 @@ from mnist_flow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module  # noqa: E402
-import trials as trials_module  # noqa: E402
+import mnist as flow_module
+import trials as trials_module
 
 
 def test_deployment_workers_without_a_worker_deployment_are_refused_before_any_work(home: Path) -> None:

@@ -21,9 +21,9 @@ from testlib import require_fashion_mnist
 
 from mnist_flow import pipeline
 from mnist_flow.errors import ConfigError, TrainingDiverged
+from mnist_flow.params import RunParams, SearchSpace, TrainConfig
 from mnist_flow.registry import Registry
 from mnist_flow.train import all_finite, train_model
-from mnist_flow.params import RunParams, SearchSpace, TrainConfig
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 

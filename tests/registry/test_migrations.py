@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from registry_helpers import run_concurrently
 from sqlalchemy import inspect, text
 
 from mnist_flow import db, migrations
-
-from registry_helpers import run_concurrently
 
 MIGRATE_SCRIPT = """
 import sys, time

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-from testlib import pg_admin
 from rel_helpers import REPO
+from testlib import pg_admin
 
 REPORT = REPO / "test-output" / "reliability.json"
 
@@ -74,7 +73,7 @@ def home(tmp_path: Path) -> Path:
     return tmp_path / "home"
 
 
-def pg_connect():  # noqa: ANN201 - psycopg connection
+def pg_connect():
     """An autocommit admin connection to 127.0.0.1:5432."""
     return pg_admin()
 

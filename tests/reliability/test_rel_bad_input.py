@@ -25,7 +25,7 @@ from mnist_flow.idx import encode_idx
 
 
 @pytest.fixture(scope="module")
-def flow_module():  # noqa: ANN201 - the flows/mnist.py module
+def flow_module():
     sys.path.insert(0, str(REPO / "flows"))
     spec = importlib.util.spec_from_file_location("mnist_flow_script_under_test", REPO / "flows" / "mnist.py")
     module = importlib.util.module_from_spec(spec)
@@ -88,7 +88,7 @@ def _refused(code: int, err: str, words: list[str]) -> str:
     return err.strip().splitlines()[0]
 
 
-def _argparse_or_config(capsys, call) -> tuple[int, str]:  # noqa: ANN001
+def _argparse_or_config(capsys, call) -> tuple[int, str]:
     """Run an entry point; argparse refusals (unknown choice) exit 2 with a usage message too."""
     try:
         code = call()
@@ -254,7 +254,7 @@ def test_corrupt_data_is_one_cli_message_with_the_file_and_expected_and_found_va
 
 
 @pytest.fixture
-def mirror(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def mirror(monkeypatch: pytest.MonkeyPatch):
     """A loopback HTTP mirror serving a tiny MNIST; the loader is told its md5s and no other mirrors."""
     files = {f"{base}.gz": gzip.compress(encode_idx(_tiny()[field]), mtime=0) for field, base in data.FILES.items()}
     requests: list[str] = []
@@ -393,8 +393,8 @@ def test_the_seed_and_champion_configurations_are_fitted_to_the_users_bounds_bef
         tmp_path: Path, reliability) -> None:
     import optuna
 
-    from mnist_flow.tune import SEED_PARAMS, open_study, suggest_config
     from mnist_flow.params import TrainConfig
+    from mnist_flow.tune import SEED_PARAMS, open_study, suggest_config
 
     params = _run_params(lr_min=0.05, lr_max=0.2, momentum_min=0.5, momentum_max=0.8, hidden1_min=64,
                              hidden1_max=256, hidden2_min=100, hidden2_max=200)
@@ -421,7 +421,7 @@ def test_the_seed_and_champion_configurations_are_fitted_to_the_users_bounds_bef
                        group="bad input")
 
 
-def _run_params(**values):  # noqa: ANN003, ANN201
+def _run_params(**values):
     from mnist_flow.params import RunParams
 
     return RunParams.parse(source="sample", **values)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from rel_helpers import REPO, clean_env, mnist_flow
 from optuna.trial import TrialState
+from rel_helpers import REPO, clean_env, mnist_flow
 
 from mnist_flow import pipeline
 from mnist_flow.params import RunParams
@@ -219,7 +219,7 @@ def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting
     from mnist_flow import tune as tune_lib
     real_train = tune_lib.train_model
 
-    def crash_on_second_trial(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def crash_on_second_trial(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise _Crash("worker lost")
@@ -309,8 +309,8 @@ KILL_POINTS = ["scoring the champion", "writing the weights", "before the row", 
 @pytest.fixture(scope="module")
 def champion_inputs() -> tuple:
     """The sample data, the champion's model (seed 0) and the challenger's (seed 1, as in the killed child)."""
-    from mnist_flow.train import train_model
     from mnist_flow.params import TrainConfig
+    from mnist_flow.train import train_model
 
     params = RunParams.parse(source="sample")
     prepared = pipeline.prepare(pipeline.load_data(params, Settings(home=Path("/nonexistent"))),

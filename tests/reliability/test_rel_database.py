@@ -21,11 +21,10 @@ from mnist_flow.errors import DatabaseUnavailableError
 from mnist_flow.model import MLP
 from mnist_flow.registry import Registry
 
-
 PG_CONF = "/etc/postgresql"  # one folder per installed PostgreSQL version (Debian's layout)
 
 
-def _register(reg: Registry, key: str):  # noqa: ANN202
+def _register(reg: Registry, key: str):
     torch.manual_seed(0)
     return reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
                         metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",

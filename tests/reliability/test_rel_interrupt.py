@@ -21,8 +21,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from rel_helpers import REPO, clean_env
 from optuna.trial import TrialState
+from rel_helpers import REPO, clean_env
 
 from mnist_flow.errors import INTERRUPTED
 from mnist_flow.tune import INTERRUPTED_REASON

@@ -11,7 +11,8 @@ import pytest
 import torch
 from rel_helpers import REPO
 
-from mnist_flow import artifacts, pipeline, registry as registry_lib
+from mnist_flow import artifacts, pipeline
+from mnist_flow import registry as registry_lib
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError
 from mnist_flow.model import MLP
@@ -21,7 +22,7 @@ UNSAFE = re.compile(r"\btorch\.load\b|\bimport pickle\b|\bpickle\.loads?\b|\bclo
                     r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|\bjoblib\.load\b|\btorch\.jit\.load\b")
 
 
-def _register(reg: Registry, key: str | None = None, name: str = "mnist"):  # noqa: ANN202
+def _register(reg: Registry, key: str | None = None, name: str = "mnist"):
     torch.manual_seed(0)
     return reg.register(name, MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
                         metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
@@ -231,7 +232,7 @@ def test_a_real_flow_run_on_postgres_with_an_odd_password_shows_it_nowhere(pg_ur
 # --- the dashboard: read-only by default, only for its own Host ------------------------------------------------
 
 
-def _dashboard_process(database: Path, *extra: str):  # noqa: ANN202 - (Popen, port)
+def _dashboard_process(database: Path, *extra: str):
     import os
     import socket
     import subprocess

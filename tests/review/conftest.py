@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mnist_flow import pipeline
-from mnist_flow.params import RunParams
 from mnist_flow.db import optuna_storage
+from mnist_flow.params import RunParams
 from mnist_flow.registry import Registry
 from mnist_flow.tune import study_name_for
 

@@ -104,7 +104,7 @@ def test_a_study_keeps_writing_trials_and_notes_while_the_dashboard_polls_it(tmp
             try:
                 with urllib.request.urlopen(f"{base}/{study._study_id}?after=0", timeout=30) as response:
                     polls.append(len(json.load(response)["trials"]))
-            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            except Exception as exc:
                 errors.append(exc)
 
     def objective(trial: optuna.Trial) -> float:

@@ -20,7 +20,7 @@ from mnist_flow.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module  # noqa: E402
+import mnist as flow_module
 
 TINY = dict(source="sample", n_trials=2, max_epochs=2, final_epochs=2, seed=0, hidden1_min=64, hidden1_max=128,
             hidden2_min=64, hidden2_max=64)

@@ -57,14 +57,16 @@ def _upgrade(connection: Connection) -> None:
             f"({current_revision(connection)!r}; it knows up to {head_revision()!r}): the database was written by a "
             f"newer mnist-flow, or its {VERSION_TABLE} table was edited ({exc}).",
             fix="Upgrade mnist-flow to the version that wrote the database, or set MNIST_FLOW_DATABASE_URL to "
-            "another database.") from None
+            "another database.",
+        ) from None
     missing = [table for table in TABLES if not inspect(connection).has_table(table)]
     if missing:
         where = mask_url(connection.engine.url.render_as_string(hide_password=True))
         raise DatabaseDamagedError(
             f"The database {where} lacks the registry table(s) {', '.join(missing)} although its schema revision "
             f"({current_revision(connection)}) says they exist: they were dropped or the database was damaged.",
-            fix=DAMAGED_FIX)
+            fix=DAMAGED_FIX,
+        )
 
 
 def upgrade(engine: Engine) -> None:

@@ -14,18 +14,18 @@ import sys
 _MARKER = os.environ.get("E2E_HANG_ONCE")
 
 
-def _patch(train) -> None:  # noqa: ANN001 - the module mnist_flow.train
+def _patch(train) -> None:
     import time
 
     real_fit = train.fit
     calls = [0]
 
-    def fit(*args, on_epoch=None, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def fit(*args, on_epoch=None, **kwargs):
         calls[0] += 1
         if calls[0] == 2 and not os.path.exists(_MARKER):
             open(_MARKER, "w").close()
 
-            def stuck(stats) -> None:  # noqa: ANN001
+            def stuck(stats) -> None:
                 while True:
                     time.sleep(0.05)
 
@@ -40,14 +40,14 @@ if _MARKER:
     import importlib.util
 
     class _PatchTrain(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):  # noqa: ANN001, ANN201
+        def find_spec(self, name, path, target=None):
             if name != "mnist_flow.train":
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
             exec_module = spec.loader.exec_module
 
-            def patched(module) -> None:  # noqa: ANN001
+            def patched(module) -> None:
                 exec_module(module)
                 _patch(module)
 

@@ -43,9 +43,11 @@ def upgrade() -> None:
         sa.Column("alias", sa.String(64), primary_key=True),
         sa.Column("version", sa.Integer, nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["name", "version"], ["mnist_flow_model_versions.name",
-                                                      "mnist_flow_model_versions.version"],
-                                name="fk_mnist_flow_aliases_version"),
+        sa.ForeignKeyConstraint(
+            ["name", "version"],
+            ["mnist_flow_model_versions.name", "mnist_flow_model_versions.version"],
+            name="fk_mnist_flow_aliases_version",
+        ),
     )
     op.create_table(
         "mnist_flow_decisions",
