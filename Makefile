@@ -26,7 +26,7 @@ ZOMBIE_SECONDS ?= 90
 # Extra options of `prefect worker start`, e.g. WORKER_ARGS="--limit 1" (one flow run at a time).
 WORKER_ARGS ?=
 
-.PHONY: help install run test lint typecheck bench clean server deploy worker serve serve-model
+.PHONY: help install run test lint bench clean server deploy worker serve serve-model
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sort
@@ -72,11 +72,9 @@ serve-model: install  ## the champion as an HTTP API on http://127.0.0.1:8000 (m
 test: install  ## run the test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: install  ## ruff: lint (src, flows, tests, benchmarks, scripts) and format check (src, flows)
+lint: install  ## ruff (lint; format check of src and flows) and mypy on src/ and flows/
 	$(BIN)/ruff check src flows tests benchmarks scripts
 	$(BIN)/ruff format --check src flows
-
-typecheck: install  ## mypy on src/ and flows/ (not yet clean: see the closing note of issue 12)
 	$(BIN)/mypy
 
 bench: install  ## run the benchmarks and rewrite docs/benchmarks.md

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
@@ -126,7 +126,7 @@ def upsert(automation: Automation) -> tuple[str, Automation]:
         for duplicate in extra:  # left by an older, non-idempotent setup
             Automation(**duplicate.model_dump()).delete()
         return "updated", automation
-    return "created", automation.create()
+    return "created", cast(Automation, automation.create())
 
 
 def ensure_automations(zombie_seconds: int) -> list[tuple[str, Any]]:

@@ -106,7 +106,7 @@ def data_check(
             dataset,
             source,
             bundle.fingerprint[:16],
-            seen[:16],
+            (seen or "")[:16],
             EVENT,
         )
     elif seen is not None:

@@ -30,7 +30,7 @@ from mnist_flow.scale import resolve_workers
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.threads import bound_native_caches, policy_for
 from mnist_flow.threads import describe as describe_threads
-from mnist_flow.train import select_device
+from mnist_flow.train import EvalResult, select_device
 from mnist_flow.watchdog import Watchdog, stage_timeout
 
 try:
@@ -62,7 +62,7 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": _retry_transient}
+IO_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": _retry_transient}
 
 
 @task(cache_policy=NO_CACHE, **IO_RETRIES)
@@ -127,7 +127,7 @@ def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams, settin
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(model: Any, prepared: pipeline.Prepared) -> Any:
+def evaluate(model: Any, prepared: pipeline.Prepared) -> EvalResult:
     """Evaluate the final model on the test set."""
     result = pipeline.evaluate_test(model, prepared)
     get_run_logger().info("test accuracy %.4f, loss %.4f", result.accuracy, result.loss)

@@ -114,10 +114,10 @@ def publish_review(summary: dict[str, Any], study: Any, version: Any, dashboard_
     """End of the flow: the review artifacts, and the registered version on its trial's dashboard note."""
     from mnist_flow.dashboard import annotate_trials
 
-    publish_summary(summary)
-    publish_trials(study)
+    _ = publish_summary(summary)  # Prefect's artifact helpers are typed "id | coroutine": sync here
+    _ = publish_trials(study)
     if dashboard_url:
-        publish_dashboard_link(dashboard_url, study)
+        _ = publish_dashboard_link(dashboard_url, study)
     source = [t for t in study.get_trials(deepcopy=False) if t.number == version.trial_number]
     if source and version.study_name == study.study_name:
         try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from prefect import serve
@@ -31,7 +31,9 @@ PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 def load_deployment_configs(path: Path = PREFECT_FILE) -> list[dict[str, Any]]:
     """The ``deployments:`` of a prefect.yaml, anchors expanded and ``{{ $ENV }}`` placeholders applied."""
     document = yaml.safe_load(path.read_text())
-    return apply_values(document.get("deployments") or [], dict(os.environ), remove_notset=False)
+    return cast(
+        list[dict[str, Any]], apply_values(document.get("deployments") or [], dict(os.environ), remove_notset=False)
+    )
 
 
 def to_schedule(config: dict[str, Any]) -> Schedule:
@@ -64,16 +66,19 @@ def to_trigger(spec: dict[str, Any]) -> Any:
 
 def build_deployment(config: dict[str, Any], repo: Path = REPO) -> RunnerDeployment:
     """A runner deployment from one prefect.yaml deployment (work pool and pull steps are ignored)."""
-    flow = load_flow_from_entrypoint(str(repo / config["entrypoint"]))
-    return flow.to_deployment(
-        name=config["name"],
-        description=config.get("description"),
-        tags=config.get("tags"),
-        parameters=config.get("parameters") or {},
-        schedules=[to_schedule(item) for item in config.get("schedules") or []],
-        concurrency_limit=to_concurrency(config.get("concurrency_limit")),
-        enforce_parameter_schema=config.get("enforce_parameter_schema", True),
-        triggers=[to_trigger(spec) for spec in config.get("triggers") or []],
+    flow: Any = load_flow_from_entrypoint(str(repo / config["entrypoint"]))
+    return cast(
+        RunnerDeployment,
+        flow.to_deployment(
+            name=config["name"],
+            description=config.get("description"),
+            tags=config.get("tags"),
+            parameters=config.get("parameters") or {},
+            schedules=[to_schedule(item) for item in config.get("schedules") or []],
+            concurrency_limit=to_concurrency(config.get("concurrency_limit")),
+            enforce_parameter_schema=config.get("enforce_parameter_schema", True),
+            triggers=[to_trigger(spec) for spec in config.get("triggers") or []],
+        ),
     )
 
 

@@ -13,10 +13,11 @@ Not meant to be started by hand: `prefect deployment run mnist/train --param wor
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
@@ -241,7 +242,10 @@ def run_trial_workers(
         for index in range(1, workers + 1)
     ]
     logger.info(
-        "started %d trial worker run(s) of %s: %s", len(runs), WORKER_DEPLOYMENT, ", ".join(r.name for r in runs)
+        "started %d trial worker run(s) of %s: %s",
+        len(runs),
+        WORKER_DEPLOYMENT,
+        ", ".join(cast(FlowRun, r).name for r in runs),
     )
     final = _wait_for(runs)
     completed = [r for r in final if r.state and r.state.is_completed()]

@@ -11,7 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import click
 import typer
@@ -22,6 +22,9 @@ from typer.exceptions import TyperException
 
 from mnist_flow.errors import INTERRUPTED, ConfigError, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.params import RunParams, TrainConfig
+
+if TYPE_CHECKING:
+    from mnist_flow.params import Schedule
 from mnist_flow.progress import quiet_optuna
 from mnist_flow.threads import bound_native_caches, policy_for
 
@@ -130,7 +133,7 @@ def train(
         batch_size=batch_size,
         epochs=epochs,
         weight_decay=weight_decay,
-        schedule=schedule,
+        schedule=cast("Schedule", schedule),  # TrainConfig.validate names a bad value
         seed=seed,
         precision=resolve_precision(precision),
     ).validate()

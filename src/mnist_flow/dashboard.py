@@ -97,7 +97,7 @@ def read_note(study: optuna.Study, trial: FrozenTrial) -> str:
     """The trial's current dashboard note ('' when it has none)."""
     from optuna_dashboard import get_note
 
-    return get_note(_TrialRef(study, trial._trial_id))  # type: ignore[arg-type]
+    return get_note(_TrialRef(study, trial._trial_id))
 
 
 def annotate_trials(
@@ -120,7 +120,7 @@ def annotate_trials(
         body = trial_note(trial, model_versions.get(trial.number))
         if read_note(study, trial) == body:
             continue
-        save_note(_TrialRef(study, trial._trial_id), body)  # type: ignore[arg-type]
+        save_note(_TrialRef(study, trial._trial_id), body)
         changed += 1
     return changed
 
@@ -311,7 +311,7 @@ def serve(
     """Serve optuna-dashboard on ``database_url`` until interrupted (Ctrl-C returns quietly)."""
     out = out or sys.stderr
     server = make_dashboard_server(database_url, host, port, allow_write=allow_write, allowed_hosts=allowed_hosts)
-    bound_host, bound_port = server.server_address[:2]
+    bound_host, bound_port = str(server.server_address[0]), server.server_address[1]
     mode = "read-write" if allow_write else "read-only (--allow-write to edit)"
     print(
         f"optuna-dashboard on http://{bound_host}:{bound_port}/, {mode} (database {mask_url(database_url)}); "

@@ -75,9 +75,9 @@ def default_precision() -> Precision:
     return "bf16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "fp32"
 
 
-def resolve_precision(precision: str) -> str:
-    """``"auto"`` becomes :func:`default_precision`; an explicit precision is kept as it is."""
-    return default_precision() if precision == "auto" else precision
+def resolve_precision(precision: str) -> Precision:
+    """``"auto"`` becomes :func:`default_precision`; an explicit precision is kept as it is (TrainConfig checks it)."""
+    return default_precision() if precision == "auto" else typing.cast(Precision, precision)
 
 
 @dataclass(frozen=True)

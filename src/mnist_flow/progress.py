@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 from mnist_flow.formatting import format_params, format_value
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
     from mnist_flow.train import EpochStats
 
 
@@ -109,8 +111,8 @@ class RichProgress:
             transient=False,
         )
         self.bars.start()
-        self.trials = None
-        self.epochs = None
+        self.trials: TaskID | None = None
+        self.epochs: TaskID | None = None
 
     def start_trials(self, total: int) -> None:
         self.trials = self.bars.add_task("trials", total=total, info="best -")

@@ -42,7 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from mnist_flow import db
 from mnist_flow.artifacts import ArtifactStore, sha256
-from mnist_flow.errors import ArtifactIntegrityError, ConfigError, RegistryError
+from mnist_flow.errors import ArtifactIntegrityError, ConfigError, MnistFlowError, RegistryError
 from mnist_flow.model import MLP
 from mnist_flow.promotion import Decision
 from mnist_flow.provenance import code_version
@@ -875,7 +875,7 @@ def architecture_from_safetensors(data: bytes) -> dict[str, Any]:
 
 
 def _check_sidecar(
-    sidecar: Any, architecture: dict[str, Any], where: str, error: type[Exception] = ArtifactIntegrityError
+    sidecar: Any, architecture: dict[str, Any], where: str, error: type[MnistFlowError] = ArtifactIntegrityError
 ) -> None:
     """The sidecar's architecture equals ``architecture`` and its input description is usable."""
     from mnist_flow.predict import Preprocessing, SidecarError

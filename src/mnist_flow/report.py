@@ -206,7 +206,7 @@ def plot_optimization_history(study: optuna.Study, path: Path) -> Path:
         ax.scatter([t.number for t in complete], [t.value for t in complete], label="complete", color="tab:blue")
         best, xs, ys = -math.inf, [], []
         for t in complete:
-            best = max(best, t.value)
+            best = max(best, float(t.value or 0.0))
             xs.append(t.number)
             ys.append(best)
         ax.step(xs, ys, where="post", color="tab:red", label="best so far")

@@ -75,7 +75,8 @@ class MLPStep:
     def __init__(
         self, model: nn.Module, *, lr: LRSchedule, momentum: float, weight_decay: float = 0.0, precision: str = "fp32"
     ) -> None:
-        modules = list(model.net) if hasattr(model, "net") else []
+        net = getattr(model, "net", None)
+        modules = list(net) if isinstance(net, nn.Sequential) else []
         linears = [m for m in modules if isinstance(m, nn.Linear)]
         expected = [nn.Linear, nn.ReLU] * (len(linears) - 1) + [nn.Linear]
         if not linears or [type(m) for m in modules] != expected:
