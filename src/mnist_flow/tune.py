@@ -27,6 +27,7 @@ from mnist_flow.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
 from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.params import SearchSpace, TrainConfig
 from mnist_flow.train import EpochStats, train_model
+from mnist_flow.watchdog import TrialHung
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -153,7 +154,13 @@ class Objective:
 #: What a trial owns: run_study records these as a failed trial (fail reason) and goes on; anything
 #: else an objective raises is a bug and propagates. A divergence never gets here from :class:`Objective`
 #: (it prunes the trial), only from an objective of the caller's; BudgetFilled ends a surplus trial.
-TRIAL_FAILURES: tuple[type[Exception], ...] = (torch.OutOfMemoryError, MemoryError, TrainingDiverged, BudgetFilled)
+TRIAL_FAILURES: tuple[type[Exception], ...] = (
+    torch.OutOfMemoryError,
+    MemoryError,
+    TrainingDiverged,
+    BudgetFilled,
+    TrialHung,  # the watchdog failed a trial that made no progress (re-queued once for the same run)
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
