@@ -1,7 +1,7 @@
 """torch.compile: does compiling the training step pay for its compile time?
 
 Times, at batch 64 on 6,400 random samples (100 steps per round), mnist-flow's train_epoch with the eager
-hand-written step (mnist_flow.step) and with ``torch.compile`` of that step (inductor, default mode),
+hand-written step (mnist_flow.training.step) and with ``torch.compile`` of that step (inductor, default mode),
 alternating after a first compiled epoch whose time (the compilation, with inductor's caches empty) is
 reported separately, for each precision. Break-even = compile seconds / seconds saved per step. The shapes are fixed here; in a study
 the hidden sizes are searched, so every trial with new sizes compiles again.
@@ -26,7 +26,7 @@ import common
 import torch
 
 from mnist_flow.params import TrainConfig
-from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.training.loop import build_model, make_step, train_epoch
 
 STEPS = 100
 

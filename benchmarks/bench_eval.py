@@ -19,7 +19,7 @@ import common
 import torch
 
 from mnist_flow.params import TrainConfig
-from mnist_flow.train import build_model, evaluate, make_step, train_epoch
+from mnist_flow.training.loop import build_model, evaluate, make_step, train_epoch
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 `python flows/mnist.py --source sample --n-trials 50 --max-epochs 1 --final-epochs 1 --workers 1` runs as a
 child; each time it logs a finished trial, this script reads the child's VmRSS and RssAnon from /proc.
 Two variants, alternating: the default (oneDNN's two per-shape kernel caches bounded by
-``mnist_flow.threads.bound_native_caches``) and the caches at PyTorch's own size (1,024 entries each,
+``mnist_flow.training.threads.bound_native_caches``) and the caches at PyTorch's own size (1,024 entries each,
 what every run did before), which grew the process by 6-10 MB per trial.
 
     python benchmarks/bench_memory_trials.py --trials 50 --repeats 1 --out /tmp/memory_trials.json

@@ -24,8 +24,8 @@ import common
 import optuna
 
 from mnist_flow.params import RunParams
-from mnist_flow.train import evaluate, train_model
-from mnist_flow.tune import SEED_PARAMS, Objective, best_trial, config_from_params, make_pruner
+from mnist_flow.search.study import SEED_PARAMS, Objective, best_trial, config_from_params, make_pruner
+from mnist_flow.training.loop import evaluate, train_model
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -37,10 +37,10 @@ import optuna
 import torch
 
 from mnist_flow import pipeline
-from mnist_flow.data import load_dataset
+from mnist_flow.data.datasets import load_dataset
 from mnist_flow.errors import TrainingDiverged
 from mnist_flow.params import RunParams, SearchSpace, TrainConfig
-from mnist_flow.train import all_finite, build_model, make_step, train_epoch, train_model
+from mnist_flow.training.loop import all_finite, build_model, make_step, train_epoch, train_model
 
 ISSUE_POINT = {"lr": 0.2438, "momentum": 0.6841, "hidden1": 832, "hidden2": 320}
 

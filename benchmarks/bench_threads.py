@@ -20,7 +20,7 @@ import common
 
 CHILD = """
 import json, time, torch
-from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.training.loop import build_model, make_step, train_epoch
 from mnist_flow.params import TrainConfig
 torch.set_num_threads({threads})
 g = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Training throughput: the seed tutorial's loop against mnist-flow's train_epoch, and both against the FLOP floor.
 
-mnist-flow's loop (train_epoch with the hand-written step of mnist_flow.step) runs in fp32 and in bf16; the
+mnist-flow's loop (train_epoch with the hand-written step of mnist_flow.training.step) runs in fp32 and in bf16; the
 plain in-memory autograd loop (autograd, autocast, torch.optim.SGD; benchmarks/common.py) runs beside
 it to show what the hand-written step saves. The command of the core issue's check,
 ``mnist-flow train ... --hidden 500,256 --lr 0.01 --momentum 0.9 --batch-size 64 --epochs 1 --json``, runs in
@@ -32,9 +32,9 @@ import common
 import torch
 from torch import nn
 
-from mnist_flow.model import multiply_adds_per_sample
 from mnist_flow.params import TrainConfig
-from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.training.loop import build_model, make_step, train_epoch
+from mnist_flow.training.model import multiply_adds_per_sample
 
 HIDDEN = (500, 256)
 BATCH = 64

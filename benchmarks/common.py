@@ -87,14 +87,14 @@ def set_threads(threads: int | None) -> int:
 def fashion_prepared(cache_dir: Path, val_fraction: float = 0.1, seed: int = 0):
     """Fashion-MNIST as the pipeline prepares it (stratified 10% validation split, normalised, CPU)."""
     from mnist_flow import pipeline
-    from mnist_flow.data import load_dataset
+    from mnist_flow.data.datasets import load_dataset
 
     bundle = load_dataset("fashion-mnist", "dir", data_dir=FASHION_DIR, cache_dir=cache_dir)
     return pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device="cpu")
 
 
 def train_indices(labels: torch.Tensor, val_fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
-    from mnist_flow.data import stratified_split
+    from mnist_flow.data.datasets import stratified_split
 
     return stratified_split(labels, val_fraction, seed)[0]
 
@@ -210,7 +210,7 @@ def autograd_epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer
 def step_gemm_rate(hidden: tuple[int, ...], batch: int, repeats: int = 50) -> Timing:
     """FLOP/s of the GEMMs of one training step at ``batch`` (forward, input-grad and weight-grad of
     every layer), counted as 3 x 2 x multiply-adds; returned as rates against wall and CPU time."""
-    from mnist_flow.model import multiply_adds_per_sample
+    from mnist_flow.training.model import multiply_adds_per_sample
 
     sizes = (784, *hidden, 10)
     acts = [torch.randn(batch, s) for s in sizes]

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mnist_flow.params import TrainConfig
-from mnist_flow.train import build_model, make_step, train_epoch
+from mnist_flow.training.loop import build_model, make_step, train_epoch
 
 GROUPS = {
     "matmul (mm, addmm)": ("aten::mm", "aten::addmm"),

@@ -81,7 +81,7 @@ def section_profile(runs: list[dict | None]) -> list[str]:
     lines += [f"torch.profiler over {r0['steps']} batch-64 steps of one loop (784-500-256-10, SGD momentum 0.9) on "
               f"the first {r0['steps'] * 64:,} samples of the 54,000-sample Fashion-MNIST training split, "
               f"{r0['threads']} intra-op thread(s): mnist-flow's `train_epoch` with its hand-written step "
-              "(`mnist_flow.step`) in bf16 and fp32, and the plain autograd loop it replaced (autograd, bf16 "
+              "(`mnist_flow.training.step`) in bf16 and fp32, and the plain autograd loop it replaced (autograd, bf16 "
               "autocast, `torch.optim.SGD(foreach=True)`; `benchmarks/common.py`). Operators' self time in ms "
               "per step; the profiler's own overhead makes the operator total exceed the unprofiled time.", "",
               "| | " + " | ".join(f"{r['loop']}, {r['precision']}" for r in runs) + " |",

@@ -8,7 +8,7 @@ real command line (``mnist-flow tune``), as the `mnist-trials` workers do:
 
 - workers=1: one process with every CPU thread (MNIST_FLOW_THREADS = CPUs);
 - workers=2: two processes started together on one study and run key, each with half the threads
-  (the share ``mnist_flow.scale.threads_per_worker`` gives a trial worker).
+  (the share ``mnist_flow.search.scale.threads_per_worker`` gives a trial worker).
 
 The rate is ``n_trials / (last trial's end - first trial's start)``, read from the study: process
 start-up and data loading are left out, as they are once per worker and not per trial. Every trial
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, default=None, help="write the markdown here (e.g. docs/scaling.md)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))
-    from mnist_flow.scale import available_cpus
+    from mnist_flow.search.scale import available_cpus
 
     cpus = available_cpus()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())

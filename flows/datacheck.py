@@ -23,7 +23,7 @@ from prefect.variables import Variable
 
 from mnist_flow import pipeline
 from mnist_flow.params import RunParams
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
 from mnist_flow.settings import load_settings
 
 EVENT = "mnist-flow.data.changed"

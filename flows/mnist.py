@@ -19,28 +19,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.callables import get_call_parameters
 
+from flows.reporting import publish_decision, publish_review
+from flows.trials import check_trial_workers, run_local_trial_workers, run_trial_workers
 from mnist_flow import pipeline
-from mnist_flow.data import DataBundle
+from mnist_flow.data.datasets import DataBundle
 from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError, quiet_user_error_tracebacks
-from mnist_flow.fsutil import PERMANENT_ERRNOS
 from mnist_flow.params import RunParams, with_run_parameters
 from mnist_flow.progress import LogProgress, quiet_optuna
-from mnist_flow.registry import Registry
-from mnist_flow.scale import resolve_workers
+from mnist_flow.registry.store import Registry
+from mnist_flow.search.scale import resolve_workers
+from mnist_flow.search.watchdog import Watchdog, stage_timeout
 from mnist_flow.settings import Settings, load_settings
-from mnist_flow.threads import bound_native_caches, policy_for
-from mnist_flow.threads import describe as describe_threads
-from mnist_flow.train import EvalResult, select_device
-from mnist_flow.watchdog import Watchdog, stage_timeout
-
-try:
-    from reporting import publish_decision, publish_review  # flows/ on sys.path: a script, or Prefect's loader
-except ModuleNotFoundError:
-    from flows.reporting import publish_decision, publish_review  # imported as the namespace package `flows`
-try:
-    from trials import check_trial_workers, run_local_trial_workers, run_trial_workers
-except ModuleNotFoundError:
-    from flows.trials import check_trial_workers, run_local_trial_workers, run_trial_workers
+from mnist_flow.storage.fsutil import PERMANENT_ERRNOS
+from mnist_flow.training.loop import EvalResult, select_device
+from mnist_flow.training.threads import bound_native_caches, policy_for
+from mnist_flow.training.threads import describe as describe_threads
 
 
 def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -109,7 +102,7 @@ def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run
 def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams, settings: Settings) -> pipeline.FinalFit:
     """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit).
 
-    More than one intra-op thread only while measured faster (mnist_flow.threads).
+    More than one intra-op thread only while measured faster (mnist_flow.training.threads).
     """
     logger = get_run_logger()
     logger.info(
@@ -206,7 +199,7 @@ def checked_flow(**options: Any) -> Any:
 def _timeout(
     prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int], history: Any = ()
 ) -> float:
-    """A stage's timeout from its epoch budget (mnist_flow.watchdog.stage_timeout): a backstop for a hang."""
+    """A stage's timeout from its epoch budget (mnist_flow.search.watchdog.stage_timeout): a backstop for a hang."""
     return stage_timeout(
         epochs,
         hidden,
@@ -264,7 +257,7 @@ def mnist(**parameters: Any) -> dict[str, Any]:
     with watch("register"):
         version = register(prepared, fitted, test, study.study_name, best.number, run_key, settings)
         version, decision = gate(prepared, version, test, settings)
-        publish_decision(decision, version, settings.resolved_database_url)
+        _ = publish_decision(decision, version, settings.resolved_database_url)  # an artifact id (sync here)
     summary = pipeline.build_summary(
         params,
         prepared,
@@ -300,7 +293,7 @@ def start_temporary_server() -> None:
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     )
 
-    from mnist_flow.cli_flow import tie_to_this_process
+    from mnist_flow.cli.flow import tie_to_this_process
     from mnist_flow.errors import ConfigError
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
@@ -323,7 +316,7 @@ def start_temporary_server() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python flows/mnist.py [--param value ...]`: validate, run the flow, print the summary."""
-    from mnist_flow.cli_flow import run_flow_cli
+    from mnist_flow.cli.flow import run_flow_cli
 
     return run_flow_cli(mnist, argv, before_run=start_temporary_server)
 

@@ -12,8 +12,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from mnist_flow.db import mask_url
 from mnist_flow.formatting import format_value
+from mnist_flow.storage.db import mask_url
 
 DECISION_KEY = "promotion-decision"
 
@@ -81,7 +81,7 @@ def dashboard_link(dashboard_url: str, study: Any) -> str:
 @task(cache_policy=NO_CACHE)
 def publish_summary(summary: dict[str, Any]) -> Any:
     """The run's summary (best params, accuracies, champion comparison, stage times, data fingerprint)."""
-    from mnist_flow.report import summary_markdown
+    from mnist_flow.review.report import summary_markdown
 
     model, accuracy = summary.get("model", {}), summary.get("metrics", {}).get("test_accuracy")
     description = f"{model.get('name', '?')} v{model.get('version', '?')}: test accuracy {_fmt(accuracy)}"
@@ -91,7 +91,7 @@ def publish_summary(summary: dict[str, Any]) -> Any:
 @task(cache_policy=NO_CACHE)
 def publish_trials(study: Any) -> Any:
     """Every trial of the study as a table (the rows of trials.csv, built with pandas)."""
-    from mnist_flow.report import table_records, trials_frame
+    from mnist_flow.review.report import table_records, trials_frame
 
     frame = trials_frame(study)
     return create_table_artifact(
@@ -112,7 +112,7 @@ def publish_dashboard_link(dashboard_url: str, study: Any) -> Any:
 
 def publish_review(summary: dict[str, Any], study: Any, version: Any, dashboard_url: str | None) -> None:
     """End of the flow: the review artifacts, and the registered version on its trial's dashboard note."""
-    from mnist_flow.dashboard import annotate_trials
+    from mnist_flow.review.dashboard import annotate_trials
 
     _ = publish_summary(summary)  # Prefect's artifact helpers are typed "id | coroutine": sync here
     _ = publish_trials(study)

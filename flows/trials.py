@@ -4,7 +4,7 @@ The `mnist` flow starts ``workers`` runs of the deployment `mnist-trials/worker`
 `mnist`) with ``run_deployment``, waits for them, then trains, evaluates and registers as usual. Any
 free Prefect worker, on any machine, picks one up. Each run loads the data itself (same parameters;
 the study name, which carries the data fingerprint, must match), then runs trials of the shared
-study until the run's ``n_trials`` are finished (see :mod:`mnist_flow.budget`). Each trial records
+study until the run's ``n_trials`` are finished (see :mod:`mnist_flow.search.budget`). Each trial records
 its process (``worker`` = host:pid) and this flow run's id (``flow_run_id``).
 
 Not meant to be started by hand: `prefect deployment run mnist/train --param workers=2` does it.
@@ -21,13 +21,16 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
-from mnist_flow.db import dispose_storage, mask_url
 from mnist_flow.errors import ConfigError, MnistFlowError
 from mnist_flow.params import RunParams
 from mnist_flow.progress import LogProgress, quiet_optuna
-from mnist_flow.scale import check_shared_state
+from mnist_flow.search.scale import check_shared_state
+from mnist_flow.search.study import study_name_for, worker_id
+from mnist_flow.search.watchdog import Watchdog
 from mnist_flow.settings import Settings, load_settings
-from mnist_flow.threads import (
+from mnist_flow.storage.db import dispose_storage, mask_url
+from mnist_flow.training.loop import select_device
+from mnist_flow.training.threads import (
     AdaptiveThreads,
     FixedThreads,
     Policy,
@@ -36,9 +39,6 @@ from mnist_flow.threads import (
     describe,
     single_threaded_process,
 )
-from mnist_flow.train import select_device
-from mnist_flow.tune import study_name_for, worker_id
-from mnist_flow.watchdog import Watchdog
 
 WORKER_DEPLOYMENT = "mnist-trials/worker"
 #: How long the parent waits for a Prefect worker to pick its trial runs up before giving up.
@@ -274,7 +274,7 @@ def run_local_trial_workers(
     Prefect's ``ProcessPoolTaskRunner`` starts the processes (spawned; each loads the data itself from
     the cache or folder the flow read, so only a few parameters are pickled) and runs one
     :func:`trial_process` task in each; their trial logs reach this flow run. Together they finish
-    exactly ``n_trials`` (mnist_flow.budget). A process that crashed (a kill breaks the whole pool)
+    exactly ``n_trials`` (mnist_flow.search.budget). A process that crashed (a kill breaks the whole pool)
     costs only the trials that were running: they are failed once their heartbeat is stale and the
     flow's own tune task, which runs next, finishes the budget (their configurations first).
     """

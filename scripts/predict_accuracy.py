@@ -27,8 +27,8 @@ from PIL import Image
 
 from mnist_flow import pipeline
 from mnist_flow.params import TrainConfig
-from mnist_flow.predict import DIGIT, Preprocessing, predict_images
-from mnist_flow.registry import Registry, load_model
+from mnist_flow.registry.store import Registry, load_model
+from mnist_flow.review.predict import DIGIT, Preprocessing, predict_images
 from mnist_flow.settings import Settings, load_settings
 
 

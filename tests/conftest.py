@@ -26,7 +26,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def sample_bundle():
     """The 5,000 real MNIST digits shipped with the package."""
-    from mnist_flow.data import load_dataset
+    from mnist_flow.data.datasets import load_dataset
 
     return load_dataset("mnist", "sample", cache_dir=Path("/nonexistent"))
 

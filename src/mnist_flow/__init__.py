@@ -13,12 +13,12 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "load_model"]
 
 if TYPE_CHECKING:
-    from mnist_flow.registry import load_model
+    from mnist_flow.registry.store import load_model
 
 
 def __getattr__(name: str) -> Any:
     if name == "load_model":
-        from mnist_flow.registry import load_model
+        from mnist_flow.registry.store import load_model
 
         return load_model
     raise AttributeError(f"module 'mnist_flow' has no attribute {name!r}")

@@ -276,7 +276,7 @@ class RunParams(BaseModel):
     @classmethod
     def parse(cls, **values: Any) -> RunParams:
         """Build from user input (flat names), turning validation errors into one ConfigError."""
-        from mnist_flow import data as data_lib
+        from mnist_flow.data import datasets as data_lib
 
         try:
             params = cls(**values)

@@ -18,17 +18,14 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial
 
-from mnist_flow import data as data_lib
-from mnist_flow.budget import fail_stale_trials, trial_lock
-from mnist_flow.dashboard import annotate_finished_trial
-from mnist_flow.db import dispose_storage, mask_url, optuna_storage
+from mnist_flow.data import datasets as data_lib
 from mnist_flow.errors import TrainingDiverged
 from mnist_flow.formatting import format_params
 from mnist_flow.params import RunParams, TrainConfig
 from mnist_flow.progress import NullProgress, Progress
-from mnist_flow.settings import Settings
-from mnist_flow.train import EvalResult, History, all_finite, evaluate, train_model
-from mnist_flow.tune import (
+from mnist_flow.review.dashboard import annotate_finished_trial
+from mnist_flow.search.budget import fail_stale_trials, trial_lock
+from mnist_flow.search.study import (
     Objective,
     Splits,
     best_trial,
@@ -39,6 +36,9 @@ from mnist_flow.tune import (
     run_study,
     study_name_for,
 )
+from mnist_flow.settings import Settings
+from mnist_flow.storage.db import dispose_storage, mask_url, optuna_storage
+from mnist_flow.training.loop import EvalResult, History, all_finite, evaluate, train_model
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def tune(
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
-    together they finish exactly ``params.n_trials`` (see :mod:`mnist_flow.budget`).
+    together they finish exactly ``params.n_trials`` (see :mod:`mnist_flow.search.budget`).
 
     Trials left RUNNING by a killed process (no heartbeat for ``heartbeat_grace`` seconds) are failed
     first and their configurations re-queued, so a resumed run retries them instead of losing them.
@@ -176,7 +176,7 @@ def tune(
         )
         return study, best_trial(study, recipe_of(params.base_config()))
     except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
-        from mnist_flow.db import permanent_error
+        from mnist_flow.storage.db import permanent_error
 
         permanent = permanent_error(storage_url, exc.__cause__) if exc.__cause__ is not None else None
         if permanent is None:
@@ -245,10 +245,10 @@ def fit_best(
 ) -> tuple[torch.nn.Module, History]:
     """Train ``config`` on the training split, watching the validation split.
 
-    Guarded (:func:`mnist_flow.train.fit`): a diverging epoch restores the best state so far and goes on
+    Guarded (:func:`mnist_flow.training.loop.fit`): a diverging epoch restores the best state so far and goes on
     at a lower rate (``history.events``), and the model ends with the weights of its best epoch by
     validation accuracy (``history.best_epoch``). Raises TrainingDiverged only when the recoveries
-    run out; the model returned has finite weights. ``threads``: a :mod:`mnist_flow.threads` policy.
+    run out; the model returned has finite weights. ``threads``: a :mod:`mnist_flow.training.threads` policy.
     """
     progress = progress or NullProgress()
     progress.start_epochs(label, config.epochs)
@@ -306,7 +306,7 @@ def final_fit(
        its seed) is retrained, which reproduces the trial, and the better of the two by validation
        accuracy is registered. ``notes`` says what happened, for the log and the summary.
 
-    ``threads``: a :mod:`mnist_flow.threads` policy for both fits.
+    ``threads``: a :mod:`mnist_flow.training.threads` policy for both fits.
     """
     config, recipe = final_config(trial, params), trial_config(trial, params)
     floor = (trial.value or 0.0) - FINAL_FIT_TOLERANCE
@@ -371,7 +371,7 @@ def model_name(dataset: str) -> str:
 
 def sidecar(bundle: data_lib.DataBundle) -> dict[str, Any]:
     """How the model's inputs were made, for `predict` and `serve` to repeat exactly (see predict.Preprocessing)."""
-    from mnist_flow.predict import preparation_for
+    from mnist_flow.review.predict import preparation_for
 
     return {
         "normalization": {"mean": data_lib.MEAN, "std": data_lib.STD, "scale": 255.0},
@@ -512,7 +512,7 @@ def _gate(
     registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float, alpha: float | None
 ) -> Any:
     """The gate's decision for a challenger with ``test`` results against ``champion`` (None: no champion yet)."""
-    from mnist_flow.promotion import decide
+    from mnist_flow.registry.promotion import decide
 
     fingerprint = prepared.bundle.fingerprint
     challenger_correct = test.predictions == prepared.test_y.cpu()
@@ -547,7 +547,7 @@ def decide_promotion(
     :func:`register_and_decide`, which records the decision with the version) gets its recorded
     decision back instead of a second one.
     """
-    from mnist_flow.promotion import Decision
+    from mnist_flow.registry.promotion import Decision
 
     name = version.name
     earlier = [d for d in registry.history(name) if d["challenger_version"] == version.version and d["actor"] == "gate"]
@@ -598,7 +598,7 @@ def register_and_decide(
     ``require_study``: see :func:`register_challenger` (checked before anything is read, as a read would
     create a deleted SQLite file again).
     """
-    from mnist_flow.registry import ChampionMovedError
+    from mnist_flow.registry.store import ChampionMovedError
 
     if require_study:
         registry.require_database(study_name)
@@ -650,7 +650,7 @@ def build_summary(
     notes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The dict the flow returns and the CLI prints."""
-    from mnist_flow.tune import finished_trials
+    from mnist_flow.search.study import finished_trials
 
     mine = finished_trials(study, run_key)
     bundle = prepared.bundle

@@ -15,7 +15,7 @@ from mnist_flow.formatting import format_params, format_value
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from mnist_flow.train import EpochStats
+    from mnist_flow.training.loop import EpochStats
 
 
 class Progress(Protocol):

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     @classmethod
     def _persistent_artifacts(cls, value: str | None) -> str | None:
         # memory:// (gone with the process) or http:// (read-only) cannot keep a registered model's files
-        from mnist_flow.artifacts import check_artifacts_url
+        from mnist_flow.registry.artifacts import check_artifacts_url
 
         if value is None:
             return value

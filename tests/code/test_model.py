@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.model import MLP, count_parameters, multiply_adds_per_sample
+from mnist_flow.training.model import MLP, count_parameters, multiply_adds_per_sample
 
 
 def test_the_default_mlp_is_the_seed_architecture_and_returns_logits():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnist_flow.promotion import decide, mcnemar_exact
+from mnist_flow.registry.promotion import decide, mcnemar_exact
 
 
 def correct(pattern: str) -> torch.Tensor:
@@ -76,8 +76,8 @@ def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sa
 
     from mnist_flow.params import TrainConfig
     from mnist_flow.pipeline import evaluate_test, register_and_decide
-    from mnist_flow.registry import Registry
-    from mnist_flow.train import train_model
+    from mnist_flow.registry.store import Registry
+    from mnist_flow.training.loop import train_model
 
     config = TrainConfig(hidden=(32,), epochs=1)
     s = sample_prepared.splits

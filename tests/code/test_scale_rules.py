@@ -7,7 +7,7 @@ import os
 import pytest
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.scale import check_shared_state, leaves_this_machine, threads_per_worker
+from mnist_flow.search.scale import check_shared_state, leaves_this_machine, threads_per_worker
 
 SQLITE = "sqlite:////tmp/x/mnist-flow.db"
 POSTGRES = "postgresql+psycopg://mnist:s3cret@db.internal:5432/mnist"
@@ -59,7 +59,7 @@ def test_multi_host_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_available_cpus_respects_the_affinity_mask_and_a_cgroup_v2_quota(tmp_path) -> None:
-    from mnist_flow.scale import _own_cgroup, available_cpus, cgroup_cpu_quota
+    from mnist_flow.search.scale import _own_cgroup, available_cpus, cgroup_cpu_quota
 
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(str(tmp_path)) == affinity  # no cpu.max anywhere: the affinity mask
@@ -80,7 +80,7 @@ def test_available_cpus_respects_the_affinity_mask_and_a_cgroup_v2_quota(tmp_pat
     ("auto", 20, 1, 24, 1), ("auto", 20, 8, 1, 1), (3, 20, 2, 24, 3), (1, 20, 16, 24, 1)])
 def test_workers_auto_is_one_process_per_cpu_within_the_trials_and_the_memory(
         workers, n_trials: int, cpus: int, memory_gib: int, expected: int) -> None:
-    from mnist_flow.scale import resolve_workers
+    from mnist_flow.search.scale import resolve_workers
 
     assert resolve_workers(workers, n_trials, cpus=cpus, memory=memory_gib * 2**30) == expected
 

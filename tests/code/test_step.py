@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_flow.model import MLP
-from mnist_flow.step import MLPStep, constant, one_cycle
+from mnist_flow.training.model import MLP
+from mnist_flow.training.step import MLPStep, constant, one_cycle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

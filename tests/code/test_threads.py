@@ -1,4 +1,4 @@
-"""The thread policy (mnist_flow.threads): more threads only while measured faster, never another result.
+"""The thread policy (mnist_flow.training.threads): more threads only while measured faster, never another result.
 
 The policy's decisions are driven by real step times: the steps below take a known time per thread
 count (they sleep), so each test knows what the policy must choose. The real training step is then
@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 
-from mnist_flow import threads as th
 from mnist_flow.params import TrainConfig
-from mnist_flow.train import train_model
+from mnist_flow.training import threads as th
+from mnist_flow.training.loop import train_model
 
 
 class TimedStep:
@@ -125,7 +125,7 @@ def test_the_ladder_goes_up_to_the_available_cpus_and_mnist_flow_threads_overrid
 
 
 def test_a_trial_process_is_single_threaded_with_passive_openmp_and_bounded_kernel_caches() -> None:
-    code = ("import os, torch; from mnist_flow.threads import single_threaded_process; single_threaded_process(); "
+    code = ("import os, torch; from mnist_flow.training.threads import single_threaded_process; single_threaded_process(); "
             "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'], "
             "os.environ['LRU_CACHE_CAPACITY'], os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])")
     env = {k: v for k, v in os.environ.items() if k not in th.CACHE_ENV and not k.startswith(("OMP_", "MKL_"))}

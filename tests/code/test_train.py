@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mnist_flow.errors import ConfigError, MnistFlowError, TrainingDiverged
 from mnist_flow.params import TrainConfig
-from mnist_flow.train import (
+from mnist_flow.training.loop import (
     EXPLODE_FACTOR,
     Divergence,
     EvalResult,

@@ -19,8 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from mnist_flow.budget import SURPLUS_ATTR, Step, TrialBudget, trial_lock
-from mnist_flow.tune import run_study
+from mnist_flow.search.budget import SURPLUS_ATTR, Step, TrialBudget, trial_lock
+from mnist_flow.search.study import run_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,8 @@ _GATE_WORKER = textwrap.dedent("""
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from mnist_flow.pipeline import study_storage
-    from mnist_flow.budget import trial_lock
-    from mnist_flow.tune import run_study
+    from mnist_flow.search.budget import trial_lock
+    from mnist_flow.search.study import run_study
     url, name, run_key, n, barrier, processes = sys.argv[1:4] + [int(sys.argv[4]), sys.argv[5], int(sys.argv[6])]
     storage = study_storage(url, heartbeat_interval=1, heartbeat_grace=30)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -185,7 +185,7 @@ def test_the_budget_waits_while_the_free_slots_are_running_elsewhere() -> None:
 
 
 def test_the_lock_follows_the_database(tmp_path: Path) -> None:
-    from mnist_flow.locks import AdvisoryLock, FileLock, ThreadLock
+    from mnist_flow.storage.locks import AdvisoryLock, FileLock, ThreadLock
 
     sqlite_lock = trial_lock(f"sqlite:///{tmp_path / 'a.db'}", "s")
     assert isinstance(sqlite_lock, FileLock) and sqlite_lock.path.startswith(str(tmp_path / "a.db"))
@@ -195,7 +195,7 @@ def test_the_lock_follows_the_database(tmp_path: Path) -> None:
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from mnist_flow.budget import trial_lock
+    from mnist_flow.search.budget import trial_lock
     lock = trial_lock(sys.argv[1], "s")
     print("ready", flush=True)
     lock.acquire()

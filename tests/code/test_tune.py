@@ -10,7 +10,7 @@ import torch
 
 from mnist_flow.errors import ConfigError
 from mnist_flow.params import SearchSpace, TrainConfig
-from mnist_flow.tune import (
+from mnist_flow.search.study import (
     SEED_PARAMS,
     Objective,
     Splits,

@@ -1,4 +1,4 @@
-"""Hang detection (mnist_flow.watchdog): a stuck trial is failed and its configuration retried; the run finishes."""
+"""Hang detection (mnist_flow.search.watchdog): a stuck trial is failed and its configuration retried; the run finishes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from optuna.trial import TrialState
 
 from mnist_flow.params import SearchSpace, TrainConfig
-from mnist_flow.tune import Objective, Splits, finished_trials, open_study, run_study
-from mnist_flow.watchdog import (
+from mnist_flow.search.study import Objective, Splits, finished_trials, open_study, run_study
+from mnist_flow.search.watchdog import (
     HUNG_ATTR,
     HUNG_EXIT_CODE,
     RETRY_ATTR,

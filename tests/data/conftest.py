@@ -9,7 +9,7 @@ import pytest
 from data_helpers import Mirror, dead_port, gz_files, tiny_arrays
 from testlib import file_server
 
-from mnist_flow import data
+from mnist_flow.data import datasets as data
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from mnist_flow import data
-from mnist_flow.idx import encode_idx
+from mnist_flow.data import datasets as data
+from mnist_flow.data.idx import encode_idx
 
 
 def tiny_arrays(n_train: int = 30, n_test: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -17,11 +17,11 @@ import pytest
 import torch
 from data_helpers import Mirror, endless_server, gz_files, tiny_arrays, write_dataset
 
-from mnist_flow import data
 from mnist_flow.cli import main as cli_main
-from mnist_flow.data import load_dataset
+from mnist_flow.data import datasets as data
+from mnist_flow.data.datasets import load_dataset
+from mnist_flow.data.idx import IdxHeader, encode_idx, gzip_size_bound, load_idx, read_idx
 from mnist_flow.errors import DataError
-from mnist_flow.idx import IdxHeader, encode_idx, gzip_size_bound, load_idx, read_idx
 
 GB = 1 << 30
 

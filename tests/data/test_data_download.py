@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from data_helpers import Mirror, dead_port, gz_files, tiny_arrays
 
-from mnist_flow import data
-from mnist_flow.data import DataFallbackWarning, load_dataset
+from mnist_flow.data import datasets as data
+from mnist_flow.data.datasets import DataFallbackWarning, load_dataset
 from mnist_flow.errors import DataError
 
 NAMES = [f"{base}.gz" for base in data.FILES.values()]

@@ -24,10 +24,10 @@ from data_helpers import (
 )
 from testlib import require_fashion_mnist
 
-from mnist_flow import data
-from mnist_flow.data import load_dataset, validate_source
+from mnist_flow.data import datasets as data
+from mnist_flow.data.datasets import load_dataset, validate_source
+from mnist_flow.data.idx import content_sha256, encode_idx
 from mnist_flow.errors import ConfigError, DataError
-from mnist_flow.idx import content_sha256, encode_idx
 
 
 def _load(folder: Path, name: str = "mnist") -> data.DataBundle:
@@ -178,7 +178,7 @@ def test_a_fifo_in_place_of_a_file_is_not_waited_on(tmp_path: Path) -> None:
     import os
     import threading
 
-    from mnist_flow.idx import load_idx
+    from mnist_flow.data.idx import load_idx
 
     os.mkfifo(tmp_path / "train-images-idx3-ubyte")
     outcome: list[BaseException] = []

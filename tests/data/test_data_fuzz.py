@@ -22,10 +22,10 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from mnist_flow import data
-from mnist_flow.data import load_dataset
+from mnist_flow.data import datasets as data
+from mnist_flow.data.datasets import load_dataset
+from mnist_flow.data.idx import load_idx
 from mnist_flow.errors import MnistFlowError
-from mnist_flow.idx import load_idx
 
 CAP = 4096  # a small payload limit, so absurd headers are also reached with small files
 EXAMPLES = 2000

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mnist_flow.data import parse_idx, read_idx, write_idx
+from mnist_flow.data.datasets import parse_idx, read_idx, write_idx
+from mnist_flow.data.idx import encode_idx
 from mnist_flow.errors import DataError
-from mnist_flow.idx import encode_idx
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -13,8 +13,8 @@ import torch
 from data_helpers import tiny_arrays, write_dataset
 from testlib import require_fashion_mnist
 
-from mnist_flow import data
-from mnist_flow.data import load_dataset, to_features, validate_source
+from mnist_flow.data import datasets as data
+from mnist_flow.data.datasets import load_dataset, to_features, validate_source
 from mnist_flow.errors import ConfigError, DataError
 
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnist_flow.data import stratified_split
+from mnist_flow.data.datasets import stratified_split
 from mnist_flow.errors import ConfigError
 
 

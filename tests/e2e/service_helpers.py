@@ -170,7 +170,7 @@ def study_trials(env: dict, run_key: str | None = None) -> list[Trial]:
 
 def registered(env: dict) -> list:
     """The registry's versions (read in-process)."""
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry.store import Registry
     from mnist_flow.settings import Settings
 
     settings = Settings(home=Path(env["MNIST_FLOW_HOME"]), database_url=env.get("MNIST_FLOW_DATABASE_URL"))

@@ -89,7 +89,7 @@ def test_serve_builds_the_same_deployments_and_keeps_schedules_on_shutdown(monke
 
 
 def test_decision_artifact_explains_the_outcome_and_masks_the_database_password() -> None:
-    from mnist_flow.promotion import Decision
+    from mnist_flow.registry.promotion import Decision
 
     reporting = _load("mnist_flow_reporting_under_test", REPO / "flows" / "reporting.py")
     decision = Decision("kept", "accuracy gain +0.0010 is above the margin but not significant", 0.981, 0.980,

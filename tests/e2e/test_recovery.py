@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from service_helpers import TINY, ZOMBIE_S, Service, registered, state_type, study_trials
 
-from mnist_flow.watchdog import HUNG_ATTR, RETRY_ATTR
+from mnist_flow.search.watchdog import HUNG_ATTR, RETRY_ATTR
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

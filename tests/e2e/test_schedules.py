@@ -111,7 +111,8 @@ def test_a_paused_nightly_schedule_stays_paused_after_make_deploy(workers: Servi
 
 
 def _write_data(folder: Path, drop: int) -> None:
-    from mnist_flow import data, idx
+    from mnist_flow.data import datasets as data
+    from mnist_flow.data import idx
 
     bundle = data.load_dataset("mnist", "sample", cache_dir=Path("/nonexistent"))
     arrays = {"train_images": bundle.train_images[drop:], "train_labels": bundle.train_labels[drop:],

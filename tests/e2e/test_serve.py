@@ -36,7 +36,7 @@ def served_home(tmp_path_factory, sample_prepared) -> Path:
 
     from mnist_flow import pipeline
     from mnist_flow.params import TrainConfig
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry.store import Registry
 
     tmp = tmp_path_factory.mktemp("serve")
     home = tmp / "home"
@@ -102,7 +102,7 @@ def _files(images: list[np.ndarray]) -> list[tuple[str, tuple[str, bytes, str]]]
 
 
 def test_predict_classifies_posted_pngs_like_the_model_does_in_process(server, served_home, sample_prepared):
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry.store import Registry
 
     images = sample_prepared.bundle.test_images.numpy()[::50]
     labels = sample_prepared.bundle.test_labels.tolist()[::50]
@@ -249,6 +249,6 @@ def test_the_model_api_module_imports_no_prefect():
     import subprocess
     import sys
 
-    code = "import sys, mnist_flow.serve; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    code = "import sys, mnist_flow.review.serve; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

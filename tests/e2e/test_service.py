@@ -33,7 +33,7 @@ def _registry(*args: str, env: dict) -> list:
 
 def _champions(env: dict) -> list[int]:
     """Champion versions, read in-process (a third `mnist-flow` start costs seconds on a busy machine)."""
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry.store import Registry
     from mnist_flow.settings import Settings
 
     settings = Settings(home=Path(env["MNIST_FLOW_HOME"]), database_url=env.get("MNIST_FLOW_DATABASE_URL"))

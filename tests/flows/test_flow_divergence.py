@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module
+from flows import mnist as flow_module
 
 pytestmark = pytest.mark.slow
 

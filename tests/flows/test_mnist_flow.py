@@ -10,12 +10,11 @@ import pytest
 
 from mnist_flow.errors import ConfigError
 from mnist_flow.params import flat_fields
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
 from mnist_flow.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module
+from flows import mnist as flow_module
 
 #: workers=1: the trials in the flow's process (the parallel run: tests/e2e/test_parallel_run.py).
 TINY = dict(source="sample", n_trials=3, max_epochs=2, final_epochs=2, seed=0, workers=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,8 @@ import pytest
 from mnist_flow.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module
-import trials as trials_module
+from flows import mnist as flow_module
+from flows import trials as trials_module
 
 
 def test_deployment_workers_without_a_worker_deployment_are_refused_before_any_work(home: Path) -> None:

@@ -22,8 +22,8 @@ from testlib import require_fashion_mnist
 from mnist_flow import pipeline
 from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.params import RunParams, SearchSpace, TrainConfig
-from mnist_flow.registry import Registry
-from mnist_flow.train import all_finite, train_model
+from mnist_flow.registry.store import Registry
+from mnist_flow.training.loop import all_finite, train_model
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
@@ -71,7 +71,7 @@ def test_every_corner_of_the_default_space_trains_to_a_finite_model_on_the_sampl
 @pytest.fixture(scope="module")
 def fashion_subset():
     """6,000 Fashion-MNIST training images (600 held out) and the 10,000 test images."""
-    from mnist_flow.data import load_dataset
+    from mnist_flow.data.datasets import load_dataset
 
     bundle = load_dataset("fashion-mnist", "dir", data_dir=require_fashion_mnist(), cache_dir=Path("/nonexistent"))
     small = replace(bundle, train_images=bundle.train_images[:6000], train_labels=bundle.train_labels[:6000])

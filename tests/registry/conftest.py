@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from mnist_flow.model import MLP
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.training.model import MLP
 
 
 def tiny_model(seed: int = 0) -> MLP:

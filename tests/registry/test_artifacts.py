@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mnist_flow.artifacts import ArtifactStore, sha256
 from mnist_flow.errors import ConfigError, RegistryError
+from mnist_flow.registry.artifacts import ArtifactStore, sha256
 
 
 def test_write_then_read_round_trip_leaves_no_temp_files(tmp_path):

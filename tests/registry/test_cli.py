@@ -9,9 +9,9 @@ import pytest
 from registry_helpers import register
 from typer.testing import CliRunner
 
-from mnist_flow.cli_registry import registry_app
+from mnist_flow.cli.registry import registry_app
 from mnist_flow.errors import RegistryError
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
 from mnist_flow.settings import load_settings
 
 

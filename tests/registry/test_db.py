@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from mnist_flow import db
 from mnist_flow.errors import DatabaseUnavailableError
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.storage import db
 
 UNREACHABLE = "postgresql+psycopg://u:secret@127.0.0.1:1/x"
 

@@ -7,11 +7,13 @@ import pytest
 from registry_helpers import run_concurrently
 from sqlalchemy import inspect, text
 
-from mnist_flow import db, migrations
+from mnist_flow.registry import migrations
+from mnist_flow.storage import db
 
 MIGRATE_SCRIPT = """
 import sys, time
-from mnist_flow import db, migrations
+from mnist_flow.storage import db
+from mnist_flow.registry import migrations
 start_at, url = float(sys.argv[1]), sys.argv[2]
 time.sleep(max(0.0, start_at - time.time()))
 engine = db.make_engine(url)

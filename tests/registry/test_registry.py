@@ -9,13 +9,13 @@ import torch
 from registry_helpers import register, run_concurrently, tiny_model
 
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError, RegistryError
-from mnist_flow.promotion import decide
-from mnist_flow.registry import Registry
+from mnist_flow.registry.promotion import decide
+from mnist_flow.registry.store import Registry
 
 REGISTER_SCRIPT = """
 import sys, time, torch
-from mnist_flow.model import MLP
-from mnist_flow.registry import Registry
+from mnist_flow.training.model import MLP
+from mnist_flow.registry.store import Registry
 start_at, db_url, art_url, worker = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 reg = Registry(db_url, art_url)
 reg.migrate()
@@ -139,7 +139,7 @@ def test_invalid_alias_is_refused(registry):
 
 
 def test_artifact_written_before_row_and_row_never_without_artifact(registry, monkeypatch):
-    from mnist_flow.artifacts import ArtifactStore
+    from mnist_flow.registry.artifacts import ArtifactStore
 
     def fail(self, relpath, data):
         raise OSError("disk full")
@@ -192,8 +192,8 @@ def test_sidecar_disagreeing_with_the_weights_raises_integrity_error(registry, a
 def test_unreadable_weights_with_a_matching_checksum_raise_integrity_error(registry):
     from sqlalchemy import update
 
-    from mnist_flow.artifacts import sha256
-    from mnist_flow.registry import ModelVersionRow
+    from mnist_flow.registry.artifacts import sha256
+    from mnist_flow.registry.store import ModelVersionRow
 
     version = register(registry)
     garbage = b"not a safetensors file"

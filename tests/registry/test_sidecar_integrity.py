@@ -15,11 +15,12 @@ import torch
 from registry_helpers import register, tiny_model
 from sqlalchemy import update
 
-from mnist_flow import cli, migrations
-from mnist_flow.artifacts import sha256
+from mnist_flow import cli
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError
-from mnist_flow.model import MLP
-from mnist_flow.registry import ModelVersionRow, architecture_from_safetensors
+from mnist_flow.registry import migrations
+from mnist_flow.registry.artifacts import sha256
+from mnist_flow.registry.store import ModelVersionRow, architecture_from_safetensors
+from mnist_flow.training.model import MLP
 
 
 def _path(uri: str) -> Path:
@@ -60,7 +61,7 @@ def test_an_edited_sidecar_is_refused_naming_the_file(registry, change):
 
 
 def test_predict_with_an_edited_sidecar_is_one_message_and_exit_2(home, tmp_path, capsys):
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry.store import Registry
     from mnist_flow.settings import load_settings
 
     with Registry.from_settings(load_settings()) as registry:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -18,15 +17,14 @@ import torch
 from rel_helpers import REPO, clean_env, flow_script, mnist_flow, written_files
 from testlib import file_server
 
-from mnist_flow import data
 from mnist_flow.cli import main as cli_main
+from mnist_flow.data import datasets as data
+from mnist_flow.data.idx import encode_idx
 from mnist_flow.errors import ConfigError
-from mnist_flow.idx import encode_idx
 
 
 @pytest.fixture(scope="module")
 def flow_module():
-    sys.path.insert(0, str(REPO / "flows"))
     spec = importlib.util.spec_from_file_location("mnist_flow_script_under_test", REPO / "flows" / "mnist.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -320,7 +318,7 @@ def test_usage_errors_are_one_line_and_exit_2_without_traceback(case: str, user_
 @pytest.mark.parametrize("ref", [str(2**63), "99999999999999999999", "0", "v0", "²"])
 def test_registry_versions_beyond_the_database_integer_are_refused_with_one_message(
         ref: str, user_home: Path, capsys: pytest.CaptureFixture, reliability) -> None:
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry.store import Registry
 
     with Registry(f"sqlite:///{user_home / 'mnist-flow.db'}", str(user_home / "artifacts")) as registry:
         registry.migrate()
@@ -394,7 +392,7 @@ def test_the_seed_and_champion_configurations_are_fitted_to_the_users_bounds_bef
     import optuna
 
     from mnist_flow.params import TrainConfig
-    from mnist_flow.tune import SEED_PARAMS, open_study, suggest_config
+    from mnist_flow.search.study import SEED_PARAMS, open_study, suggest_config
 
     params = _run_params(lr_min=0.05, lr_max=0.2, momentum_min=0.5, momentum_max=0.8, hidden1_min=64,
                              hidden1_max=256, hidden2_min=100, hidden2_max=200)

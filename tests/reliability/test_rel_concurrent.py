@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rel_helpers import REPO, clean_env
 
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
 
 
 @pytest.mark.slow

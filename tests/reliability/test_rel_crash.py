@@ -18,7 +18,7 @@ from rel_helpers import REPO, clean_env, mnist_flow
 
 from mnist_flow import pipeline
 from mnist_flow.params import RunParams
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
 from mnist_flow.settings import Settings
 
 RUN_KEY = "nightly-0001"
@@ -131,9 +131,9 @@ def test_sigkill_mid_trial_then_rerun_fails_the_trial_retries_its_config_and_red
 _KILL_DURING_REGISTER = textwrap.dedent("""
     import os, signal, sys
     import torch
-    from mnist_flow import registry as reg_mod
-    from mnist_flow.model import MLP
-    from mnist_flow.registry import Registry
+    from mnist_flow.registry import store as reg_mod
+    from mnist_flow.training.model import MLP
+    from mnist_flow.registry.store import Registry
 
     database_url, artifacts, key, kill = sys.argv[1:5]
     reg = Registry(database_url, artifacts)
@@ -146,7 +146,7 @@ _KILL_DURING_REGISTER = textwrap.dedent("""
             return original(self, fn)
         reg_mod.Registry._write = dying_write
     elif kill == "mid-artifact":
-        import mnist_flow.fsutil as fsutil  # the local artifact store's atomic write renames here
+        import mnist_flow.storage.fsutil as fsutil  # the local artifact store's atomic write renames here
         original_replace = fsutil.os.replace
         def dying_replace(src, dst):
             if str(dst).endswith("model.safetensors"):
@@ -216,7 +216,7 @@ def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting
     flow_run_id = "6b0c1f6e-0000-4000-8000-000000000001"  # a Prefect retry keeps the flow run id = run key
     calls = {"n": 0}
 
-    from mnist_flow import tune as tune_lib
+    from mnist_flow.search import study as tune_lib
     real_train = tune_lib.train_model
 
     def crash_on_second_trial(*args, **kwargs):
@@ -254,10 +254,12 @@ def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting
 
 _KILL_AROUND_THE_GATE = textwrap.dedent("""
     import os, signal, sys
-    from mnist_flow import fsutil, pipeline, registry as reg_mod
-    from mnist_flow.registry import Registry
+    from mnist_flow import pipeline
+    from mnist_flow.storage import fsutil
+    from mnist_flow.registry import store as reg_mod
+    from mnist_flow.registry.store import Registry
     from mnist_flow.settings import Settings
-    from mnist_flow.train import train_model
+    from mnist_flow.training.loop import train_model
     from mnist_flow.params import TrainConfig
 
     database_url, artifacts, home, key, kill = sys.argv[1:6]
@@ -310,7 +312,7 @@ KILL_POINTS = ["scoring the champion", "writing the weights", "before the row", 
 def champion_inputs() -> tuple:
     """The sample data, the champion's model (seed 0) and the challenger's (seed 1, as in the killed child)."""
     from mnist_flow.params import TrainConfig
-    from mnist_flow.train import train_model
+    from mnist_flow.training.loop import train_model
 
     params = RunParams.parse(source="sample")
     prepared = pipeline.prepare(pipeline.load_data(params, Settings(home=Path("/nonexistent"))),
@@ -326,7 +328,7 @@ def champion_inputs() -> tuple:
 
 def _champion_world(home: Path, inputs: tuple) -> None:
     """A home with a study and a champion v1, registered and decided by the pipeline."""
-    from mnist_flow.db import dispose_storage, optuna_storage
+    from mnist_flow.storage.db import dispose_storage, optuna_storage
 
     settings = Settings(home=home)
     storage = optuna_storage(settings.resolved_database_url)

@@ -15,11 +15,11 @@ import torch
 from rel_helpers import dead_port
 from testlib import PG_ADMIN_URL
 
-from mnist_flow import db
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import DatabaseUnavailableError
-from mnist_flow.model import MLP
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.storage import db
+from mnist_flow.training.model import MLP
 
 PG_CONF = "/etc/postgresql"  # one folder per installed PostgreSQL version (Debian's layout)
 
@@ -32,7 +32,7 @@ def _register(reg: Registry, key: str):
 
 
 class _RecordingClock:
-    """Stands in for the ``time`` module inside mnist_flow.db: backoff sleeps are recorded, not slept."""
+    """Stands in for the ``time`` module inside mnist_flow.storage.db: backoff sleeps are recorded, not slept."""
 
     def __init__(self, delays: list[float]) -> None:
         self.sleep = delays.append

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from mnist_flow import params as limits
 from mnist_flow import pipeline
 from mnist_flow.cli import main as cli_main
-from mnist_flow.cli_flow import build_parser
+from mnist_flow.cli.flow import build_parser
 from mnist_flow.errors import ConfigError
 from mnist_flow.params import RunParams, flat_fields
 from mnist_flow.settings import ENV_PREFIX, Settings, load_settings

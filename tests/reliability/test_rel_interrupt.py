@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from rel_helpers import REPO, clean_env
 
 from mnist_flow.errors import INTERRUPTED
-from mnist_flow.tune import INTERRUPTED_REASON
+from mnist_flow.search.study import INTERRUPTED_REASON
 
 #: Wide layers on the bundled sample: an epoch lasts a second or more, so a trial is caught mid-way.
 SLOW_TRIALS = ["--source", "sample", "--hidden1-min", "2048", "--hidden1-max", "2048", "--hidden2-min", "1024",

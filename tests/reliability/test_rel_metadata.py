@@ -18,9 +18,9 @@ from PIL import Image
 from rel_helpers import clean_env, mnist_flow
 
 from mnist_flow.cli import main as cli_main
-from mnist_flow.model import MLP
-from mnist_flow.predict import Preprocessing
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.review.predict import Preprocessing
+from mnist_flow.training.model import MLP
 
 
 @pytest.fixture

@@ -11,12 +11,13 @@ import pytest
 import torch
 from rel_helpers import REPO
 
-from mnist_flow import artifacts, pipeline
-from mnist_flow import registry as registry_lib
+from mnist_flow import pipeline
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError
-from mnist_flow.model import MLP
-from mnist_flow.registry import Registry
+from mnist_flow.registry import artifacts
+from mnist_flow.registry import store as registry_lib
+from mnist_flow.registry.store import Registry
+from mnist_flow.training.model import MLP
 
 UNSAFE = re.compile(r"\btorch\.load\b|\bimport pickle\b|\bpickle\.loads?\b|\bcloudpickle\b|\bdill\b|"
                     r"weights_only\s*=\s*False|allow_pickle\s*=\s*True|\bjoblib\.load\b|\btorch\.jit\.load\b")
@@ -86,7 +87,7 @@ def test_database_passwords_are_masked_in_show_summary_logs_and_repr(
 
 
 def test_servers_bind_loopback_by_default(reliability) -> None:
-    from mnist_flow import dashboard
+    from mnist_flow.review import dashboard
 
     makefile = (REPO / "Makefile").read_text()
     assert dashboard.DEFAULT_HOST == "127.0.0.1"
@@ -147,7 +148,7 @@ def test_odd_passwords_are_masked_by_the_parser_and_in_free_text(written: str, d
                                                                    reliability) -> None:
     from sqlalchemy.engine import make_url
 
-    from mnist_flow.db import mask_url
+    from mnist_flow.storage.db import mask_url
 
     url = f"postgresql+psycopg://mnist:{written}@db.example:5432/registry"
     assert make_url(url).password == decoded  # the URL is valid: SQLAlchemy hands the driver this password
@@ -161,7 +162,7 @@ def test_odd_passwords_are_masked_by_the_parser_and_in_free_text(written: str, d
 
 
 def test_a_raw_at_sign_in_the_password_is_refused_without_showing_it(reliability) -> None:
-    from mnist_flow.db import make_engine
+    from mnist_flow.storage.db import make_engine
 
     url = "postgresql+psycopg://mnist:p@ssS3cretPW@db.example/registry"
     with pytest.raises(ConfigError) as caught:
@@ -179,8 +180,8 @@ def test_unreachable_postgres_with_an_odd_password_never_shows_it(written: str, 
                                                                   capsys: pytest.CaptureFixture, reliability) -> None:
     from rel_helpers import dead_port
 
-    from mnist_flow import db
     from mnist_flow.errors import DatabaseUnavailableError
+    from mnist_flow.storage import db
 
     monkeypatch.setattr(db.time, "sleep", lambda _s: None)  # backoff sleeps skipped, attempts kept
     url = f"postgresql+psycopg://mnist:{written}@127.0.0.1:{dead_port()}/registry"

@@ -18,8 +18,8 @@ from rel_helpers import FAST_TUNE, clean_env, flow_script, written_files
 
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import ArtifactIntegrityError, StorageError
-from mnist_flow.model import MLP
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.training.model import MLP
 
 
 def _register(reg: Registry, key: str = "k"):
@@ -173,11 +173,9 @@ def test_a_database_in_a_read_only_folder_ends_in_one_storage_error(read_only_fo
 
 def test_the_flow_does_not_retry_a_full_disk(full_disk: Path, tmp_path: Path, reliability) -> None:
     """The register task's retry condition, given the states a full disk produces (StorageError, raw ENOSPC)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "flows"))
-    import mnist as flow_module
     from prefect.states import Failed
+
+    from flows import mnist as flow_module
 
     reg = Registry(f"sqlite:///{tmp_path / 'mnist-flow.db'}", str(full_disk / "artifacts"))
     with pytest.raises(StorageError) as caught:
@@ -253,8 +251,8 @@ def test_a_flow_run_whose_artifacts_disk_is_full_fails_once_with_one_message(ful
 _REGISTER_AS_CHILD = """
 import sys, torch
 from mnist_flow.errors import StorageError
-from mnist_flow.model import MLP
-from mnist_flow.registry import Registry
+from mnist_flow.training.model import MLP
+from mnist_flow.registry.store import Registry
 torch.manual_seed(0)
 with Registry(sys.argv[1], sys.argv[2]) as reg:
     try:

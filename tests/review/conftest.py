@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from mnist_flow import pipeline
-from mnist_flow.db import optuna_storage
 from mnist_flow.params import RunParams
-from mnist_flow.registry import Registry
-from mnist_flow.tune import study_name_for
+from mnist_flow.registry.store import Registry
+from mnist_flow.search.study import study_name_for
+from mnist_flow.storage.db import optuna_storage
 
 # Tiny budgets on the bundled sample: narrow hidden sizes keep every fit to a few seconds on two cores.
 TINY = dict(source="sample", n_trials=4, max_epochs=3, final_epochs=4, seed=0, hidden1_min=64, hidden1_max=128,

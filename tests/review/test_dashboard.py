@@ -9,9 +9,9 @@ import urllib.request
 import optuna
 import pytest
 
-from mnist_flow import dashboard
-from mnist_flow.dashboard import annotate_finished_trial, annotate_trials, make_dashboard_server, read_note
 from mnist_flow.errors import ConfigError
+from mnist_flow.review import dashboard
+from mnist_flow.review.dashboard import annotate_finished_trial, annotate_trials, make_dashboard_server, read_note
 
 
 def _by_state(study: optuna.Study, state: str) -> list:
@@ -90,7 +90,7 @@ def test_the_dashboard_reports_a_port_in_use(world):
 
 
 def test_a_study_keeps_writing_trials_and_notes_while_the_dashboard_polls_it(tmp_path):
-    from mnist_flow.db import optuna_storage
+    from mnist_flow.storage.db import optuna_storage
 
     url = f"sqlite:///{tmp_path / 'busy.db'}"
     study = optuna.create_study(storage=optuna_storage(url), study_name="busy", direction="maximize")

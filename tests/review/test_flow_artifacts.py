@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from uuid import UUID
 
@@ -13,14 +12,13 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from mnist_flow.dashboard import read_note
-from mnist_flow.db import optuna_storage
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.review.dashboard import read_note
 from mnist_flow.settings import load_settings
+from mnist_flow.storage.db import optuna_storage
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "flows"))
-import mnist as flow_module
+from flows import mnist as flow_module
 
 TINY = dict(source="sample", n_trials=2, max_epochs=2, final_epochs=2, seed=0, hidden1_min=64, hidden1_max=128,
             hidden2_min=64, hidden2_max=64)
@@ -67,7 +65,7 @@ def test_the_flow_run_carries_the_summary_the_trials_table_and_the_dashboard_lin
 
 
 def test_the_dashboard_link_drops_credentials_and_points_at_the_study():
-    from reporting import dashboard_link
+    from flows.reporting import dashboard_link
 
     class Study:
         _study_id = 7

@@ -20,8 +20,8 @@ from PIL import Image
 from testlib import require_fashion_mnist
 
 from mnist_flow import cli, pipeline
-from mnist_flow.predict import DIGIT, ITEM, Preprocessing, predict_images
-from mnist_flow.registry import Registry
+from mnist_flow.registry.store import Registry
+from mnist_flow.review.predict import DIGIT, ITEM, Preprocessing, predict_images
 
 pytestmark = pytest.mark.realdata
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.realdata
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     """A real Fashion-MNIST model (784-128-10, 3 epochs, ~0.87), registered in its own home."""
-    from mnist_flow.data import load_dataset
+    from mnist_flow.data.datasets import load_dataset
     from mnist_flow.params import TrainConfig
 
     bundle = load_dataset("fashion-mnist", "dir", data_dir=require_fashion_mnist(), cache_dir=Path("/nonexistent"))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mnist_flow import cli
-from mnist_flow.report import summary_markdown, table_records, trials_frame, write_report
+from mnist_flow.review.report import summary_markdown, table_records, trials_frame, write_report
 
 
 def _pngs(folder: Path) -> dict[str, tuple[int, int]]:
@@ -113,7 +113,7 @@ def test_run_summary_markdown_has_params_accuracies_comparison_stage_times_and_f
 
 def test_test_data_of_another_fingerprint_is_refused_without_starting_a_download(tmp_path):
     from mnist_flow.errors import DataError
-    from mnist_flow.report import load_test_data
+    from mnist_flow.review.report import load_test_data
 
     with pytest.raises(DataError, match=r"No mnist data with the champion's fingerprint 0000000000000000") as caught:
         load_test_data("mnist", "0" * 64, cache_dir=tmp_path)  # empty cache: only the sample is tried

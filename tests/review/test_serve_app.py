@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
-from mnist_flow.model import MLP
-from mnist_flow.predict import Preprocessing
-from mnist_flow.registry import Registry
-from mnist_flow.serve import Champion, Limits, create_app
+from mnist_flow.registry.store import Registry
+from mnist_flow.review.predict import Preprocessing
+from mnist_flow.review.serve import Champion, Limits, create_app
+from mnist_flow.training.model import MLP
 
 
 @pytest.fixture
@@ -92,7 +92,8 @@ def test_a_json_body_and_an_unknown_path_get_one_message(registry):
 def test_serve_binds_the_loopback_by_default():
     import inspect
 
-    from mnist_flow import cli_review, serve
+    from mnist_flow.cli import review as cli_review
+    from mnist_flow.review import serve
 
     assert inspect.signature(cli_review.serve).parameters["host"].default == "127.0.0.1"
     assert inspect.signature(serve.serve).parameters["host"].default == "127.0.0.1"

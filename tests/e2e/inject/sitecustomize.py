@@ -3,7 +3,7 @@
 With ``E2E_HANG_ONCE=<marker file>`` in the environment, the second training of a process (its second
 trial) gets stuck in its first epoch: the thread loops forever in Python and never reports the epoch
 (Optuna's heartbeat thread keeps beating). The marker file makes it happen once across processes.
-Nothing is imported unless the variable is set and ``mnist_flow.train`` is being imported anyway.
+Nothing is imported unless the variable is set and ``mnist_flow.training.loop`` is being imported anyway.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ if _MARKER:
 
     class _PatchTrain(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path, target=None):
-            if name != "mnist_flow.train":
+            if name != "mnist_flow.training.loop":
                 return None
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)

@@ -1,6 +1,6 @@
 """Rules for running a study's trials in several processes (``workers > 1``).
 
-One machine, a few workers: SQLite is fine (WAL and a busy timeout, see :mod:`mnist_flow.db`), and
+One machine, a few workers: SQLite is fine (WAL and a busy timeout, see :mod:`mnist_flow.storage.db`), and
 so is a local artifacts folder. Each trial process takes its share of the CPU threads.
 
 Several machines: every worker must reach the *same* study database and artifact store, so SQLite
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import os
 
-from mnist_flow.db import is_sqlite, mask_url
 from mnist_flow.errors import ConfigError
+from mnist_flow.storage.db import is_sqlite, mask_url
 
 #: Work pool types whose flow runs are subprocesses of a worker on the worker's own machine.
 LOCAL_POOL_TYPES = frozenset({"process"})

@@ -39,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 from mnist_flow.errors import ImageError
 
 if TYPE_CHECKING:
-    from mnist_flow.registry import ModelVersion
+    from mnist_flow.registry.store import ModelVersion
 
 FORMATS = ("PNG", "JPEG")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mnist_flow.errors import ConfigError
 from mnist_flow.formatting import format_value as _fmt
-from mnist_flow.registry import ModelVersion, Registry
+from mnist_flow.registry.store import ModelVersion, Registry
 from mnist_flow.settings import load_settings
 
 registry_app = typer.Typer(help="Inspect and manage registered models.", no_args_is_help=True)

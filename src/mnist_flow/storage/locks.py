@@ -1,6 +1,6 @@
 """Locks that hold across the processes sharing one database: the only lock implementations.
 
-:func:`mnist_flow.db.database_lock` picks one for a database URL: a PostgreSQL session advisory lock
+:func:`mnist_flow.storage.db.database_lock` picks one for a database URL: a PostgreSQL session advisory lock
 (every process on every machine; the server drops it with the connection, so a killed process cannot
 leave it held), an exclusive ``flock`` on a file next to a SQLite database (every process on this
 machine), or a thread lock (in-memory databases, tests). Each is a context manager.

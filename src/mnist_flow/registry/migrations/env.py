@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from mnist_flow.migrations import VERSION_TABLE
+from mnist_flow.registry.migrations import VERSION_TABLE
 
 connection = context.config.attributes["connection"]
 context.configure(

@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from mnist_flow.scale import apply_threads
+from mnist_flow.search.scale import apply_threads
 
 COMMANDS = ("dashboard", "report", "predict", "serve")
 
@@ -41,7 +41,7 @@ def dashboard(
     ] = None,
 ) -> None:
     """Serve optuna-dashboard on the study database (MNIST_FLOW_DATABASE_URL) until Ctrl-C (read-only by default)."""
-    from mnist_flow.dashboard import serve
+    from mnist_flow.review.dashboard import serve
     from mnist_flow.settings import load_settings
 
     serve(load_settings().resolved_database_url, host, port, allow_write=allow_write, allowed_hosts=allowed_host or ())
@@ -62,11 +62,11 @@ def report(
     """Write a report of a study: trials.csv, summary.md and PNG plots (with the champion's confusion matrix)."""
     import optuna
 
-    from mnist_flow.dashboard import check_database_exists
-    from mnist_flow.db import dispose_storage, optuna_storage
-    from mnist_flow.registry import Registry
-    from mnist_flow.report import resolve_study_name, write_report
+    from mnist_flow.registry.store import Registry
+    from mnist_flow.review.dashboard import check_database_exists
+    from mnist_flow.review.report import resolve_study_name, write_report
     from mnist_flow.settings import load_settings
+    from mnist_flow.storage.db import dispose_storage, optuna_storage
 
     settings = load_settings()
     apply_threads(settings.threads)
@@ -108,9 +108,9 @@ def predict(
     ] = False,
 ) -> None:
     """Classify image files with a registered model (loaded through the registry, checksum checked)."""
-    from mnist_flow.cli_registry import check_ref
-    from mnist_flow.predict import predict_images
-    from mnist_flow.registry import Registry
+    from mnist_flow.cli.registry import check_ref
+    from mnist_flow.registry.store import Registry
+    from mnist_flow.review.predict import predict_images
     from mnist_flow.settings import load_settings
 
     model = check_ref(model)
@@ -146,9 +146,9 @@ def serve(
 
     Not `make serve`, which serves the Prefect deployments: this is the model API (`make serve-model`).
     """
-    from mnist_flow.registry import Registry
-    from mnist_flow.serve import Champion, Limits
-    from mnist_flow.serve import serve as run_server
+    from mnist_flow.registry.store import Registry
+    from mnist_flow.review.serve import Champion, Limits
+    from mnist_flow.review.serve import serve as run_server
     from mnist_flow.settings import load_settings
 
     settings = load_settings()

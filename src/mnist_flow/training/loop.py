@@ -3,7 +3,7 @@
 Data lives in memory as tensors (features already normalised); batches are drawn by index
 from a seeded permutation, so there are no per-sample transforms and no DataLoader.
 
-    from mnist_flow.train import train_model
+    from mnist_flow.training.loop import train_model
     from mnist_flow.params import TrainConfig
     model, history = train_model(TrainConfig(epochs=2), train_x, train_y, val_x, val_y)
 """
@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mnist_flow.errors import ConfigError, TrainingDiverged
-from mnist_flow.model import MLP
 from mnist_flow.params import TrainConfig
-from mnist_flow.step import MLPStep, constant, one_cycle
+from mnist_flow.training.model import MLP
+from mnist_flow.training.step import MLPStep, constant, one_cycle
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """The autocast context of evaluation for ``precision`` (disabled for fp32); training does its
-    own casting (mnist_flow.step)."""
+    own casting (mnist_flow.training.step)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -103,7 +103,7 @@ def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> MLP:
 
 
 def make_step(model: nn.Module, config: TrainConfig, train_samples: int) -> MLPStep:
-    """The hand-written SGD step (mnist_flow.step) with the config's learning-rate schedule over
+    """The hand-written SGD step (mnist_flow.training.step) with the config's learning-rate schedule over
     ``config.epochs`` passes of ``train_samples`` samples in batches of ``config.batch_size``."""
     if config.schedule == "onecycle":
         steps_per_epoch = math.ceil(train_samples / config.batch_size)
@@ -312,7 +312,7 @@ def fit(
     of the schedule; ``history.events`` says what was done. With ``keep_best`` the model ends with the
     weights of its best epoch by validation accuracy (``history.best_epoch``).
 
-    ``threads``: a :mod:`mnist_flow.threads` policy choosing the intra-op threads (None: torch's current).
+    ``threads``: a :mod:`mnist_flow.training.threads` policy choosing the intra-op threads (None: torch's current).
     """
     config.validate()
     generator = torch.Generator().manual_seed(config.seed)

@@ -80,7 +80,7 @@ class MLPStep:
         linears = [m for m in modules if isinstance(m, nn.Linear)]
         expected = [nn.Linear, nn.ReLU] * (len(linears) - 1) + [nn.Linear]
         if not linears or [type(m) for m in modules] != expected:
-            raise TypeError("MLPStep trains an mnist_flow.model.MLP (Linear, ReLU, ..., Linear)")
+            raise TypeError("MLPStep trains an mnist_flow.training.model.MLP (Linear, ReLU, ..., Linear)")
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.count = 0

@@ -28,7 +28,7 @@ from mnist_flow.errors import (
     MnistFlowError,
     StorageError,
 )
-from mnist_flow.locks import AdvisoryLock, FileLock, Lock, ThreadLock
+from mnist_flow.storage.locks import AdvisoryLock, FileLock, Lock, ThreadLock
 
 T = TypeVar("T")
 
@@ -138,7 +138,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 
 
 def _prepare_sqlite_folder(url: str) -> None:
-    from mnist_flow.fsutil import raise_storage_error
+    from mnist_flow.storage.fsutil import raise_storage_error
 
     path = sqlite_path(url)
     if path is not None:
@@ -369,7 +369,7 @@ def check_optuna_schema(url: str) -> None:
 
 
 def database_lock(url: str, name: str) -> Lock:
-    """A lock named ``name`` shared by every process using the database at ``url`` (see mnist_flow.locks)."""
+    """A lock named ``name`` shared by every process using the database at ``url`` (see mnist_flow.storage.locks)."""
     backend = _parse(url).get_backend_name()
     if backend == "postgresql":
         engine = make_engine(url)

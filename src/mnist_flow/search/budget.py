@@ -5,11 +5,11 @@ A run (one ``run_key``) asks for ``n_trials`` finished trials (COMPLETE or PRUNE
 Optuna's ``MaxTrialsCallback`` is not enough there: it counts the whole study (not one run) and only
 stops a process *after* a trial ends, so two processes that both see "one left" both start one.
 
-Design (:class:`TrialBudget`, used by :func:`mnist_flow.tune.run_study`):
+Design (:class:`TrialBudget`, used by :func:`mnist_flow.search.study.run_study`):
 
 - A trial belongs to a run through its ``run_key`` user attribute.
 - Starting a trial is serialised per study by a lock that works across processes
-  (:func:`trial_lock`, one of :mod:`mnist_flow.locks`): a PostgreSQL advisory lock on PostgreSQL, an
+  (:func:`trial_lock`, one of :mod:`mnist_flow.storage.locks`): a PostgreSQL advisory lock on PostgreSQL, an
   exclusive ``flock`` on a file next to a SQLite database (SQLite is one machine only), a thread lock
   for in-memory studies.
 - Under the lock a process counts the run's trials in the storage: finished (COMPLETE, PRUNED),
@@ -35,8 +35,8 @@ from enum import Enum
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow.db import database_lock
-from mnist_flow.locks import Lock, ThreadLock
+from mnist_flow.storage.db import database_lock
+from mnist_flow.storage.locks import Lock, ThreadLock
 
 RUN_KEY_ATTR = "run_key"
 SURPLUS_ATTR = "surplus_of"

@@ -137,7 +137,7 @@ class AdaptiveThreads:
 
     @classmethod
     def for_cpus(cls, cpus: int | None = None, **options: Any) -> AdaptiveThreads:
-        from mnist_flow.scale import available_cpus
+        from mnist_flow.search.scale import available_cpus
 
         top = min(MAX_THREADS, cpus if cpus is not None else available_cpus())
         ladder = [1]

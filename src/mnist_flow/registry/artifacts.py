@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError, RegistryError
-from mnist_flow.fsutil import atomic_write, raise_storage_error
+from mnist_flow.storage.fsutil import atomic_write, raise_storage_error
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

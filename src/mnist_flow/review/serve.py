@@ -6,7 +6,7 @@
 
 The model is loaded through :meth:`Registry.load`, so the weights and the sidecar are verified
 exactly as for ``mnist-flow predict``, and images are prepared by the same
-:class:`~mnist_flow.predict.Preprocessing`. The alias is looked up again at most every
+:class:`~mnist_flow.review.predict.Preprocessing`. The alias is looked up again at most every
 ``refresh_seconds`` (one small query), and a promoted champion is loaded on the next request
 without a restart; if the new one fails verification, the last good model keeps serving and
 ``/health`` says why. Requests are bounded before they are parsed: the body size (``Content-Length``
@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnist_flow.errors import ConfigError, MnistFlowError
-from mnist_flow.predict import (
+from mnist_flow.review.predict import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     ImageTooLargeError,
@@ -49,7 +49,7 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 DEFAULT_MAX_FILES = 64
 DEFAULT_REFRESH_SECONDS = 2.0
 
-log = logging.getLogger("mnist_flow.serve")
+log = logging.getLogger("mnist_flow.review.serve")
 
 
 # --- the response bodies (the OpenAPI schema) -----------------------------------------------------------

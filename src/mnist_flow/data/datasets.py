@@ -13,7 +13,7 @@ Sources (``SOURCES``):
 
 Every load validates the IDX structure, the shapes, the counts and the label range, and fingerprints the
 decoded data (SHA-256) once; every format gives the same fingerprint for the same content. Headers and sizes
-are checked before any data is read or decompressed (see :mod:`mnist_flow.idx`), so a bomb or an absurd file
+are checked before any data is read or decompressed (see :mod:`mnist_flow.data.idx`), so a bomb or an absurd file
 is refused after a few bytes.
 """
 
@@ -38,9 +38,7 @@ import numpy as np
 import torch
 import torchvision.datasets
 
-from mnist_flow.errors import ConfigError, DataError, DownloadError
-from mnist_flow.fsutil import atomic_file
-from mnist_flow.idx import (
+from mnist_flow.data.idx import (
     GZIP_MAGIC,
     MAGIC_IMAGES,
     MAGIC_LABELS,
@@ -55,6 +53,8 @@ from mnist_flow.idx import (
     read_idx,
     write_idx,
 )
+from mnist_flow.errors import ConfigError, DataError, DownloadError
+from mnist_flow.storage.fsutil import atomic_file
 
 __all__ = [
     "DATASET_NAMES",

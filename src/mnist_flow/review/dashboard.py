@@ -1,7 +1,7 @@
 """optuna-dashboard on the study database, and the per-trial notes it shows.
 
 ``serve`` runs optuna-dashboard's WSGI app on a threaded ``wsgiref`` server (as the
-``optuna-dashboard`` command does) against :func:`mnist_flow.db.optuna_storage`, so SQLite gets WAL
+``optuna-dashboard`` command does) against :func:`mnist_flow.storage.db.optuna_storage`, so SQLite gets WAL
 and a busy timeout: the dashboard's reads never block a study that is writing trials.
 
 ``annotate_trials`` writes one Markdown note per completed trial (optuna-dashboard's note API,
@@ -24,9 +24,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow.db import is_sqlite, mask_url, sqlite_path
 from mnist_flow.errors import ConfigError
 from mnist_flow.formatting import format_params, format_value
+from mnist_flow.storage.db import is_sqlite, mask_url, sqlite_path
 
 logger = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def make_dashboard_server(
     """
     from optuna_dashboard import wsgi
 
-    from mnist_flow.db import dispose_storage, optuna_storage
+    from mnist_flow.storage.db import dispose_storage, optuna_storage
 
     check_database_exists(database_url)
     storage = optuna_storage(database_url)

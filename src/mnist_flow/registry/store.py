@@ -1,7 +1,7 @@
 """The model registry: versions, aliases (``champion``) and the promotion decision log.
 
 Rows live in the study database (SQLite or PostgreSQL, tables prefixed ``mnist_flow_``); weights
-and their JSON sidecar live in an :class:`~mnist_flow.artifacts.ArtifactStore`. Artifacts are
+and their JSON sidecar live in an :class:`~mnist_flow.registry.artifacts.ArtifactStore`. Artifacts are
 written before the row is inserted, so a crash leaves at worst an orphan artifact, never a row
 without its artifact. A gate decision passed to :meth:`Registry.register` is recorded in the same
 transaction as the row, so a crash never leaves a version without its decision. Loading verifies every file that decides behaviour before using it: the
@@ -40,15 +40,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from mnist_flow import db
-from mnist_flow.artifacts import ArtifactStore, sha256
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError, MnistFlowError, RegistryError
-from mnist_flow.model import MLP
-from mnist_flow.promotion import Decision
-from mnist_flow.provenance import code_version
+from mnist_flow.registry.artifacts import ArtifactStore, sha256
+from mnist_flow.registry.promotion import Decision
+from mnist_flow.registry.provenance import code_version
+from mnist_flow.storage import db
+from mnist_flow.training.model import MLP
 
 if TYPE_CHECKING:
-    from mnist_flow.predict import LoadedModel
+    from mnist_flow.review.predict import LoadedModel
     from mnist_flow.settings import Settings
 
 CHAMPION = "champion"
@@ -302,7 +302,7 @@ class Registry:
 
     def migrate(self) -> None:
         """Create or upgrade the registry tables; idempotent and safe under concurrent starts."""
-        from mnist_flow import migrations
+        from mnist_flow.registry import migrations
 
         db.retry_db(lambda: migrations.upgrade(self.engine), attempts=WRITE_ATTEMPTS, url=self.database_url)
         self._migrated = True
@@ -764,7 +764,7 @@ class Registry:
         spec = sidecar.get("input") or {}
         if "preparation" not in spec:
             # written before the preparation was recorded: the (verified) row says which data it learnt from
-            from mnist_flow.predict import preparation_for
+            from mnist_flow.review.predict import preparation_for
 
             sidecar = {**sidecar, "input": {**spec, "preparation": preparation_for(version.dataset_name)}}
         try:
@@ -878,7 +878,7 @@ def _check_sidecar(
     sidecar: Any, architecture: dict[str, Any], where: str, error: type[MnistFlowError] = ArtifactIntegrityError
 ) -> None:
     """The sidecar's architecture equals ``architecture`` and its input description is usable."""
-    from mnist_flow.predict import Preprocessing, SidecarError
+    from mnist_flow.review.predict import Preprocessing, SidecarError
 
     def fail(problem: str) -> Exception:
         if error is ArtifactIntegrityError:
@@ -948,7 +948,7 @@ def load_model(
     ``mnist_flow.load_model("champion").predict(["digit.png"])``; ``.preprocessing(image)`` gives the
     model's input tensor. Settings come from the environment (``MNIST_FLOW_*``) unless given.
     """
-    from mnist_flow.predict import LoadedModel, Preprocessing
+    from mnist_flow.review.predict import LoadedModel, Preprocessing
     from mnist_flow.settings import load_settings
 
     settings = settings or load_settings()

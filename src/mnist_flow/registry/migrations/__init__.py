@@ -1,6 +1,6 @@
 """Alembic migrations of the registry schema, run programmatically (no alembic.ini needed).
 
-Concurrent starts are serialised by :func:`mnist_flow.db.database_lock` (a PostgreSQL advisory lock, or an
+Concurrent starts are serialised by :func:`mnist_flow.storage.db.database_lock` (a PostgreSQL advisory lock, or an
 exclusive lock on a file next to a SQLite database).
 
 A database whose registry revision this package does not know (written by a newer mnist-flow, or
@@ -20,8 +20,8 @@ from alembic.util.exc import CommandError
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 
-from mnist_flow.db import DAMAGED_FIX, database_lock, mask_url
 from mnist_flow.errors import DatabaseDamagedError
+from mnist_flow.storage.db import DAMAGED_FIX, database_lock, mask_url
 
 VERSION_TABLE = "mnist_flow_alembic_version"
 #: The registry's tables at head (checked after every upgrade: a dropped one is reported, not re-created).

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mnist_flow.errors import DataError
-from mnist_flow.fsutil import atomic_write
+from mnist_flow.storage.fsutil import atomic_write
 
 UBYTE = 0x08
 MAGIC_IMAGES = 0x00000803

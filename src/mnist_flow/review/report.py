@@ -26,11 +26,11 @@ import pandas as pd
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow import data as data_lib
-from mnist_flow.db import mask_url
+from mnist_flow.data import datasets as data_lib
 from mnist_flow.errors import ConfigError, DataError
 from mnist_flow.formatting import format_value
-from mnist_flow.tune import last_value
+from mnist_flow.search.study import last_value
+from mnist_flow.storage.db import mask_url
 
 TOP_TRIALS = 5
 PLOT_DPI = 110
@@ -423,7 +423,7 @@ def load_test_data(
 
 def evaluate_champion(registry: Any, name: str, bundle: data_lib.DataBundle) -> ChampionEvaluation:
     """Load the champion through the registry (SHA-256 checked) and predict the test set."""
-    from mnist_flow.train import evaluate
+    from mnist_flow.training.loop import evaluate
 
     model, _, version = registry.load(name, "champion")
     test_x = data_lib.to_features(bundle.test_images)

@@ -1,11 +1,11 @@
 """The Optuna study: search space, objective and the loop that runs trials.
 
 The search space is kept apart from model building: ``suggest_config(trial, space, base)``
-turns a trial into a :class:`~mnist_flow.train.TrainConfig`, and the objective hands that
-config to the one training loop in :mod:`mnist_flow.train`.
+turns a trial into a :class:`~mnist_flow.training.loop.TrainConfig`, and the objective hands that
+config to the one training loop in :mod:`mnist_flow.training.loop`.
 
 :func:`run_study` keeps a run's trial budget exact even when several processes (trial workers)
-run the same study at once: see :mod:`mnist_flow.budget` for the design.
+run the same study at once: see :mod:`mnist_flow.search.budget` for the design.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from mnist_flow.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
 from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.params import SearchSpace, TrainConfig
-from mnist_flow.train import EpochStats, train_model
-from mnist_flow.watchdog import TrialHung
+from mnist_flow.search.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
+from mnist_flow.search.watchdog import TrialHung
+from mnist_flow.training.loop import EpochStats, train_model
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -87,8 +87,8 @@ class Objective:
     ) -> None:
         self.splits, self.space, self.base, self.device = splits, space, base, device
         self.run_key, self.flow_run_id, self.on_epoch = run_key, flow_run_id, on_epoch
-        self.watchdog = watchdog  # a mnist_flow.watchdog.Watchdog: fails (and re-queues) a trial that hangs
-        self.threads = threads  # a mnist_flow.threads policy (None: torch's current thread count)
+        self.watchdog = watchdog  # a mnist_flow.search.watchdog.Watchdog: fails (and re-queues) a trial that hangs
+        self.threads = threads  # a mnist_flow.training.threads policy (None: torch's current thread count)
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = suggest_config(trial, self.space, self.base)
@@ -308,8 +308,8 @@ def run_study(
     """Run trials until ``n_trials`` of this run have finished, in this process and any other.
 
     Several processes may call this on the same study and run key at once (``lock`` from
-    :func:`mnist_flow.budget.trial_lock` makes that safe across processes): together they finish
-    exactly ``n_trials``. A resumed run only does the rest. See :mod:`mnist_flow.budget`.
+    :func:`mnist_flow.search.budget.trial_lock` makes that safe across processes): together they finish
+    exactly ``n_trials``. A resumed run only does the rest. See :mod:`mnist_flow.search.budget`.
     """
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}.", fix="Pass --n-trials 1 or more.")

@@ -26,7 +26,7 @@ from mnist_flow.params import RunParams, TrainConfig
 if TYPE_CHECKING:
     from mnist_flow.params import Schedule
 from mnist_flow.progress import quiet_optuna
-from mnist_flow.threads import bound_native_caches, policy_for
+from mnist_flow.training.threads import bound_native_caches, policy_for
 
 app = typer.Typer(
     add_completion=False,
@@ -113,7 +113,7 @@ def train(
     from mnist_flow import pipeline
     from mnist_flow.params import resolve_precision
     from mnist_flow.settings import load_settings
-    from mnist_flow.train import select_device
+    from mnist_flow.training.loop import select_device
 
     widths = _parse_hidden(hidden)
     _check_train_values(
@@ -180,10 +180,10 @@ def train(
 def tune(ctx: typer.Context) -> None:
     """Run the flow's Optuna study without Prefect (same options as flows/mnist.py; --help lists them)."""
     from mnist_flow import pipeline
-    from mnist_flow.cli_flow import build_parser
-    from mnist_flow.registry import Registry
+    from mnist_flow.cli.flow import build_parser
+    from mnist_flow.registry.store import Registry
     from mnist_flow.settings import load_settings
-    from mnist_flow.train import select_device
+    from mnist_flow.training.loop import select_device
 
     parser = build_parser("mnist-flow tune", "Run the dataset's Optuna study without Prefect.")
     parser.add_argument(
@@ -238,11 +238,11 @@ def tune(ctx: typer.Context) -> None:
 
 def _mount_subcommands() -> None:
     """Add the registry group and the review commands to ``app`` (once, however often main() runs)."""
-    from mnist_flow.cli_registry import registry_app
+    from mnist_flow.cli.registry import registry_app
 
     if not any(group.typer_instance is registry_app for group in app.registered_groups):
         app.add_typer(registry_app, name="registry", help="List, show, promote and roll back registered models.")
-    from mnist_flow.cli_review import mount as mount_review
+    from mnist_flow.cli.review import mount as mount_review
 
     mount_review(app)  # dashboard, report, predict
 

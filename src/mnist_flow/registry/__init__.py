@@ -1,0 +1,1 @@
+"""The model registry: versions with lineage, artifacts, the champion/challenger gate, migrations."""

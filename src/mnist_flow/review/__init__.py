@@ -1,0 +1,1 @@
+"""Reviewing results: reports, optuna-dashboard, prediction and the model API."""

@@ -1,0 +1,1 @@
+"""The Optuna study: search space, objective, the exact trial budget across processes."""

@@ -1,0 +1,1 @@
+"""Database engines, URL masking, the Optuna storage, cross-process locks and atomic file writes."""

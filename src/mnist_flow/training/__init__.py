@@ -1,0 +1,1 @@
+"""The MLP, its hand-written SGD step and the one training loop."""
