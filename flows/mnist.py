@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from optuna.trial import FrozenTrial
 from prefect import Flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -26,12 +27,14 @@ from mnist_flow.data.datasets import DataBundle
 from mnist_flow.errors import TRANSIENT_ERRORS, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.params import RunParams, with_run_parameters
 from mnist_flow.progress import LogProgress, quiet_optuna
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.promotion import Decision
+from mnist_flow.registry.store import ModelVersion, Registry
 from mnist_flow.search.scale import resolve_workers
 from mnist_flow.search.watchdog import Watchdog, stage_timeout
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.storage.fsutil import PERMANENT_ERRNOS
 from mnist_flow.training.loop import EvalResult, select_device
+from mnist_flow.training.model import MLP
 from mnist_flow.training.threads import bound_native_caches, policy_for
 from mnist_flow.training.threads import describe as describe_threads
 
@@ -75,7 +78,7 @@ def split_data(bundle: DataBundle, params: RunParams, device: str) -> pipeline.P
 
 
 @task(cache_policy=NO_CACHE)
-def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run_key: str) -> tuple:
+def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run_key: str) -> pipeline.Tuned:
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
@@ -99,7 +102,9 @@ def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run
 
 
 @task(cache_policy=NO_CACHE)
-def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams, settings: Settings) -> pipeline.FinalFit:
+def train_best(
+    prepared: pipeline.Prepared, best: FrozenTrial, params: RunParams, settings: Settings
+) -> pipeline.FinalFit:
     """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit).
 
     More than one intra-op thread only while measured faster (mnist_flow.training.threads).
@@ -120,7 +125,7 @@ def train_best(prepared: pipeline.Prepared, best: Any, params: RunParams, settin
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(model: Any, prepared: pipeline.Prepared) -> EvalResult:
+def evaluate(model: MLP, prepared: pipeline.Prepared) -> EvalResult:
     """Evaluate the final model on the test set."""
     result = pipeline.evaluate_test(model, prepared)
     get_run_logger().info("test accuracy %.4f, loss %.4f", result.accuracy, result.loss)
@@ -131,12 +136,12 @@ def evaluate(model: Any, prepared: pipeline.Prepared) -> EvalResult:
 def register(
     prepared: pipeline.Prepared,
     fitted: pipeline.FinalFit,
-    test: Any,
+    test: EvalResult,
     study_name: str,
     trial_number: int,
     run_key: str,
     settings: Settings,
-) -> Any:
+) -> ModelVersion:
     """Register the model with its lineage and the gate's decision, in one transaction (idempotent per run)."""
     model, config, history = fitted.model, fitted.config, fitted.history
     with Registry.from_settings(settings) as registry:
@@ -161,7 +166,9 @@ def register(
 
 
 @task(cache_policy=NO_CACHE)
-def gate(prepared: pipeline.Prepared, version: Any, test: Any, settings: Settings) -> tuple:
+def gate(
+    prepared: pipeline.Prepared, version: ModelVersion, test: EvalResult, settings: Settings
+) -> tuple[ModelVersion, Decision | None]:
     """Champion/challenger gate: the decision recorded with the version (a version without one is decided once)."""
     with Registry.from_settings(settings) as registry:
         version, decision = pipeline.decide_promotion(
@@ -238,11 +245,12 @@ def mnist(**parameters: Any) -> dict[str, Any]:
         elif n_workers > 1:
             run_local_trial_workers(prepared, params, run_key, settings, n_workers)
         tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
-        study, best = tune.with_options(
+        tuned = tune.with_options(
             timeout_seconds=_timeout(
                 prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)
             )
         )(prepared, params, settings, run_key)
+        study, best = tuned.study, tuned.best
     with watch("train"):
         train_timeout = _timeout(
             prepared,

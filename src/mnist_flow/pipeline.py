@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import optuna
 import torch
@@ -39,6 +39,13 @@ from mnist_flow.search.study import (
 from mnist_flow.settings import Settings
 from mnist_flow.storage.db import dispose_storage, mask_url, optuna_storage
 from mnist_flow.training.loop import EvalResult, History, all_finite, evaluate, train_model
+
+if TYPE_CHECKING:
+    from mnist_flow.registry.promotion import Decision
+    from mnist_flow.registry.store import ModelVersion, Registry
+    from mnist_flow.search.watchdog import Watchdog
+    from mnist_flow.training.model import MLP
+    from mnist_flow.training.threads import Policy
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,13 @@ def prepare(
     )
     test_x = data_lib.to_features(bundle.test_images, device)
     return Prepared(bundle, splits, test_x, bundle.test_labels.to(device), device)
+
+
+class Tuned(NamedTuple):
+    """The tune stage's result: the dataset's study and its best trial within this run's recipe."""
+
+    study: optuna.Study
+    best: FrozenTrial
 
 
 def new_run_key() -> str:
@@ -121,9 +135,9 @@ def tune(
     heartbeat_grace: int = HEARTBEAT_GRACE_S,
     worker_index: int = 0,
     warm_start: Sequence[dict[str, Any]] = (),
-    watchdog: Any = None,
-    threads: Any = None,
-) -> tuple[optuna.Study, FrozenTrial]:
+    watchdog: Watchdog | None = None,
+    threads: Policy | None = None,
+) -> Tuned:
     """Run (or resume) this run's trials of the dataset's study; return the study and its best trial.
 
     Several processes (trial workers, ``worker_index`` 1, 2, ...) may run the same run key at once:
@@ -174,7 +188,7 @@ def tune(
             callbacks=[on_trial, annotate_finished_trial],
             lock=trial_lock(storage_url, study.study_name),
         )
-        return study, best_trial(study, recipe_of(params.base_config()))
+        return Tuned(study, best_trial(study, recipe_of(params.base_config())))
     except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
         from mnist_flow.storage.db import permanent_error
 
@@ -217,7 +231,7 @@ def open_run_study(
     )
 
 
-def champion_warm_start(registry: Any, dataset: str) -> list[dict[str, Any]]:
+def champion_warm_start(registry: Registry, dataset: str) -> list[dict[str, Any]]:
     """The champion's searched parameters, to queue first in a new study of ``dataset`` (else nothing)."""
     champion = registry.champion(model_name(dataset))
     if champion is None or len(champion.params.get("hidden", ())) != 2:
@@ -241,8 +255,8 @@ def fit_best(
     *,
     progress: Progress | None = None,
     label: str = "final fit",
-    threads: Any = None,
-) -> tuple[torch.nn.Module, History]:
+    threads: Policy | None = None,
+) -> tuple[MLP, History]:
     """Train ``config`` on the training split, watching the validation split.
 
     Guarded (:func:`mnist_flow.training.loop.fit`): a diverging epoch restores the best state so far and goes on
@@ -287,14 +301,19 @@ def trial_config(trial: FrozenTrial, params: RunParams) -> TrainConfig:
 class FinalFit:
     """The model to evaluate and register, the configuration that trained it, its history and what was done."""
 
-    model: torch.nn.Module
+    model: MLP
     config: TrainConfig
     history: History
     notes: tuple[str, ...]
 
 
 def final_fit(
-    prepared: Prepared, trial: FrozenTrial, params: RunParams, *, progress: Progress | None = None, threads: Any = None
+    prepared: Prepared,
+    trial: FrozenTrial,
+    params: RunParams,
+    *,
+    progress: Progress | None = None,
+    threads: Policy | None = None,
 ) -> FinalFit:
     """Fit the best trial's configuration over ``final_epochs``; never below the trial by more than 0.3 points.
 
@@ -311,7 +330,7 @@ def final_fit(
     config, recipe = final_config(trial, params), trial_config(trial, params)
     floor = (trial.value or 0.0) - FINAL_FIT_TOLERANCE
     notes: list[str] = []
-    first: tuple[torch.nn.Module, History] | None = None
+    first: tuple[MLP, History] | None = None
     try:
         first = fit_best(prepared, config, progress=progress, threads=threads)
         notes += first[1].events
@@ -446,9 +465,9 @@ def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, tria
 
 
 def register_challenger(
-    registry: Any,
+    registry: Registry,
     prepared: Prepared,
-    model: torch.nn.Module,
+    model: MLP,
     config: TrainConfig,
     history: History,
     test: EvalResult,
@@ -457,10 +476,10 @@ def register_challenger(
     trial_number: int,
     run_key: str,
     flow_run_id: str | None,
-    decision: Any = None,
+    decision: Decision | None = None,
     champion_version: int | None = None,
     require_study: bool = False,
-) -> Any:
+) -> ModelVersion:
     """Register the model with its lineage; idempotent per run and trial, so a retry registers once.
 
     The metrics are those of the epoch whose weights the model holds (``history.best``). A model with a
@@ -509,8 +528,14 @@ def register_challenger(
 
 
 def _gate(
-    registry: Any, prepared: Prepared, test: EvalResult, champion: Any, *, margin: float, alpha: float | None
-) -> Any:
+    registry: Registry,
+    prepared: Prepared,
+    test: EvalResult,
+    champion: ModelVersion | None,
+    *,
+    margin: float,
+    alpha: float | None,
+) -> Decision:
     """The gate's decision for a challenger with ``test`` results against ``champion`` (None: no champion yet)."""
     from mnist_flow.registry.promotion import decide
 
@@ -532,15 +557,15 @@ def _gate(
 
 
 def decide_promotion(
-    registry: Any,
+    registry: Registry,
     prepared: Prepared,
-    version: Any,
+    version: ModelVersion,
     test: EvalResult,
     *,
     flow_run_id: str | None,
     margin: float,
     alpha: float | None,
-) -> tuple[Any, Any]:
+) -> tuple[ModelVersion, Decision | None]:
     """Compare the challenger with the champion on the same test set, record the decision, move the alias.
 
     Returns ``(model_version, decision)``. A challenger that was already decided on (a retried run, or
@@ -573,9 +598,9 @@ GATE_ATTEMPTS = 5
 
 
 def register_and_decide(
-    registry: Any,
+    registry: Registry,
     prepared: Prepared,
-    model: torch.nn.Module,
+    model: MLP,
     config: TrainConfig,
     history: History,
     test: EvalResult,
@@ -587,7 +612,7 @@ def register_and_decide(
     margin: float,
     alpha: float | None,
     require_study: bool = False,
-) -> tuple[Any, Any]:
+) -> tuple[ModelVersion, Decision | None]:
     """Register the model and record the gate's decision in one transaction; return ``(version, decision)``.
 
     There is no moment at which the version exists without its decision, so a process killed at any
@@ -641,8 +666,8 @@ def build_summary(
     study: optuna.Study,
     best: FrozenTrial,
     run_key: str,
-    version: Any,
-    decision: Any,
+    version: ModelVersion,
+    decision: Decision | None,
     test: EvalResult,
     history: History,
     seconds: dict[str, float],
