@@ -41,9 +41,12 @@ def test_make_engine_creates_sqlite_folder_and_sets_pragmas(tmp_path):
     engine.dispose()
 
 
-def test_check_database_unreachable_names_masked_url_and_fix():
+def test_an_unreachable_database_names_its_masked_url_and_the_fix():
+    from mnist_flow.registry.store import Registry
+
+    registry = Registry(UNREACHABLE, "/nonexistent/artifacts")
     with pytest.raises(DatabaseUnavailableError) as info:
-        db.check_database(UNREACHABLE)
+        registry.list_versions("mnist")
     message = str(info.value)
     assert "secret" not in message
     assert "u:***@127.0.0.1:1/x" in message

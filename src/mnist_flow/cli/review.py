@@ -19,8 +19,6 @@ import typer
 
 from mnist_flow.search.scale import apply_threads
 
-COMMANDS = ("dashboard", "report", "predict", "serve")
-
 
 def dashboard(
     host: Annotated[

@@ -134,10 +134,6 @@ class ArtifactStore:
                 "model again.",
             ) from None
 
-    def uri(self, relpath: str) -> str:
-        """The URI of ``relpath`` under the root (whether or not it exists)."""
-        return self._fs.unstrip_protocol(self._path(relpath))
-
     def write(self, relpath: str, data: bytes) -> str:
         """Write ``data`` atomically at ``relpath`` (replacing any previous file) and return its URI."""
         path = self._path(relpath)

@@ -7,15 +7,13 @@ dataset fingerprints), beats the champion's accuracy by more than ``margin``, an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from fractions import Fraction
 from math import comb
 
 import torch
 
 from mnist_flow.errors import ConfigError
-
-OUTCOMES = ("promoted", "kept", "blocked", "first")
 
 
 @dataclass(frozen=True)
@@ -36,10 +34,6 @@ class Decision:
     def promotes(self) -> bool:
         """True when the challenger becomes champion."""
         return self.outcome in ("promoted", "first")
-
-    def to_dict(self) -> dict:
-        """JSON-ready fields."""
-        return asdict(self)
 
 
 def mcnemar_exact(b: int, c: int) -> float:

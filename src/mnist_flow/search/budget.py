@@ -97,10 +97,6 @@ class TrialBudget:
             waiting=sum(t.state == TrialState.WAITING for t in mine),
         )
 
-    def remaining(self, study: optuna.Study) -> int:
-        """Trials of the run still to finish."""
-        return max(0, self.n_trials - self.counts(study).finished)
-
     def begin(self, study: optuna.Study) -> Step:
         """Take a turn. On ``Step.RUN`` the lock stays held until :meth:`claim` (or :meth:`release`)."""
         fail_stale_trials(study)

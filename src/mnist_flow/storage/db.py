@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, quote_plus, unquote
 
-from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
@@ -279,18 +279,6 @@ def retry_db(
             # jitter keeps competing processes from retrying in lock-step
             time.sleep(min(max_delay, base_delay * (2**attempt)) * (1 + random.random()))
     raise AssertionError("unreachable")
-
-
-def check_database(url: str) -> None:
-    """Open one connection to ``url``; raise DatabaseUnavailableError (masked URL, fix) if that fails."""
-    engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except DBAPIError as exc:
-        raise (permanent_error(url, exc) or unavailable(url, exc)) from None
-    finally:
-        engine.dispose()
 
 
 def optuna_storage(

@@ -76,10 +76,6 @@ class MLP(nn.Module):
         return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def multiply_adds_per_sample(
     hidden: Sequence[int], in_features: int = IN_FEATURES, num_classes: int = NUM_CLASSES
 ) -> int:
