@@ -2,7 +2,7 @@
 
 Each trial worker (`make worker`, one flow run at a time) runs in a namespace of its own, joined to this
 machine by a veth pair (tests/e2e/netns.py); it reaches the Prefect server and a private PostgreSQL (the
-study database) only over TCP, by their address on the first link. A `mnist` run with workers=2 starts two
+study database) only over TCP, by their address on the first link. A `mnist` run with workers=2 (trial_runner=deployment) starts two
 runs of `mnist-trials/worker`, one per namespace. Mid-trial the first namespace's link is pulled: its
 trial stops beating and is failed after the heartbeat grace and retried by the other worker; its flow run
 stops beating and is marked Crashed by the zombie automation, so the parent stops waiting for it. The study
@@ -52,7 +52,7 @@ def test_two_trial_workers_on_two_hosts_finish_exactly_n_trials_with_one_link_cu
                     started.append(worker)
                     svc.workers.append(worker)
                 # the parent runs here, outside the namespaces; only the trial workers run inside
-                parent = procs.start("parent", [str(procs.BIN / "python"), "flows/mnist.py", "--workers", "2",
+                parent = procs.start("parent", [str(procs.BIN / "python"), "flows/mnist.py", "--workers", "2", "--trial-runner", "deployment",
                                                 "--n-trials", str(N_TRIALS), "--source", "sample", "--max-epochs", "4",
                                                 "--final-epochs", "1"], env=env, log_dir=logs)
                 started.append(parent)

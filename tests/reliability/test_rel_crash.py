@@ -260,7 +260,7 @@ _KILL_AROUND_THE_GATE = textwrap.dedent("""
     from mnist_flow.registry.store import Registry
     from mnist_flow.settings import Settings
     from mnist_flow.training.loop import train_model
-    from mnist_flow.params import TrainConfig
+    from mnist_flow.params import RunParams, TrainConfig
 
     database_url, artifacts, home, key, kill = sys.argv[1:6]
 
@@ -311,7 +311,7 @@ KILL_POINTS = ["scoring the champion", "writing the weights", "before the row", 
 @pytest.fixture(scope="module")
 def champion_inputs() -> tuple:
     """The sample data, the champion's model (seed 0) and the challenger's (seed 1, as in the killed child)."""
-    from mnist_flow.params import TrainConfig
+    from mnist_flow.params import RunParams, TrainConfig
     from mnist_flow.training.loop import train_model
 
     params = RunParams.parse(source="sample")

@@ -354,7 +354,7 @@ def test_a_flow_run_whose_database_is_deleted_during_the_final_fit_registers_not
     path = home / "mnist-flow.db"
     env = clean_env(home, PREFECT_HOME=str(tmp_path / "prefect"))
     # two quick trials, then a final fit of a few seconds (a wide network) to delete the database in
-    args = [*FAST_TUNE, "--n-trials", "2", "--max-epochs", "1", "--final-epochs", "6", "--hidden1-max", "2048",
+    args = [*FAST_TUNE, "--n-trials", "2", "--max-epochs", "1", "--final-epochs", "40", "--workers", "1", "--hidden1-max", "2048",
             "--hidden1-min", "2048"]
     proc = subprocess.Popen([sys.executable, str(REPO / "flows" / "mnist.py"), *args], env=env, cwd=str(REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

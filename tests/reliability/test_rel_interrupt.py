@@ -27,9 +27,11 @@ from rel_helpers import REPO, clean_env
 from mnist_flow.errors import INTERRUPTED
 from mnist_flow.search.study import INTERRUPTED_REASON
 
-#: Wide layers on the bundled sample: an epoch lasts a second or more, so a trial is caught mid-way.
+#: Wide layers on the bundled sample: an epoch lasts a second or more, so a trial is caught mid-way. One
+#: worker: the trial runs in the interrupted process (with workers > 1 the trial processes stop with the
+#: run and their trials are failed by the heartbeat grace period, then retried: docs/reliability.md).
 SLOW_TRIALS = ["--source", "sample", "--hidden1-min", "2048", "--hidden1-max", "2048", "--hidden2-min", "1024",
-               "--hidden2-max", "1024", "--n-trials", "50", "--max-epochs", "20"]
+               "--hidden2-max", "1024", "--n-trials", "50", "--max-epochs", "20", "--workers", "1"]
 
 
 def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen:

@@ -196,7 +196,7 @@ def test_a_folder_and_a_missing_file_are_refused_by_name(tmp_path):
 
 def test_importing_the_package_is_cheap_and_load_model_is_imported_on_first_use():
     code = ("import sys, mnist_flow; assert 'torch' not in sys.modules and 'mnist_flow.review.predict' not in sys.modules; "
-            "f = mnist_flow.load_model; assert 'mnist_flow.review.predict' in sys.modules and callable(f); print('ok')")
+            "f = mnist_flow.load_model; assert 'mnist_flow.registry.store' in sys.modules and callable(f); print('ok')")
     env = {**os.environ, "MNIST_FLOW_HOME": "/nonexistent"}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120, check=False).stdout.strip() == "ok"
