@@ -77,31 +77,18 @@ def decide(
         )
     challenger = _as_bool(challenger_correct, "challenger")
     challenger_acc = _accuracy(challenger)
+
+    def unpaired(outcome: str, reason: str) -> Decision:  # no paired comparison: no champion figures
+        return Decision(outcome, reason, challenger_acc, None, None, None, None, margin, alpha)
+
     if champion_fingerprint is None:
-        return Decision(
-            "first",
-            "no champion yet: the first model becomes champion",
-            challenger_acc,
-            None,
-            None,
-            None,
-            None,
-            margin,
-            alpha,
-        )
+        return unpaired("first", "no champion yet: the first model becomes champion")
     if challenger_fingerprint != champion_fingerprint:
         # Checked before any paired comparison: the caller does not score the champion on other data.
-        return Decision(
+        return unpaired(
             "blocked",
             f"dataset fingerprints differ (challenger {challenger_fingerprint}, champion {champion_fingerprint}): "
             "the accuracies are not comparable, nothing was promoted automatically; promote by hand if intended",
-            challenger_acc,
-            None,
-            None,
-            None,
-            None,
-            margin,
-            alpha,
         )
     if champion_correct is None:
         raise ConfigError(
