@@ -143,20 +143,22 @@ def register(
     settings: Settings,
 ) -> ModelVersion:
     """Register the model with its lineage and the gate's decision, in one transaction (idempotent per run)."""
-    model, config, history = fitted.model, fitted.config, fitted.history
+    candidate = pipeline.Candidate(
+        prepared,
+        fitted.model,
+        fitted.config,
+        fitted.history,
+        test,
+        study_name=study_name,
+        trial_number=trial_number,
+        run_key=run_key,
+        flow_run_id=flow_run.id,
+    )
     with Registry.from_settings(settings) as registry:
         # registered and decided together: a crash never leaves a version without its decision
         version, _ = pipeline.register_and_decide(
             registry,
-            prepared,
-            model,
-            config,
-            history,
-            test,
-            study_name=study_name,
-            trial_number=trial_number,
-            run_key=run_key,
-            flow_run_id=flow_run.id,
+            candidate,
             margin=settings.promotion_margin,
             alpha=settings.promotion_alpha,
             require_study=True,
@@ -293,7 +295,8 @@ def start_temporary_server() -> None:
     """Without PREFECT_API_URL, start Prefect's temporary API now, tied to this process.
 
     Prefect would start the same server (a singleton) on first use and stop it at exit; started here,
-    a watchdog also kills it when this process is killed (SIGKILL leaves no exit handler to run).
+    a watchdog also kills it when this process is killed (SIGKILL leaves no exit handler to run), and it
+    runs in a process group of its own (:class:`_TemporaryServer`).
     """
     from prefect.settings import (
         PREFECT_API_URL,
@@ -306,9 +309,7 @@ def start_temporary_server() -> None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
+    server = _temporary_server_class()()
     timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_SERVER_STARTUP_S)
     try:
         server.start(timeout=timeout)
@@ -320,6 +321,31 @@ def start_temporary_server() -> None:
         ) from None
     if server.server_process is not None:
         tie_to_this_process(server.server_process.pid)
+
+
+def _temporary_server_class() -> type:
+    """Prefect's temporary server, started in a process group of its own.
+
+    Ctrl-C at a terminal sends SIGINT to the whole foreground process group. Uvicorn handles it by
+    shutting the server down at once, so the flow, interrupted at the same moment, found no API to
+    record its end: Prefect's crash handler failed with a ConnectError traceback and the script exited
+    1 after about 80 s of retries (measured: /work/notes/ctrlc.py). Out of the terminal's group, the
+    server stays up until Prefect stops it at exit (or the watchdog, if this process is killed).
+    The subclass is Prefect's singleton: ``SubprocessASGIServer()`` elsewhere returns this instance.
+    """
+    import functools
+    import subprocess
+    from unittest import mock
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class _TemporaryServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            own_group = functools.partial(subprocess.Popen, process_group=0)
+            with mock.patch.object(subprocess, "Popen", own_group):
+                return super()._run_uvicorn_command()
+
+    return _TemporaryServer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,11 @@ Not meant to be started by hand: `prefect deployment run mnist/train --param wor
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any, cast
 
 from prefect import flow, get_run_logger, task
@@ -21,7 +25,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
-from mnist_flow.errors import ConfigError, MnistFlowError
+from mnist_flow.errors import ConfigError, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.params import RunParams
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.search.scale import check_shared_state
@@ -44,6 +48,8 @@ WORKER_DEPLOYMENT = "mnist-trials/worker"
 #: How long the parent waits for a Prefect worker to pick its trial runs up before giving up.
 PICKUP_TIMEOUT_S = 600
 POLL_S = 2.0
+#: Exit status of a trial process whose parent (the flow-run process) is gone.
+PARENT_GONE_EXIT_CODE = 70
 
 NO_DEPLOYMENT_FIX = (
     "Run the flow as a deployment on a Prefect server with workers on its pool: `make server`, "
@@ -71,10 +77,22 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
 def trial_process(
     params: dict[str, Any], run_key: str, study_name: str, worker_index: int, settings: Settings
 ) -> dict[str, Any]:
-    """One trial process of a local ``workers > 1`` run (Prefect's ProcessPoolTaskRunner runs it)."""
+    """One trial process of a local ``workers > 1`` run (Prefect's ProcessPoolTaskRunner runs it).
+
+    Ctrl-C ends it with a result, not the interrupt: its trial is recorded FAIL with the reason, and the
+    parent, interrupted too, ends the run. (An interrupt returned through the pool escapes Prefect's
+    result callback, which catches ``Exception`` only, as a thread traceback in the parent.)
+    """
+    quiet_user_error_tracebacks()  # Optuna's log of the interrupted trial: no traceback here either
     single_threaded_process(settings.threads)
     policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
-    return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
+    interrupted = {"worker": worker_id(), "flow_run_id": str(flow_run.id), "trials": [], "interrupted": True}
+    if _interrupted_already():  # while it started
+        return interrupted
+    try:
+        return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
+    except KeyboardInterrupt:
+        return interrupted
 
 
 def run_trials_here(
@@ -293,26 +311,30 @@ def run_local_trial_workers(
     payload = params.model_copy(update={"workers": workers}).flat()
     logger.info("running the trials in %d single-threaded processes (ProcessPoolTaskRunner)", workers)
     with (
+        _InterruptForwarder() as interrupts,  # (exits last: after the pool has shut down)
         _shared_api(),
         child_environment(settings.threads),
-        ProcessPoolTaskRunner(
-            max_workers=workers, initializer=single_threaded_process, initargs=(settings.threads,)
-        ) as runner,
+        ProcessPoolTaskRunner(max_workers=workers, initializer=_pool_process, initargs=(settings.threads,)) as runner,
     ):
-        futures = [
-            runner.submit(
-                trial_process,
-                {
-                    "params": payload,
-                    "run_key": run_key,
-                    "study_name": study.study_name,
-                    "worker_index": index,
-                    "settings": settings,
-                },
-            )
-            for index in range(1, workers + 1)
-        ]
-        outcomes = [_outcome(future) for future in futures]
+        try:
+            with _sigint_held():  # the processes start with SIGINT held, until their initializer handles it
+                futures = [
+                    runner.submit(
+                        trial_process,
+                        {
+                            "params": payload,
+                            "run_key": run_key,
+                            "study_name": study.study_name,
+                            "worker_index": index,
+                            "settings": settings,
+                        },
+                    )
+                    for index in range(1, workers + 1)
+                ]
+            outcomes = [_outcome(future) for future in futures]
+        except KeyboardInterrupt:
+            interrupts.start()
+            raise
     done = []
     for index, (state, error) in enumerate(outcomes, 1):
         if state is not None and state.is_completed():
@@ -328,6 +350,100 @@ def run_local_trial_workers(
             error,
         )
     return done
+
+
+def _pool_process(threads: int | None) -> None:
+    """The initializer of each trial process: single-threaded, interrupted once, and it ends with its parent.
+
+    Ctrl-C interrupts a trial process once (a terminal's SIGINT reaches it, and the parent forwards its
+    own): the trial is recorded FAIL with its reason; a second SIGINT is ignored, so that it cannot break
+    that recording. The process starts with SIGINT held (:func:`_sigint_held`): one that came while it
+    was starting is taken here, and its task returns at once (:func:`_interrupted_already`). A pool process outlives a parent killed
+    with SIGKILL: it would finish its trial for a run that was crashed, then wait on the pool's queue
+    forever. A daemon thread waits on the parent's sentinel (multiprocessing's own handle, ready when
+    the parent is gone) and ends the process at once; its running trial's heartbeat stops, and the
+    resumed run fails and retries it.
+    """
+    import multiprocessing
+    import signal
+    from multiprocessing.connection import wait
+
+    single_threaded_process(threads)
+
+    def interrupt_once(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt_once)
+    with contextlib.suppress(KeyboardInterrupt):  # one that came while it started: SIGINT is now ignored
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def exit_with_parent() -> None:
+        wait([parent.sentinel])
+        os._exit(PARENT_GONE_EXIT_CODE)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def _interrupted_already() -> bool:
+    """In a trial process: whether it took its one SIGINT already (it ignores SIGINT from then on)."""
+    import signal
+
+    return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT in this thread while it starts the pool's threads, which start its processes.
+
+    A blocked signal stays blocked in the threads started meanwhile and in the processes they start
+    (the mask is inherited and kept across exec); SIGINT then waits in a starting trial process until
+    its initializer handles it, instead of ending it with a traceback mid-import. A SIGINT that came
+    here meanwhile is raised when this block ends.
+    """
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+class _InterruptForwarder:
+    """Once started, SIGINT to this process's pool processes every quarter second until the block ends.
+
+    For `kill -INT` of this process alone, and for a trial process that was not started yet when a
+    terminal's Ctrl-C came: without it, the pool's shutdown would wait for their whole run of trials.
+    Each takes the first SIGINT only and ignores the rest (:func:`_pool_process`).
+    """
+
+    def __init__(self, every: float = 0.25) -> None:
+        self._every, self._stop = every, threading.Event()
+
+    def __enter__(self) -> _InterruptForwarder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="interrupt-trials", daemon=True).start()
+
+    def _run(self) -> None:
+        import multiprocessing
+        import signal
+
+        while True:
+            for child in multiprocessing.active_children():
+                if child.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGINT)
+            if self._stop.wait(self._every):
+                return
 
 
 def _outcome(future: Any) -> tuple[Any, BaseException | None]:

@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                                  schedule="onecycle", weight_decay=5e-4, precision="fp32").validate()
             model, history = pipeline.fit_best(prepared, config)
             with Registry.from_settings(settings) as registry:
-                pipeline.register_and_decide(registry, prepared, model, config, history,
-                                             pipeline.evaluate_test(model, prepared), study_name="predict-accuracy",
-                                             trial_number=0, run_key="predict-accuracy", flow_run_id=None,
-                                             margin=0.0, alpha=0.05)
+                pipeline.register_and_decide(
+                    registry,
+                    pipeline.Candidate(prepared, model, config, history, pipeline.evaluate_test(model, prepared),
+                                       study_name="predict-accuracy", trial_number=0, run_key="predict-accuracy",
+                                       flow_run_id=None),
+                    margin=0.0, alpha=0.05)
         loaded = load_model("champion", name=pipeline.model_name(bundle.name), settings=settings)
         if loaded.version.dataset_fingerprint != bundle.fingerprint:
             print(f"the champion was trained on other data (fingerprint {loaded.version.dataset_fingerprint[:16]}, "

@@ -82,6 +82,7 @@ NOISY_LOGGERS = (
     "prefect",
     "prefect.flow_runs",
     "prefect.task_runs",
+    "prefect.engine",
     "prefect.flow_engine",
     "prefect.task_engine",
     "optuna",

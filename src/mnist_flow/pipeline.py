@@ -464,18 +464,30 @@ def idempotency_key(run_key: str, flow_run_id: str | None, study_name: str, tria
     return f"{flow_run_id or run_key}:{study_name}:{trial_number}"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A trained model to register: what trained it, how it did, and the run and trial it comes from."""
+
+    prepared: Prepared
+    model: MLP
+    config: TrainConfig
+    history: History
+    test: EvalResult
+    study_name: str
+    trial_number: int
+    run_key: str
+    flow_run_id: str | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        """The registration key: a rerun of the run (same run key) finds its version again."""
+        return idempotency_key(self.run_key, self.flow_run_id, self.study_name, self.trial_number)
+
+
 def register_challenger(
     registry: Registry,
-    prepared: Prepared,
-    model: MLP,
-    config: TrainConfig,
-    history: History,
-    test: EvalResult,
+    candidate: Candidate,
     *,
-    study_name: str,
-    trial_number: int,
-    run_key: str,
-    flow_run_id: str | None,
     decision: Decision | None = None,
     champion_version: int | None = None,
     require_study: bool = False,
@@ -488,39 +500,40 @@ def register_challenger(
     so a database deleted or replaced during the run is refused instead of re-created empty.
     ``decision`` (against ``champion_version``) is recorded in the same transaction as the version.
     """
-    bundle = prepared.bundle
-    kept = history.best
+    c = candidate
+    bundle = c.prepared.bundle
+    kept = c.history.best
     metrics = {
         "val_accuracy": kept.val_accuracy,
         "val_loss": kept.val_loss,
-        "test_accuracy": test.accuracy,
-        "test_loss": test.loss,
+        "test_accuracy": c.test.accuracy,
+        "test_loss": c.test.loss,
         "train_loss": kept.train_loss,
-        "epochs": len(history.epochs),
-        "train_seconds": round(sum(history.column("seconds")), 3),
+        "epochs": len(c.history.epochs),
+        "train_seconds": round(sum(c.history.column("seconds")), 3),
         "best_epoch": kept.epoch,
-        "recoveries": history.recoveries,
+        "recoveries": c.history.recoveries,
     }
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-    if bad or not all_finite(model):
+    if bad or not all_finite(c.model):
         what = f"non-finite {', '.join(bad)}" if bad else "non-finite weights"
         raise TrainingDiverged(
-            f"Not registered: the model of trial #{trial_number} has {what}: its training diverged.",
+            f"Not registered: the model of trial #{c.trial_number} has {what}: its training diverged.",
             fix="Lower the learning rate (lr_max) or the momentum (momentum_max) and run again.",
         )
     return registry.register(
         model_name(bundle.name),
-        model,
+        c.model,
         sidecar=sidecar(bundle),
-        params=config.to_dict(),
+        params=c.config.to_dict(),
         metrics=metrics,
         dataset_name=bundle.name,
         dataset_fingerprint=bundle.fingerprint,
-        study_name=study_name,
-        trial_number=trial_number,
-        flow_run_id=flow_run_id,
-        seed=config.seed,
-        idempotency_key=idempotency_key(run_key, flow_run_id, study_name, trial_number),
+        study_name=c.study_name,
+        trial_number=c.trial_number,
+        flow_run_id=c.flow_run_id,
+        seed=c.config.seed,
+        idempotency_key=c.idempotency_key,
         require_study=require_study,
         decision=decision,
         champion_version=champion_version,
@@ -599,16 +612,8 @@ GATE_ATTEMPTS = 5
 
 def register_and_decide(
     registry: Registry,
-    prepared: Prepared,
-    model: MLP,
-    config: TrainConfig,
-    history: History,
-    test: EvalResult,
+    candidate: Candidate,
     *,
-    study_name: str,
-    trial_number: int,
-    run_key: str,
-    flow_run_id: str | None,
     margin: float,
     alpha: float | None,
     require_study: bool = False,
@@ -625,28 +630,27 @@ def register_and_decide(
     """
     from mnist_flow.registry.store import ChampionMovedError
 
+    c = candidate
     if require_study:
-        registry.require_database(study_name)
-    existing = registry.by_key(idempotency_key(run_key, flow_run_id, study_name, trial_number))
+        registry.require_database(c.study_name)
+
+    def decided(version: ModelVersion) -> tuple[ModelVersion, Decision | None]:
+        return decide_promotion(
+            registry, c.prepared, version, c.test, flow_run_id=c.flow_run_id, margin=margin, alpha=alpha
+        )
+
+    existing = registry.by_key(c.idempotency_key)
     if existing is not None:
-        return decide_promotion(registry, prepared, existing, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
-    name = model_name(prepared.bundle.name)
+        return decided(existing)
+    name = model_name(c.prepared.bundle.name)
     moved: ChampionMovedError | None = None
     for _ in range(GATE_ATTEMPTS):
         champion = registry.champion(name)
-        decision = _gate(registry, prepared, test, champion, margin=margin, alpha=alpha)
+        decision = _gate(registry, c.prepared, c.test, champion, margin=margin, alpha=alpha)
         try:
             version = register_challenger(
                 registry,
-                prepared,
-                model,
-                config,
-                history,
-                test,
-                study_name=study_name,
-                trial_number=trial_number,
-                run_key=run_key,
-                flow_run_id=flow_run_id,
+                c,
                 decision=decision,
                 champion_version=champion.version if champion else None,
                 require_study=require_study,
@@ -655,7 +659,7 @@ def register_and_decide(
             moved = exc  # another run promoted its model meanwhile: compare with the new champion
             continue
         # the recorded decision: ours, or that of a concurrent registration with the same key that won
-        return decide_promotion(registry, prepared, version, test, flow_run_id=flow_run_id, margin=margin, alpha=alpha)
+        return decided(version)
     assert moved is not None
     raise moved
 

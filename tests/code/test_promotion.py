@@ -75,7 +75,7 @@ def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sa
     from dataclasses import replace
 
     from mnist_flow.params import TrainConfig
-    from mnist_flow.pipeline import evaluate_test, register_and_decide
+    from mnist_flow.pipeline import Candidate, evaluate_test, register_and_decide
     from mnist_flow.registry.store import Registry
     from mnist_flow.training.loop import train_model
 
@@ -83,12 +83,14 @@ def test_register_and_decide_keeps_a_champion_trained_on_other_data(tmp_path, sa
     s = sample_prepared.splits
     model, history = train_model(config, s.train_x, s.train_y, s.val_x, s.val_y)
     test = evaluate_test(model, sample_prepared)
-    kwargs = dict(study_name="s", trial_number=0, flow_run_id=None, margin=0.0, alpha=None)
+    lineage = dict(study_name="s", trial_number=0, flow_run_id=None)
     with Registry(f"sqlite:///{tmp_path / 'db.sqlite'}", str(tmp_path / "artifacts")) as registry:
-        first, _ = register_and_decide(registry, sample_prepared, model, config, history, test, run_key="a",
-                                       **kwargs)
+        first, _ = register_and_decide(
+            registry, Candidate(sample_prepared, model, config, history, test, run_key="a", **lineage),
+            margin=0.0, alpha=None)
         other_data = replace(sample_prepared, bundle=replace(sample_prepared.bundle, fingerprint="f" * 64))
-        second, decision = register_and_decide(registry, other_data, model, config, history, test, run_key="b",
-                                               **kwargs)
+        second, decision = register_and_decide(
+            registry, Candidate(other_data, model, config, history, test, run_key="b", **lineage),
+            margin=0.0, alpha=None)
         assert decision.outcome == "blocked"
         assert registry.champion("mnist").version == first.version != second.version

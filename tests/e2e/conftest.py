@@ -37,7 +37,13 @@ def svc(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def workers(svc):
     """The module's service; the workers a test starts are stopped at its end (the next test starts its own)."""
+    from service_helpers import wait_for_flow_run_processes
+
     yield svc
     for worker in svc.workers:
         worker.stop()
     svc.workers.clear()
+    # A flow-run process runs in its own session (the worker's stop does not end it): the next test, or the
+    # module's check for strays, waits for it to end as it should once its run is final.
+    lingering = wait_for_flow_run_processes(svc.token)
+    assert not lingering, f"flow-run processes still running 60 s after the test: {lingering}"

@@ -116,15 +116,25 @@ def service(tmp: Path, token: str, **extra: str) -> Iterator[Service]:
                 worker.stop()
 
 
-def flow_run_pids(token: str, run_id: str) -> list[int]:
-    """Pids of the live processes (of this test) running the flow run ``run_id``."""
-    needle = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
+def flow_run_pids(token: str, run_id: str | None = None) -> list[int]:
+    """Pids of the live processes (of this test) running the flow run ``run_id`` (any flow run: None)."""
+    prefix = f"PREFECT__FLOW_RUN_ID={run_id or ''}".encode()
     found = []
     for pid in procs.leftovers(token):
         with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            variables = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if any(v == prefix if run_id else v.startswith(prefix) for v in variables):
                 found.append(pid)
     return found
+
+
+def wait_for_flow_run_processes(token: str, timeout: float = 60.0) -> list[int]:
+    """Wait until no flow-run process of this test is left (a finished run's process exits by itself,
+    seconds after its final state); returns those still alive after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while (left := flow_run_pids(token)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 @dataclass(frozen=True)

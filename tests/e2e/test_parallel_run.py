@@ -58,13 +58,35 @@ KILL_ARGS = ["--source", "sample", "--n-trials", "5", "--max-epochs", "6", "--fi
              "--batch-size", "16", "--json"]
 
 
+def _trial_process_mid_trial(run, db: Path, log: Path, timeout: float = 400) -> int:
+    """The pid of a trial process (not the flow's) with a RUNNING trial past its first epoch."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.5)
+        if not db.exists():
+            continue
+        try:
+            (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
+            running = [t for t in optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
+                       .get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs
+                       and t.intermediate_values]  # past its first epoch: mid-trial
+        except Exception:  # the study not there yet, or the database busy: look again
+            continue
+        if running:
+            victim = int(running[0].user_attrs["worker"].rsplit(":", 1)[1])
+            assert victim != run.pid, procs.tail(log)
+            return victim
+    raise AssertionError("no trial process was seen mid-trial\n" + procs.tail(log))
+
+
 def test_a_trial_process_killed_mid_trial_costs_only_its_trial_and_the_run_still_finishes_exactly(
         tmp_path: Path, e2e_token: str) -> None:
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
                          MNIST_FLOW_HEARTBEAT_INTERVAL="1", MNIST_FLOW_HEARTBEAT_GRACE="3")
@@ -74,22 +96,7 @@ def test_a_trial_process_killed_mid_trial_costs_only_its_trial_and_the_run_still
         run = subprocess.Popen([sys.executable, str(procs.REPO / "flows" / "mnist.py"), *KILL_ARGS], env=env,
                                cwd=procs.REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        victim = None
-        deadline = time.monotonic() + 400
-        while victim is None and time.monotonic() < deadline and run.poll() is None:
-            time.sleep(0.5)
-            if not db.exists():
-                continue
-            try:
-                (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
-                running = [t for t in optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
-                           .get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs
-                           and t.intermediate_values]  # past its first epoch: mid-trial
-            except Exception:  # the study not there yet, or the database busy: look again
-                continue
-            if running:
-                victim = int(running[0].user_attrs["worker"].rsplit(":", 1)[1])
-        assert victim is not None and victim != run.pid, procs.tail(log)
+        victim = _trial_process_mid_trial(run, db, log)
         os.kill(victim, signal.SIGKILL)
         assert run.wait(timeout=600) == 0, procs.tail(log, 8000)
     finally:
@@ -107,3 +114,30 @@ def test_a_trial_process_killed_mid_trial_costs_only_its_trial_and_the_run_still
     assert all(t.number in retried for t in failed)  # each lost configuration ran again
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert not procs.leftovers(e2e_token), "a trial process outlived the run"
+
+
+def test_the_trial_processes_end_with_a_flow_process_killed_mid_trial(tmp_path: Path, e2e_token: str) -> None:
+    """SIGKILL of the flow's process leaves no trial process behind (they would finish a trial of a crashed
+    run, then wait on the dead pool's queue for ever): each ends within seconds, by its parent's sentinel."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    db = Path(env["MNIST_FLOW_HOME"]) / "mnist-flow.db"
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, str(procs.REPO / "flows" / "mnist.py"), *KILL_ARGS], env=env,
+                               cwd=procs.REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        trial_process = _trial_process_mid_trial(run, db, log)
+        run.send_signal(signal.SIGKILL)
+        run.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while procs.leftovers(e2e_token) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = procs.leftovers(e2e_token)
+        assert not left, f"outlived the flow's process: {left} (a trial process was {trial_process})"
+    finally:
+        procs.kill_leftovers(e2e_token)

@@ -50,11 +50,11 @@ def served_home(tmp_path_factory, sample_prepared) -> Path:
                 model, history = pipeline.fit_best(sample_prepared, config)
                 test = pipeline.evaluate_test(model, sample_prepared)
                 kwargs = {"study_name": "serve-test", "trial_number": seed, "run_key": f"serve-{seed}", "flow_run_id": None}
+                candidate = pipeline.Candidate(sample_prepared, model, config, history, test, **kwargs)
                 if seed == 0:
-                    pipeline.register_and_decide(registry, sample_prepared, model, config, history, test,
-                                                 margin=0.0, alpha=0.05, **kwargs)
+                    pipeline.register_and_decide(registry, candidate, margin=0.0, alpha=0.05)
                 else:
-                    pipeline.register_challenger(registry, sample_prepared, model, config, history, test, **kwargs)
+                    pipeline.register_challenger(registry, candidate)
     finally:
         torch.set_num_threads(threads)
     return home

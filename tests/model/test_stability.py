@@ -119,9 +119,10 @@ def test_a_final_fit_that_truly_diverges_recovers_and_registers_a_finite_model(t
     assert fitted.history.best.val_accuracy >= trial.value - pipeline.FINAL_FIT_TOLERANCE
     test = pipeline.evaluate_test(fitted.model, sample_prepared)
     with _registry(tmp_path) as registry:
-        version = pipeline.register_challenger(registry, sample_prepared, fitted.model, fitted.config,
-                                               fitted.history, test, study_name="s", trial_number=trial.number,
-                                               run_key="k", flow_run_id=None)
+        version = pipeline.register_challenger(
+            registry,
+            pipeline.Candidate(sample_prepared, fitted.model, fitted.config, fitted.history, test, study_name="s",
+                               trial_number=trial.number, run_key="k", flow_run_id=None))
         stored = registry.get(version.name, version.version)
     assert all(math.isfinite(float(v)) for v in stored.metrics.values())
     assert stored.metrics["recoveries"] == len(fitted.history.events) >= 1
@@ -154,14 +155,18 @@ def test_a_model_with_a_nan_is_refused_by_register_as_a_divergence_and_nothing_i
         model.net[0].weight[0, 0] = float("nan")
     with _registry(tmp_path) as registry:
         with pytest.raises(TrainingDiverged, match="diverged") as caught:
-            pipeline.register_challenger(registry, sample_prepared, model, config, history, test,
-                                         study_name="s", trial_number=7, run_key="k", flow_run_id=None)
+            pipeline.register_challenger(
+                registry,
+                pipeline.Candidate(sample_prepared, model, config, history, test, study_name="s", trial_number=7,
+                                   run_key="k", flow_run_id=None))
         assert not isinstance(caught.value, ConfigError) and "trial #7" in caught.value.message
         assert "plain numbers" not in str(caught.value)
         nan_test = replace(test, loss=float("nan"))
         with torch.no_grad():
             model.net[0].weight[0, 0] = 0.0
         with pytest.raises(TrainingDiverged, match="non-finite test_loss"):
-            pipeline.register_challenger(registry, sample_prepared, model, config, history, nan_test,
-                                         study_name="s", trial_number=7, run_key="k", flow_run_id=None)
+            pipeline.register_challenger(
+                registry,
+                pipeline.Candidate(sample_prepared, model, config, history, nan_test, study_name="s", trial_number=7,
+                                   run_key="k", flow_run_id=None))
         assert registry.list_versions() == []

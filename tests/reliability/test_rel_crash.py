@@ -295,13 +295,13 @@ _KILL_AROUND_THE_GATE = textwrap.dedent("""
             log(*args, **kwargs)
             die()  # the row and the decision are in the session, not committed
         reg_mod.Registry._log = staticmethod(dying_log)
-    kwargs = dict(study_name="mnist-study", trial_number=7, run_key=key, flow_run_id=None)
+    candidate = pipeline.Candidate(prepared, model, config, history, test, study_name="mnist-study", trial_number=7,
+                                   run_key=key, flow_run_id=None)
     with Registry(database_url, artifacts) as registry:
         if kill == "between register and gate (older flow)":
-            pipeline.register_challenger(registry, prepared, model, config, history, test, **kwargs)
+            pipeline.register_challenger(registry, candidate)
             die()
-        pipeline.register_and_decide(registry, prepared, model, config, history, test, margin=0.0, alpha=0.05,
-                                     require_study=True, **kwargs)
+        pipeline.register_and_decide(registry, candidate, margin=0.0, alpha=0.05, require_study=True)
 """)
 
 KILL_POINTS = ["scoring the champion", "writing the weights", "before the row", "inside the transaction",
@@ -337,8 +337,10 @@ def _champion_world(home: Path, inputs: tuple) -> None:
     prepared, model, config, history, test = inputs[0]
     with Registry.from_settings(settings) as registry:
         version, decision = pipeline.register_and_decide(
-            registry, prepared, model, config, history, test, study_name="mnist-study", trial_number=3,
-            run_key="run-1", flow_run_id=None, margin=0.0, alpha=0.05)
+            registry,
+            pipeline.Candidate(prepared, model, config, history, test, study_name="mnist-study", trial_number=3,
+                               run_key="run-1", flow_run_id=None),
+            margin=0.0, alpha=0.05)
     assert (version.version, decision.outcome) == (1, "first")
 
 
@@ -368,8 +370,10 @@ def test_sigkill_at_any_point_of_register_and_gate_leaves_one_version_with_one_d
     for _ in range(2):  # the rerun (a new process would do the same: nothing is kept in memory), and its retry
         with Registry.from_settings(Settings(home=home)) as registry:
             version, decision = pipeline.register_and_decide(
-                registry, prepared, model, config, history, test, study_name="mnist-study", trial_number=7,
-                run_key="run-2", flow_run_id=None, margin=0.0, alpha=0.05, require_study=True)
+                registry,
+                pipeline.Candidate(prepared, model, config, history, test, study_name="mnist-study", trial_number=7,
+                                   run_key="run-2", flow_run_id=None),
+                margin=0.0, alpha=0.05, require_study=True)
         answers.append((version.version, decision.outcome, decision.p_value))
     assert answers[0] == answers[1] and answers[0][0] == 2
     with Registry.from_settings(Settings(home=home)) as registry:

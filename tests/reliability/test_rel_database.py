@@ -316,9 +316,11 @@ def test_database_deleted_or_replaced_mid_run_registers_nothing(loss: str, tmp_p
         optuna.create_study(storage=storage, study_name="another-study")
         db.dispose_storage(storage)
     with Registry.from_settings(settings) as reg, pytest.raises(MnistFlowError) as caught:
-        pipeline.register_and_decide(reg, prepared, model, config, history, test, study_name=study.study_name,
-                                     trial_number=best.number, run_key="lost-db", flow_run_id=None, margin=0.0,
-                                     alpha=0.05, require_study=True)  # as the flow's register stage does
+        pipeline.register_and_decide(
+            reg,
+            pipeline.Candidate(prepared, model, config, history, test, study_name=study.study_name,
+                               trial_number=best.number, run_key="lost-db", flow_run_id=None),
+            margin=0.0, alpha=0.05, require_study=True)  # as the flow's register stage does
     text = str(caught.value)
     assert study.study_name in text and "not registered" in text and "Fix:" in text
     if loss == "deleted":

@@ -1,7 +1,9 @@
 """Ctrl-C, SIGKILL and errors inside runs, through real processes: exit codes, one message, nothing left behind.
 
-* Ctrl-C (SIGINT) of `mnist-flow tune`, `mnist-flow train` and `python flows/mnist.py`: exit 130, one line,
-  no traceback; the interrupted trial is FAIL with its reason, none is left RUNNING.
+* Ctrl-C (SIGINT to the process group, as a terminal sends it) of `mnist-flow tune`, `mnist-flow train` and
+  `python flows/mnist.py` (trials in the flow's process, or in two trial processes; and `kill -INT` of the flow's
+  process alone): exit 130, one line, no traceback; the interrupted trials are FAIL with their reason, none is
+  left RUNNING, no process is left behind.
 * SIGKILL of `python flows/mnist.py`: the temporary Prefect server it started stops listening too.
 * A user error raised after Prefect created the run (corrupt data): one message on the terminal and in the
   flow-run log (read from the temporary server's own database), no traceback anywhere.
@@ -28,16 +30,20 @@ from mnist_flow.errors import INTERRUPTED
 from mnist_flow.search.study import INTERRUPTED_REASON
 
 #: Wide layers on the bundled sample: an epoch lasts a second or more, so a trial is caught mid-way. One
-#: worker: the trial runs in the interrupted process (with workers > 1 the trial processes stop with the
-#: run and their trials are failed by the heartbeat grace period, then retried: docs/reliability.md).
+#: worker: the trial runs in the interrupted process (the flow script is also run with two trial processes).
 SLOW_TRIALS = ["--source", "sample", "--hidden1-min", "2048", "--hidden1-max", "2048", "--hidden2-min", "1024",
                "--hidden2-max", "1024", "--n-trials", "50", "--max-epochs", "20", "--workers", "1"]
 
 
+def _as_at_a_terminal() -> None:
+    os.setpgid(0, 0)  # a process group of its own, as a shell gives a foreground job
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # (a background job would inherit SIG_IGN)
+
+
 def _popen(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """A child whose SIGINT is handled as at a terminal (a background job would inherit SIG_IGN)."""
+    """A child in its own process group whose SIGINT is handled as at a terminal."""
     return subprocess.Popen(args, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_as_at_a_terminal)
 
 
 def _running_trial(db: Path) -> bool:
@@ -53,18 +59,24 @@ def _running_trial(db: Path) -> bool:
         return False
 
 
-def _interrupt_mid_trial(proc: subprocess.Popen, db: Path, timeout: float = 180) -> tuple[str, str]:
+def _interrupt_mid_trial(proc: subprocess.Popen, db: Path, timeout: float = 180, *,
+                         group: bool = True) -> tuple[str, str]:
+    """Ctrl-C once a trial is mid-way: SIGINT to the process group, as a terminal sends it (``group=False``:
+    to the process alone, as `kill -INT` does)."""
     deadline = time.monotonic() + timeout
     while not _running_trial(db):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no trial started in time"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    if group:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
     try:
         return proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _trials(db: Path) -> list[optuna.trial.FrozenTrial]:
@@ -73,15 +85,34 @@ def _trials(db: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=summary.study_name, storage=storage).trials
 
 
-def _check_interrupted(proc: subprocess.Popen, err: str, db: Path) -> tuple[int, int]:
+def _check_interrupted(proc: subprocess.Popen, err: str, db: Path, running: int = 1) -> tuple[list[int], int]:
+    """Exit 130, our one line, no traceback; the trials that were running (1 to ``running``) FAIL with the
+    reason, none left RUNNING, no process of the group left. Returns the failed trials' numbers and the count."""
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.splitlines().count(INTERRUPTED) == 1, err  # (Prefect's run log lines may come around it)
     trials = _trials(db)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert len(failed) == 1 and failed[0].user_attrs.get("fail_reason") == INTERRUPTED_REASON, failed
-    return failed[0].number, len(trials)
+    assert 1 <= len(failed) <= running, failed
+    assert all(t.user_attrs.get("fail_reason") == INTERRUPTED_REASON for t in failed), failed
+    deadline = time.monotonic() + 10
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _group_alive(proc.pid), "a process of the interrupted run is still running"
+    return [t.number for t in failed], len(trials)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in the process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 @pytest.mark.slow
@@ -93,7 +124,7 @@ def test_ctrl_c_of_mnist_flow_train_exits_130_with_one_line(home: Path, reliabil
     while _cpu_seconds(proc.pid) < TRAINING_CPU_S:  # past the imports and the data: training (for minutes)
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines() == [INTERRUPTED], err
@@ -126,16 +157,24 @@ def _flow_env(home: Path) -> dict[str, str]:
     return clean_env(home, PREFECT_HOME=str(home.parent / "prefect-home"))
 
 
-ENTRIES = {"mnist-flow tune": ["-m", "mnist_flow.cli", "tune"], "python flows/mnist.py": [str(REPO / "flows" / "mnist.py")]}
+FLOW = [str(REPO / "flows" / "mnist.py")]
+#: What is interrupted: (command, extra flags, SIGINT to the group as a terminal does, or to the process alone).
+ENTRIES = {
+    "mnist-flow tune": (["-m", "mnist_flow.cli", "tune"], [], True),
+    "python flows/mnist.py": (FLOW, [], True),
+    "python flows/mnist.py --workers 2": (FLOW, ["--workers", "2"], True),
+    "python flows/mnist.py --workers 2` with `kill -INT` of its process": (FLOW, ["--workers", "2"], False),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", list(ENTRIES))
 def test_ctrl_c_mid_trial_exits_130_with_one_line_and_records_the_trial_as_failed(
         entry: str, home: Path, reliability) -> None:
-    proc = _popen([sys.executable, *ENTRIES[entry], *SLOW_TRIALS], _flow_env(home))
-    _, err = _interrupt_mid_trial(proc, home / "mnist-flow.db")
-    number, total = _check_interrupted(proc, err, home / "mnist-flow.db")
+    command, extra, group = ENTRIES[entry]
+    proc = _popen([sys.executable, *command, *SLOW_TRIALS, *extra], _flow_env(home))
+    _, err = _interrupt_mid_trial(proc, home / "mnist-flow.db", group=group)
+    numbers, total = _check_interrupted(proc, err, home / "mnist-flow.db", running=2 if extra else 1)
     server = ""
     if "Starting temporary server" in err:  # the flow script: its temporary Prefect server is stopped too
         port = _temp_server_port(err)
@@ -144,10 +183,13 @@ def test_ctrl_c_mid_trial_exits_130_with_one_line_and_records_the_trial_as_faile
             time.sleep(0.1)
         assert not _listening(port)
         server = f"; temporary server on :{port} stopped"
-    reliability.record(f"Ctrl-C (SIGINT) of `{entry}` mid-trial",
-                       "exit 130, one line of ours, no traceback; the trial FAIL with its reason, none RUNNING",
-                       f"exit {proc.returncode}, one line “{INTERRUPTED[:40]}…”, no traceback; trial #{number} FAIL "
-                       f"(fail_reason “{INTERRUPTED_REASON}”), 0 of {total} RUNNING{server}", group="faults")
+    how = "SIGINT" if not group else "Ctrl-C (SIGINT to the process group)"
+    reliability.record(f"{how} of `{entry}` mid-trial",
+                       "exit 130, one line of ours, no traceback; the trials FAIL with their reason, none RUNNING, "
+                       "no process left",
+                       f"exit {proc.returncode}, one line “{INTERRUPTED[:40]}…”, no traceback; trial(s) "
+                       f"{', '.join(f'#{n}' for n in numbers)} FAIL (fail_reason “{INTERRUPTED_REASON}”), 0 of "
+                       f"{total} RUNNING, no process left{server}", group="faults")
 
 
 @pytest.mark.slow

@@ -68,8 +68,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_prepared: pipeline.Pr
     registry = Registry(url, artifacts)
     registry.migrate()
     version, _ = pipeline.register_and_decide(
-        registry, sample_prepared, model, config, history, test, study_name=study.study_name,
-        trial_number=best.number, run_key="review-tests", flow_run_id=None, margin=0.0, alpha=0.05)
+        registry,
+        pipeline.Candidate(sample_prepared, model, config, history, test, study_name=study.study_name,
+                           trial_number=best.number, run_key="review-tests", flow_run_id=None),
+        margin=0.0, alpha=0.05)
     registry.dispose()
     return World(home, url, artifacts, study, version, test.accuracy, sample_prepared)
 

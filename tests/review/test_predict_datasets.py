@@ -40,9 +40,11 @@ def fashion(tmp_path_factory):
     test = pipeline.evaluate_test(model, prepared)
     home = tmp_path_factory.mktemp("fashion") / "home"
     with Registry(f"sqlite:///{home / 'mnist-flow.db'}", str(home / "artifacts")) as registry:
-        pipeline.register_and_decide(registry, prepared, model, config, history, test, study_name="fashion-test",
-                                     trial_number=0, run_key="fashion-test", flow_run_id=None, margin=0.0,
-                                     alpha=0.05)
+        pipeline.register_and_decide(
+            registry,
+            pipeline.Candidate(prepared, model, config, history, test, study_name="fashion-test", trial_number=0,
+                               run_key="fashion-test", flow_run_id=None),
+            margin=0.0, alpha=0.05)
         loaded, sidecar, version = registry.load("fashion-mnist", "champion")
     return home, prepared, loaded, sidecar, version
 
