@@ -33,6 +33,7 @@ from mnist_flow.search.scale import resolve_workers
 from mnist_flow.search.watchdog import Watchdog, stage_timeout
 from mnist_flow.settings import Settings, load_settings
 from mnist_flow.storage.fsutil import PERMANENT_ERRNOS
+from mnist_flow.summary import RunSummary
 from mnist_flow.training.loop import EvalResult, select_device
 from mnist_flow.training.model import MLP
 from mnist_flow.training.threads import bound_native_caches, policy_for
@@ -224,7 +225,7 @@ def _timeout(
 # service's automation (flows/automations.py, `make deploy`); see docs/service.md.
 @checked_flow(name="mnist", log_prints=True, retries=1, retry_delay_seconds=30)
 @with_run_parameters  # one keyword per RunParams field: Prefect's parameter schema comes from it
-def mnist(**parameters: Any) -> dict[str, Any]:
+def mnist(**parameters: Any) -> RunSummary:
     """Tune, train, evaluate and register an MLP for handwritten digits (or Fashion-MNIST)."""
     params = RunParams.parse(**parameters)
     quiet_user_error_tracebacks()  # Prefect's handlers exist now: a user error is logged as one message
@@ -269,20 +270,9 @@ def mnist(**parameters: Any) -> dict[str, Any]:
         version, decision = gate(prepared, version, test, settings)
         _ = publish_decision(decision, version, settings.resolved_database_url)  # an artifact id (sync here)
     summary = pipeline.build_summary(
-        params,
-        prepared,
-        study,
-        best,
-        run_key,
-        version,
-        decision,
-        test,
-        fitted.history,
-        watch.seconds,
-        settings.resolved_database_url,
-        notes=fitted.notes,
+        params, prepared, tuned, run_key, fitted, test, version, decision, watch.seconds, settings.resolved_database_url
     )
-    get_run_logger().info("summary:\n%s", "\n".join(pipeline.summary_lines(summary)))
+    get_run_logger().info("summary:\n%s", "\n".join(summary.lines()))
     publish_review(summary, study, version, settings.dashboard_url)
     return summary
 

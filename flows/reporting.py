@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from mnist_flow.formatting import format_value
 from mnist_flow.storage.db import mask_url
+from mnist_flow.summary import RunSummary
 
 DECISION_KEY = "promotion-decision"
 
@@ -79,13 +80,10 @@ def dashboard_link(dashboard_url: str, study: Any) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def publish_summary(summary: dict[str, Any]) -> Any:
+def publish_summary(summary: RunSummary) -> Any:
     """The run's summary (best params, accuracies, champion comparison, stage times, data fingerprint)."""
-    from mnist_flow.review.report import summary_markdown
-
-    model, accuracy = summary.get("model", {}), summary.get("metrics", {}).get("test_accuracy")
-    description = f"{model.get('name', '?')} v{model.get('version', '?')}: test accuracy {_fmt(accuracy)}"
-    return create_markdown_artifact(markdown=summary_markdown(summary), key=SUMMARY_KEY, description=description)
+    description = f"{summary.model.name} v{summary.model.version}: test accuracy {_fmt(summary.metrics.test_accuracy)}"
+    return create_markdown_artifact(markdown=summary.markdown(), key=SUMMARY_KEY, description=description)
 
 
 @task(cache_policy=NO_CACHE)
@@ -110,7 +108,7 @@ def publish_dashboard_link(dashboard_url: str, study: Any) -> Any:
     )
 
 
-def publish_review(summary: dict[str, Any], study: Any, version: Any, dashboard_url: str | None) -> None:
+def publish_review(summary: RunSummary, study: Any, version: Any, dashboard_url: str | None) -> None:
     """End of the flow: the review artifacts, and the registered version on its trial's dashboard note."""
     from mnist_flow.review.dashboard import annotate_trials
 

@@ -26,3 +26,8 @@ def format_params(params: Mapping[str, Any], *, code: bool = False) -> str:
         return f"`{key}`" if code else key
 
     return ", ".join(f"{name(k)}={v:.4g}" if isinstance(v, float) else f"{name(k)}={v}" for k, v in params.items())
+
+
+def markdown_params(params: Mapping[str, Any]) -> str:
+    """Name = value pairs for Markdown, names in backticks (4 digits; rates below 0.01 keep theirs), or ``-``."""
+    return ", ".join(f"`{k}` = {format_value(v, 4, small=1e-2)}" for k, v in params.items()) or "-"

@@ -20,7 +20,6 @@ from optuna.trial import FrozenTrial
 
 from mnist_flow.data import datasets as data_lib
 from mnist_flow.errors import TrainingDiverged
-from mnist_flow.formatting import format_params
 from mnist_flow.params import RunParams, TrainConfig
 from mnist_flow.progress import NullProgress, Progress
 from mnist_flow.review.dashboard import annotate_finished_trial
@@ -44,6 +43,7 @@ if TYPE_CHECKING:
     from mnist_flow.registry.promotion import Decision
     from mnist_flow.registry.store import ModelVersion, Registry
     from mnist_flow.search.watchdog import Watchdog
+    from mnist_flow.summary import RunSummary
     from mnist_flow.training.model import MLP
     from mnist_flow.training.threads import Policy
 
@@ -405,35 +405,6 @@ def sidecar(bundle: data_lib.DataBundle) -> dict[str, Any]:
     }
 
 
-def summary_lines(summary: dict[str, Any]) -> list[str]:
-    """The human-readable end-of-run summary (the same dict the flow returns)."""
-    best = summary["best"]
-    lines = [
-        f"data:        {summary['data']['name']} from {summary['data']['source']} "
-        f"({summary['data']['train_samples']} train / {summary['data']['val_samples']} val / "
-        f"{summary['data']['test_samples']} test), fingerprint {summary['data']['fingerprint'][:16]}",
-        f"study:       {summary['study']} ({summary['trials']['finished']} trials this run: "
-        f"{summary['trials']['complete']} complete, {summary['trials']['pruned']} pruned)",
-        f"best params: trial #{best['trial']}: " + format_params(best["params"]),
-        f"accuracy:    best trial val {best['val_accuracy']:.4f}; final model val "
-        f"{summary['metrics']['val_accuracy']:.4f}, test {summary['metrics']['test_accuracy']:.4f}",
-        *(
-            [
-                f"final fit:   epoch {fit['best_epoch']} of {fit['epochs']} kept (best val), "
-                f"{fit['recoveries']} divergence recover{'y' if fit['recoveries'] == 1 else 'ies'}"
-            ]
-            if (fit := summary.get("final_fit"))
-            else []
-        ),
-        f"registered:  {summary['model']['name']} v{summary['model']['version']} "
-        + ("(champion)" if summary["model"]["champion"] else "(challenger, not promoted)")
-        + (f": {summary['decision']['reason']}" if summary.get("decision") else ""),
-        "stages:      " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items()),
-        f"dashboard:   {summary['dashboard_command']}",
-    ]
-    return lines
-
-
 class Stopwatch:
     """Seconds per stage, in order."""
 
@@ -667,58 +638,74 @@ def register_and_decide(
 def build_summary(
     params: RunParams,
     prepared: Prepared,
-    study: optuna.Study,
-    best: FrozenTrial,
+    tuned: Tuned,
     run_key: str,
+    fitted: FinalFit,
+    test: EvalResult,
     version: ModelVersion,
     decision: Decision | None,
-    test: EvalResult,
-    history: History,
     seconds: dict[str, float],
     database_url: str,
-    notes: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The dict the flow returns and the CLI prints."""
+) -> RunSummary:
+    """What the run did and produced: what the flow returns, logs and publishes."""
     from mnist_flow.search.study import finished_trials
+    from mnist_flow.summary import (
+        BestTrial,
+        DataSummary,
+        DecisionSummary,
+        FinalMetrics,
+        FitSummary,
+        ModelSummary,
+        RunSummary,
+        TrialCounts,
+    )
 
+    study, best = tuned.study, tuned.best
+    assert best.value is not None  # the best trial is a complete one
     mine = finished_trials(study, run_key)
-    bundle = prepared.bundle
-    return {
-        "data": {
-            "name": bundle.name,
-            "source": bundle.source,
-            "origin": bundle.origin,
-            "fingerprint": bundle.fingerprint,
-            "train_samples": int(prepared.splits.train_y.numel()),
-            "val_samples": int(prepared.splits.val_y.numel()),
-            "test_samples": int(prepared.test_y.numel()),
-        },
-        "study": study.study_name,
-        "trials": {
-            "finished": len(mine),
-            "complete": sum(t.state.name == "COMPLETE" for t in mine),
-            "pruned": sum(t.state.name == "PRUNED" for t in mine),
-            "in_study": len(study.trials),
-        },
-        "best": {"trial": best.number, "params": best.params, "val_accuracy": best.value},
-        "params": params.flat(),
-        "metrics": {"val_accuracy": history.best.val_accuracy, "test_accuracy": test.accuracy, "test_loss": test.loss},
-        "final_fit": {
-            "epochs": len(history.epochs),
-            "best_epoch": history.best.epoch,
-            "recoveries": history.recoveries,
-            "notes": list(notes),
-        },
-        "model": {
-            "name": version.name,
-            "version": version.version,
-            "champion": "champion" in version.aliases,
-            "artifact": version.artifact_uri,
-        },
-        "decision": None
+    bundle, history = prepared.bundle, fitted.history
+    return RunSummary(
+        data=DataSummary(
+            name=bundle.name,
+            source=bundle.source,
+            origin=bundle.origin,
+            fingerprint=bundle.fingerprint,
+            train_samples=int(prepared.splits.train_y.numel()),
+            val_samples=int(prepared.splits.val_y.numel()),
+            test_samples=int(prepared.test_y.numel()),
+        ),
+        study=study.study_name,
+        trials=TrialCounts(
+            finished=len(mine),
+            complete=sum(t.state.name == "COMPLETE" for t in mine),
+            pruned=sum(t.state.name == "PRUNED" for t in mine),
+            in_study=len(study.trials),
+        ),
+        best=BestTrial(trial=best.number, params=dict(best.params), val_accuracy=best.value),
+        params=params.flat(),
+        metrics=FinalMetrics(val_accuracy=history.best.val_accuracy, test_accuracy=test.accuracy, test_loss=test.loss),
+        final_fit=FitSummary(
+            epochs=len(history.epochs),
+            best_epoch=history.best.epoch,
+            recoveries=history.recoveries,
+            notes=tuple(fitted.notes),
+        ),
+        model=ModelSummary(
+            name=version.name,
+            version=version.version,
+            champion="champion" in version.aliases,
+            artifact=version.artifact_uri,
+        ),
+        decision=None
         if decision is None
-        else {"outcome": decision.outcome, "reason": decision.reason, "p_value": decision.p_value},
-        "seconds": seconds,
-        "database": mask_url(database_url),
-        "dashboard_command": dashboard_command(database_url),
-    }
+        else DecisionSummary(
+            outcome=decision.outcome,
+            reason=decision.reason,
+            p_value=decision.p_value,
+            challenger_accuracy=decision.challenger_accuracy,
+            champion_accuracy=decision.champion_accuracy,
+        ),
+        seconds=dict(seconds),
+        database=mask_url(database_url),
+        dashboard_command=dashboard_command(database_url),
+    )

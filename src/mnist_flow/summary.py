@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from mnist_flow.formatting import format_params, format_value
+from mnist_flow.formatting import format_params, format_value, markdown_params
 from mnist_flow.storage.db import mask_url
 
 
@@ -140,7 +140,7 @@ class RunSummary:
             "| | |",
             "|---|---|",
             f"| best trial | #{best.trial} (validation accuracy {_fmt(best.val_accuracy)}) |",
-            f"| best parameters | {', '.join(f'`{k}` = {_fmt(v)}' for k, v in best.params.items()) or '-'} |",
+            f"| best parameters | {markdown_params(best.params)} |",
             f"| final model validation accuracy | {_fmt(m.val_accuracy)} |",
             f"| final model test accuracy | {_fmt(m.test_accuracy)} |",
             f"| test loss | {_fmt(m.test_loss)} |",

@@ -132,6 +132,7 @@ def test_a_run_whose_last_slot_runs_on_a_dead_worker_waits_then_retries_that_tri
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # a worker that then died
     dead.set_user_attr("run_key", "k")
+    started = time.monotonic()  # before the heartbeat: it is stale a grace period after it, not after run_study
     storage.record_heartbeat(dead._trial_id)
     ran: list[int] = []
 
@@ -139,7 +140,6 @@ def test_a_run_whose_last_slot_runs_on_a_dead_worker_waits_then_retries_that_tri
         ran.append(trial.number)
         return trial.suggest_float("x", 0, 1)
 
-    started = time.monotonic()
     run_study(study, objective, n_trials=1, run_key="k", poll_seconds=0.2)
     trials = study.get_trials()
     assert trials[dead.number].state == TrialState.FAIL

@@ -21,11 +21,11 @@ def test_the_flow_completes_and_registers_a_finite_model_when_its_trials_diverge
     summary = flow_module.mnist(source="sample", n_trials=3, max_epochs=2, final_epochs=3, seed=4, workers=1,
                                 lr_min=0.01, lr_max=10.0, momentum_min=0.9, momentum_max=0.98, hidden1_min=64,
                                 hidden1_max=64, hidden2_min=64, hidden2_max=64)
-    assert (summary["trials"]["finished"], summary["trials"]["complete"], summary["trials"]["pruned"]) == (3, 1, 2)
-    assert summary["best"]["params"]["lr"] == 0.01
-    assert summary["model"]["version"] == 1
-    assert all(math.isfinite(v) for v in summary["metrics"].values())
-    assert summary["final_fit"]["recoveries"] == 0 and summary["final_fit"]["notes"]
+    assert (summary.trials.finished, summary.trials.complete, summary.trials.pruned) == (3, 1, 2)
+    assert summary.best.params["lr"] == 0.01
+    assert summary.model.version == 1
+    assert all(math.isfinite(v) for v in vars(summary.metrics).values())
+    assert summary.final_fit.recoveries == 0 and summary.final_fit.notes
     with sqlite3.connect(home / "mnist-flow.db") as db:
         reasons = [v for (v,) in db.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'diverged'")]
     assert len(reasons) == 2

@@ -40,32 +40,32 @@ def test_the_deployment_schema_offers_every_parameter_with_its_default_and_refus
 
 def test_the_flow_tunes_trains_evaluates_and_registers_a_champion_with_its_lineage(home):
     summary = flow_module.mnist(**TINY)
-    assert summary["trials"]["finished"] == 3
-    assert summary["data"]["source"] == "sample" and len(summary["data"]["fingerprint"]) == 64
-    assert summary["model"]["version"] == 1 and summary["model"]["champion"] is True
-    assert set(summary["seconds"]) == {"data", "tune", "train", "evaluate", "register"}
-    assert 0.0 <= summary["metrics"]["test_accuracy"] <= 1.0
+    assert summary.trials.finished == 3
+    assert summary.data.source == "sample" and len(summary.data.fingerprint) == 64
+    assert summary.model.version == 1 and summary.model.champion is True
+    assert set(summary.seconds) == {"data", "tune", "train", "evaluate", "register"}
+    assert 0.0 <= summary.metrics.test_accuracy <= 1.0
 
     registry = Registry.from_settings(load_settings())
     champion = registry.get("mnist", "champion").to_dict()
     assert champion["version"] == 1 and "champion" in champion["aliases"]
-    assert champion["dataset"]["fingerprint"] == summary["data"]["fingerprint"]
-    assert champion["metrics"]["test_accuracy"] == pytest.approx(summary["metrics"]["test_accuracy"])
+    assert champion["dataset"]["fingerprint"] == summary.data.fingerprint
+    assert champion["metrics"]["test_accuracy"] == pytest.approx(summary.metrics.test_accuracy)
     lineage = champion["lineage"]
-    assert lineage["study_name"] == summary["study"] and lineage["trial_number"] == summary["best"]["trial"]
+    assert lineage["study_name"] == summary.study and lineage["trial_number"] == summary.best.trial
     assert lineage["flow_run_id"] and lineage["seed"] == 0 and lineage["code_version"]["package"]
     assert champion["params"]["epochs"] == 2 and champion["params"]["hidden"] == [
-        summary["best"]["params"]["hidden1"], summary["best"]["params"]["hidden2"]]
+        summary.best.params["hidden1"], summary.best.params["hidden2"]]
     assert Path(champion["artifact"]["uri"].removeprefix("file://")).is_file()
 
 
 def test_a_second_run_continues_the_study_and_records_a_promotion_decision(home):
     first = flow_module.mnist(**TINY)
     second = flow_module.mnist(**TINY)
-    assert second["study"] == first["study"]
-    assert second["trials"]["in_study"] == 6
-    assert second["model"]["version"] == 2
-    assert second["decision"]["outcome"] in {"promoted", "kept"}
+    assert second.study == first.study
+    assert second.trials.in_study == 6
+    assert second.model.version == 2
+    assert second.decision is not None and second.decision.outcome in {"promoted", "kept"}
     history = Registry.from_settings(load_settings()).history("mnist")
     assert len(history) == 2
     champions = [v for v in Registry.from_settings(load_settings()).list_versions("mnist") if "champion" in v.aliases]
@@ -77,8 +77,8 @@ def test_the_same_seed_gives_the_same_result_in_a_fresh_home(tmp_path, monkeypat
     for name in ("a", "b"):
         monkeypatch.setenv("MNIST_FLOW_HOME", str(tmp_path / name))
         results.append(flow_module.mnist(**TINY))
-    assert results[0]["best"] == results[1]["best"]
-    assert results[0]["metrics"] == results[1]["metrics"]
+    assert results[0].best == results[1].best
+    assert results[0].metrics == results[1].metrics
 
 
 def test_the_script_help_lists_every_parameter():

@@ -32,7 +32,7 @@ def test_the_flow_run_carries_the_summary_the_trials_table_and_the_dashboard_lin
 
     # the registry's lineage names the flow run (CheckedFlow.__call__ does not take return_state)
     registry = Registry.from_settings(load_settings())
-    run_id = UUID(registry.get("mnist", summary["model"]["version"]).flow_run_id)
+    run_id = UUID(registry.get("mnist", summary.model.version).flow_run_id)
     registry.dispose()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
@@ -42,26 +42,26 @@ def test_the_flow_run_carries_the_summary_the_trials_table_and_the_dashboard_lin
 
     markdown = by_key["mnist-summary"].data
     assert by_key["mnist-summary"].type == "markdown"
-    for expected in (f"#{summary['best']['trial']}", "`lr` =", "`momentum` =",
-                     f"{summary['metrics']['test_accuracy']:.4f}", f"{summary['metrics']['val_accuracy']:.4f}",
-                     "## Champion comparison", "| tune |", summary["data"]["fingerprint"]):
+    for expected in (f"#{summary.best.trial}", "`lr` =", "`momentum` =",
+                     f"{summary.metrics.test_accuracy:.4f}", f"{summary.metrics.val_accuracy:.4f}",
+                     "## Champion comparison", "| tune |", summary.data.fingerprint):
         assert expected in markdown, expected
 
     table = by_key["mnist-trials"]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert table.type == "table" and len(rows) == summary["trials"]["in_study"] >= 2
+    assert table.type == "table" and len(rows) == summary.trials.in_study >= 2
     assert {"number", "state", "value", "params_lr", "params_momentum", "duration_s", "worker"} <= set(rows[0])
 
     link = str(by_key["optuna-dashboard"].data)
     page = r"\(http://127\.0\.0\.1:8080/dashboard/studies/\d+\)"
-    assert re.search(rf"\[study {summary['study']} in optuna-dashboard\]{page}", link), link
+    assert re.search(rf"\[study {summary.study} in optuna-dashboard\]{page}", link), link
     assert "s3cret" not in link and "review" not in link
 
     # the trial the model came from names the registered version in its dashboard note
     storage = optuna_storage(load_settings().resolved_database_url)
-    study = optuna.load_study(study_name=summary["study"], storage=storage)
-    trial = next(t for t in study.trials if t.number == summary["best"]["trial"])
-    assert f"Registered model: **mnist v{summary['model']['version']}**" in read_note(study, trial)
+    study = optuna.load_study(study_name=summary.study, storage=storage)
+    trial = next(t for t in study.trials if t.number == summary.best.trial)
+    assert f"Registered model: **mnist v{summary.model.version}**" in read_note(study, trial)
 
 
 def test_the_dashboard_link_drops_credentials_and_points_at_the_study():

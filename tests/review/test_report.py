@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import optuna
@@ -10,7 +12,17 @@ import pytest
 from PIL import Image
 
 from mnist_flow import cli
-from mnist_flow.review.report import summary_markdown, table_records, trials_frame, write_report
+from mnist_flow.review.report import table_records, trials_frame, write_report
+from mnist_flow.summary import (
+    BestTrial,
+    DataSummary,
+    DecisionSummary,
+    FinalMetrics,
+    FitSummary,
+    ModelSummary,
+    RunSummary,
+    TrialCounts,
+)
 
 
 def _pngs(folder: Path) -> dict[str, tuple[int, int]]:
@@ -87,28 +99,50 @@ def test_trials_table_records_are_json_ready(world):
     assert all(isinstance(r["number"], int) and isinstance(r["epochs"], int) for r in records)
 
 
-def test_run_summary_markdown_has_params_accuracies_comparison_stage_times_and_fingerprint():
-    summary = {
-        "data": {"name": "mnist", "source": "sample", "origin": "/x", "fingerprint": "ab" * 32,
-                 "train_samples": 3600, "val_samples": 400, "test_samples": 1000},
-        "study": "mnist-abababababab",
-        "trials": {"finished": 3, "complete": 2, "pruned": 1, "in_study": 7},
-        "best": {"trial": 4, "params": {"lr": 0.0123, "momentum": 0.9, "hidden1": 256, "hidden2": 128},
-                 "val_accuracy": 0.931},
-        "metrics": {"val_accuracy": 0.94, "test_accuracy": 0.9375, "test_loss": 0.2},
-        "model": {"name": "mnist", "version": 3, "champion": False, "artifact": "/a"},
-        "decision": {"outcome": "kept", "reason": "not significantly better (p=0.41)", "p_value": 0.41},
-        "seconds": {"data": 1.0, "tune": 12.5, "train": 3.25, "evaluate": 0.1, "register": 0.4},
-        "database": "postgresql+psycopg://mnist:s3cret@db/mnist",
-        "dashboard_command": "mnist-flow dashboard   # optuna-dashboard on postgresql+psycopg://mnist:s3cret@db/mnist",
-    }
+def _run_summary(**changes) -> RunSummary:
+    summary = RunSummary(
+        data=DataSummary(name="mnist", source="sample", origin="/x", fingerprint="ab" * 32, train_samples=3600,
+                         val_samples=400, test_samples=1000),
+        study="mnist-abababababab",
+        trials=TrialCounts(finished=3, complete=2, pruned=1, in_study=7),
+        best=BestTrial(trial=4, params={"lr": 0.0123, "momentum": 0.9, "hidden1": 256, "hidden2": 128},
+                       val_accuracy=0.931),
+        params={"n_trials": 3},
+        metrics=FinalMetrics(val_accuracy=0.94, test_accuracy=0.9375, test_loss=0.2),
+        final_fit=FitSummary(epochs=24, best_epoch=19, recoveries=1, notes=("restored epoch 7",)),
+        model=ModelSummary(name="mnist", version=3, champion=False, artifact="/a"),
+        decision=DecisionSummary(outcome="kept", reason="not significantly better (p=0.41)", p_value=0.41,
+                                 challenger_accuracy=0.9375, champion_accuracy=0.9391),
+        seconds={"data": 1.0, "tune": 12.5, "train": 3.25, "evaluate": 0.1, "register": 0.4},
+        database="postgresql+psycopg://mnist:s3cret@db/mnist",
+        dashboard_command="mnist-flow dashboard   # optuna-dashboard on postgresql+psycopg://mnist:s3cret@db/mnist",
+    )
+    return dataclasses.replace(summary, **changes)
 
-    text = summary_markdown(summary)
+
+def test_run_summary_markdown_has_params_accuracies_comparison_stage_times_and_fingerprint():
+    text = _run_summary().markdown()
 
     for expected in ("`lr` = 0.0123", "`hidden1` = 256", "0.9400", "0.9375", "challenger (not promoted)", "**kept**",
-                     "not significantly better (p=0.41)", "| tune | 12.5 |", "ab" * 32, "mnist:***@db"):
+                     "not significantly better (p=0.41)", "McNemar p-value: 0.4100", "champion test accuracy: 0.9391",
+                     "| tune | 12.5 |", "ab" * 32, "mnist:***@db"):
         assert expected in text, expected
     assert "s3cret" not in text
+    assert "No comparison was needed" in _run_summary(decision=None).markdown()
+
+
+def test_run_summary_lines_and_json_say_the_same_and_mask_the_password():
+    summary = _run_summary()
+    text = "\n".join(summary.lines())
+    for expected in ("mnist from sample (3600 train / 400 val / 1000 test), fingerprint abababababababab",
+                     "3 trials this run: 2 complete, 1 pruned", "trial #4: lr=0.0123", "final model val 0.9400, test 0.9375",
+                     "epoch 19 of 24 kept (best val), 1 divergence recovery", "mnist v3 (challenger, not promoted): not",
+                     "tune 12.5s"):
+        assert expected in text, expected
+    as_json = json.loads(json.dumps(summary.to_dict()))
+    assert as_json["trials"]["finished"] == 3 and as_json["decision"]["p_value"] == 0.41
+    assert as_json["final_fit"]["notes"] == ["restored epoch 7"] and set(as_json) == {
+        f.name for f in dataclasses.fields(RunSummary)}
 
 
 def test_test_data_of_another_fingerprint_is_refused_without_starting_a_download(tmp_path):

@@ -15,7 +15,6 @@ from typing import Any
 
 from mnist_flow.errors import INTERRUPTED, MnistFlowError, quiet_user_error_tracebacks
 from mnist_flow.params import RunParams, flat_fields
-from mnist_flow.pipeline import summary_lines
 from mnist_flow.settings import load_settings
 
 
@@ -87,9 +86,9 @@ def run_flow_cli(
         print(INTERRUPTED, file=sys.stderr)
         return 130
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps(summary.to_dict(), indent=2, default=str))
     else:
-        print("\n".join(["", "mnist-flow run summary", *summary_lines(summary)]))
+        print("\n".join(["", "mnist-flow run summary", *summary.lines()]))
     return 0
 
 

@@ -9,8 +9,8 @@
   ``param_scatter.png`` and, when the dataset has a champion, ``confusion_matrix.png`` (the
   champion on the test set: loaded through the registry, which checks the weights' SHA-256).
 
-``trials_frame`` and ``summary_markdown`` also feed the Prefect artifacts of ``flows/reporting.py``;
-nothing here imports Prefect.
+``trials_frame`` and ``table_records`` also feed the Prefect artifacts of ``flows/reporting.py`` (with
+``RunSummary.markdown()``); nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from mnist_flow.data import datasets as data_lib
 from mnist_flow.errors import ConfigError, DataError
-from mnist_flow.formatting import format_value
+from mnist_flow.formatting import format_value, markdown_params
 from mnist_flow.search.study import last_value
-from mnist_flow.storage.db import mask_url
 
 TOP_TRIALS = 5
 PLOT_DPI = 110
@@ -115,70 +114,6 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def _fmt(value: Any, digits: int = 4) -> str:
     return format_value(value, digits, small=1e-2)  # learning rates below 0.01 keep their digits
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"`{k}` = {_fmt(v)}" for k, v in params.items()) or "-"
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    """The flow run's summary (the dict ``pipeline.build_summary`` returns) as Markdown.
-
-    Best parameters, validation and test accuracy, the champion comparison, seconds per stage and
-    the data fingerprint; the database URL is masked.
-    """
-    data, best, metrics = summary.get("data", {}), summary.get("best", {}), summary.get("metrics", {})
-    model, decision, trials = summary.get("model", {}), summary.get("decision"), summary.get("trials", {})
-    lines = [f"# mnist run: {data.get('name', '?')}, study `{summary.get('study', '?')}`", ""]
-    lines += [
-        "## Result",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| best trial | #{best.get('trial', '-')} (validation accuracy {_fmt(best.get('val_accuracy'))}) |",
-        f"| best parameters | {_params_text(best.get('params') or {})} |",
-        f"| final model validation accuracy | {_fmt(metrics.get('val_accuracy'))} |",
-        f"| final model test accuracy | {_fmt(metrics.get('test_accuracy'))} |",
-        f"| test loss | {_fmt(metrics.get('test_loss'))} |",
-        f"| trials this run | {trials.get('finished', '-')} finished ({trials.get('complete', '-')} complete, "
-        f"{trials.get('pruned', '-')} pruned); {trials.get('in_study', '-')} in the study |",
-        "",
-    ]
-    lines += ["## Champion comparison", ""]
-    registered = f"`{model.get('name', '?')}` v{model.get('version', '?')}"
-    status = "is the champion" if model.get("champion") else "is a challenger (not promoted)"
-    lines.append(f"Registered {registered}; it {status}.")
-    if decision:
-        p_value = decision.get("p_value")
-        lines += ["", f"- outcome: **{decision.get('outcome', '-')}**", f"- reason: {decision.get('reason', '-')}"]
-        if p_value is not None:
-            lines.append(f"- McNemar p-value: {_fmt(p_value)}")
-        for key, label in (
-            ("champion_accuracy", "champion test accuracy"),
-            ("challenger_accuracy", "challenger test accuracy"),
-        ):
-            if decision.get(key) is not None:
-                lines.append(f"- {label}: {_fmt(decision[key])}")
-    else:
-        lines += ["", "No comparison was needed (this version already was the champion)."]
-    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
-    for stage, seconds in (summary.get("seconds") or {}).items():
-        lines.append(f"| {stage} | {seconds:.1f} |")
-    lines += [
-        "",
-        "## Data",
-        "",
-        f"- dataset: {data.get('name', '-')} from {data.get('source', '-')} ({mask_url(str(data.get('origin', '-')))})",
-        f"- samples: {data.get('train_samples', '-')} train / {data.get('val_samples', '-')} validation / "
-        f"{data.get('test_samples', '-')} test",
-        f"- fingerprint: `{data.get('fingerprint', '-')}`",
-        "",
-    ]
-    if summary.get("database"):
-        lines.append(f"Study database: `{mask_url(summary['database'])}`")
-    if summary.get("dashboard_command"):
-        lines.append(f"Dashboard: `{mask_url(summary['dashboard_command'])}`")
-    return "\n".join(lines).rstrip() + "\n"
 
 
 # --- plots ------------------------------------------------------------------------------------------
@@ -581,7 +516,7 @@ def report_markdown(
             f"- `{v.name}` v{v.version}, from study `{v.study_name}` trial #{v.trial_number}",
             f"- test accuracy now: {report.champion.accuracy:.4f} on the {report.champion.data_source} test "
             f"set (recorded at registration: {_fmt(recorded)})",
-            "- parameters: " + _params_text({k: v.params[k] for k in ("lr", "momentum", "hidden") if k in v.params}),
+            "- parameters: " + markdown_params({k: v.params[k] for k in ("lr", "momentum", "hidden") if k in v.params}),
         ]
     else:
         lines.append(f"Not evaluated: {report.skipped.get('confusion_matrix.png', 'no champion')}.")
