@@ -260,7 +260,7 @@ def mnist(**parameters: Any) -> RunSummary:
             settings,
             params.final_epochs,
             (int(best.params["hidden1"]), int(best.params["hidden2"])),
-            study.get_trials(deepcopy=False),
+            tuned.trials,
         )
         fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params, settings)
     with watch("evaluate"):

@@ -146,7 +146,7 @@ def run_trials_here(
             describe(threads),
             run_key,
         )
-        study, _ = pipeline.tune(
+        tuned = pipeline.tune(
             prepared,
             run_params,
             url,
@@ -160,7 +160,7 @@ def run_trials_here(
         )
         mine = [
             t.number
-            for t in study.get_trials(deepcopy=False)
+            for t in tuned.trials
             if t.user_attrs.get("run_key") == run_key and t.user_attrs.get("worker") == worker_id()
         ]
     finally:

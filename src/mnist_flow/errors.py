@@ -69,6 +69,10 @@ class TrainingDiverged(MnistFlowError):
         super().__init__(message, fix=fix)
         self.epoch, self.loss = epoch, loss
 
+    def restated(self, message: str) -> TrainingDiverged:
+        """The same divergence told with the caller's context: its fix, epoch and loss kept."""
+        return TrainingDiverged(message, fix=self.fix, epoch=self.epoch, loss=self.loss)
+
 
 #: User-caused errors that may go away on their own (a network or database outage): worth retrying.
 TRANSIENT_ERRORS: tuple[type[MnistFlowError], ...] = (DownloadError, DatabaseUnavailableError)

@@ -80,6 +80,12 @@ def resolve_precision(precision: str) -> Precision:
     return default_precision() if precision == "auto" else typing.cast(Precision, precision)
 
 
+def _refuse(problems: list[str], what: str, *, fix: str) -> None:
+    """One ConfigError naming every problem (``what: first; second.``), if there is any."""
+    if problems:
+        raise ConfigError(f"{what}: " + "; ".join(problems) + ".", fix=fix)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run; saved with every model as its hyperparameters."""
@@ -115,10 +121,7 @@ class TrainConfig:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if problems:
-            raise ConfigError(
-                "Invalid training parameters: " + "; ".join(problems) + ".", fix="Correct the parameter and run again."
-            )
+        _refuse(problems, "Invalid training parameters", fix="Correct the parameter and run again.")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,10 +172,7 @@ class SearchSpace(BaseModel):
             lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if lo > hi:
                 problems.append(f"{name} bounds are inverted ({name}_min={lo} > {name}_max={hi})")
-        if problems:
-            raise ConfigError(
-                "Invalid search space: " + "; ".join(problems) + ".", fix="Swap or correct the bounds and run again."
-            )
+        _refuse(problems, "Invalid search space", fix="Swap or correct the bounds and run again.")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,8 +11,8 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import torch
@@ -84,11 +84,15 @@ def prepare(
     return Prepared(bundle, splits, test_x, bundle.test_labels.to(device), device)
 
 
-class Tuned(NamedTuple):
-    """The tune stage's result: the dataset's study and its best trial within this run's recipe."""
+@dataclass(frozen=True)
+class Tuned:
+    """The tune stage's result: the dataset's study, its best trial within this run's recipe, and the
+    study's trials as they were when tuning ended (what later stages read, without going back to the
+    database: one deleted or replaced meanwhile is noticed by the register stage, with its own message)."""
 
     study: optuna.Study
     best: FrozenTrial
+    trials: tuple[FrozenTrial, ...] = ()
 
 
 def new_run_key() -> str:
@@ -188,7 +192,8 @@ def tune(
             callbacks=[on_trial, annotate_finished_trial],
             lock=trial_lock(storage_url, study.study_name),
         )
-        return Tuned(study, best_trial(study, recipe_of(params.base_config())))
+        trials = tuple(study.get_trials(deepcopy=False))
+        return Tuned(study, best_trial(study, recipe_of(params.base_config())), trials)
     except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
         from mnist_flow.storage.db import permanent_error
 
@@ -330,17 +335,18 @@ def final_fit(
     config, recipe = final_config(trial, params), trial_config(trial, params)
     floor = (trial.value or 0.0) - FINAL_FIT_TOLERANCE
     notes: list[str] = []
-    first: tuple[MLP, History] | None = None
+    stretched: FinalFit | None = None
     try:
-        first = fit_best(prepared, config, progress=progress, threads=threads)
-        notes += first[1].events
-        best = first[1].best
+        model, history = fit_best(prepared, config, progress=progress, threads=threads)
+        stretched = FinalFit(model, config, history, ())
+        notes += history.events
+        best = history.best
         notes.append(
             f"final fit of trial #{trial.number}: {config.epochs} epochs, kept epoch {best.epoch} "
             f"(val accuracy {best.val_accuracy:.4f}; trial {trial.value:.4f})"
         )
         if best.val_accuracy >= floor or recipe == config:
-            return FinalFit(first[0], config, first[1], tuple(notes))
+            return replace(stretched, notes=tuple(notes))
         notes.append(
             f"val accuracy {best.val_accuracy:.4f} is more than {FINAL_FIT_TOLERANCE * 100:.1f} points "
             f"below trial #{trial.number}'s {trial.value:.4f}: retraining the trial's recipe "
@@ -348,12 +354,7 @@ def final_fit(
         )
     except TrainingDiverged as exc:
         if recipe == config:
-            raise TrainingDiverged(
-                f"The final fit of trial #{trial.number} diverged: {exc.message}",
-                fix=exc.fix,
-                epoch=exc.epoch,
-                loss=exc.loss,
-            ) from None
+            raise exc.restated(f"The final fit of trial #{trial.number} diverged: {exc.message}") from None
         notes.append(
             f"final fit of trial #{trial.number} diverged ({exc.message}): retraining the trial's "
             f"recipe ({recipe.epochs} epochs)"
@@ -361,20 +362,17 @@ def final_fit(
     try:
         model, history = fit_best(prepared, recipe, progress=progress, label="trial recipe", threads=threads)
     except TrainingDiverged as exc:
-        if first is None:
-            raise TrainingDiverged(
-                f"The final fit of trial #{trial.number} diverged, and so did its trial recipe ({exc.message}).",
-                fix=exc.fix,
-                epoch=exc.epoch,
-                loss=exc.loss,
+        if stretched is None:
+            raise exc.restated(
+                f"The final fit of trial #{trial.number} diverged, and so did its trial recipe ({exc.message})."
             ) from None
         notes.append(f"the trial recipe diverged too ({exc.message}): keeping the final fit")
-        return FinalFit(first[0], config, first[1], tuple(notes))
+        return replace(stretched, notes=tuple(notes))
     notes += history.events
     notes.append(f"trial recipe: val accuracy {history.best.val_accuracy:.4f} at epoch {history.best.epoch}")
-    if first is not None and first[1].best.val_accuracy > history.best.val_accuracy:
+    if stretched is not None and stretched.history.best.val_accuracy > history.best.val_accuracy:
         notes.append("keeping the final fit (higher val accuracy)")
-        return FinalFit(first[0], config, first[1], tuple(notes))
+        return replace(stretched, notes=tuple(notes))
     return FinalFit(model, recipe, history, tuple(notes))
 
 
@@ -648,7 +646,7 @@ def build_summary(
     database_url: str,
 ) -> RunSummary:
     """What the run did and produced: what the flow returns, logs and publishes."""
-    from mnist_flow.search.study import finished_trials
+    from mnist_flow.search.study import FINISHED
     from mnist_flow.summary import (
         BestTrial,
         DataSummary,
@@ -662,7 +660,7 @@ def build_summary(
 
     study, best = tuned.study, tuned.best
     assert best.value is not None  # the best trial is a complete one
-    mine = finished_trials(study, run_key)
+    mine = [t for t in tuned.trials if t.state in FINISHED and t.user_attrs.get("run_key") == run_key]
     bundle, history = prepared.bundle, fitted.history
     return RunSummary(
         data=DataSummary(
@@ -679,7 +677,7 @@ def build_summary(
             finished=len(mine),
             complete=sum(t.state.name == "COMPLETE" for t in mine),
             pruned=sum(t.state.name == "PRUNED" for t in mine),
-            in_study=len(study.trials),
+            in_study=len(tuned.trials),
         ),
         best=BestTrial(trial=best.number, params=dict(best.params), val_accuracy=best.value),
         params=params.flat(),

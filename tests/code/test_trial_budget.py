@@ -121,18 +121,20 @@ def test_four_mnist_flow_tune_processes_share_one_sqlite_study_without_database_
     assert len(trials) == 6, [t.state for t in trials]
 
 
-def _stale_storage(tmp_path: Path) -> optuna.storages.RDBStorage:
+def _stale_storage(tmp_path: Path, grace: int = 1) -> optuna.storages.RDBStorage:
     from mnist_flow.pipeline import study_storage
 
-    return study_storage(f"sqlite:///{tmp_path / 'stale.db'}", heartbeat_interval=1, heartbeat_grace=1)
+    return study_storage(f"sqlite:///{tmp_path / 'stale.db'}", heartbeat_interval=1, heartbeat_grace=grace)
 
 
 def test_a_run_whose_last_slot_runs_on_a_dead_worker_waits_then_retries_that_trial(tmp_path: Path) -> None:
-    storage = _stale_storage(tmp_path)
+    # SQLite stores the heartbeat to the second and Optuna compares it with a finer clock: a trial is stale
+    # between grace - 1 and grace seconds after its last heartbeat
+    storage = _stale_storage(tmp_path, grace=2)
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
     dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # a worker that then died
     dead.set_user_attr("run_key", "k")
-    started = time.monotonic()  # before the heartbeat: it is stale a grace period after it, not after run_study
+    started = time.monotonic()  # before the heartbeat: it is stale (about) a grace period after it
     storage.record_heartbeat(dead._trial_id)
     ran: list[int] = []
 

@@ -233,8 +233,8 @@ def test_retried_run_with_the_same_run_key_resumes_the_study_instead_of_starting
     first = {t.number: t.datetime_complete for t in _study(settings.home_path / "mnist-flow.db").trials
              if t.state.is_finished() and t.state != TrialState.FAIL}
 
-    study, best = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=flow_run_id,
-                                flow_run_id=flow_run_id, heartbeat_interval=1, heartbeat_grace=1)
+    study = pipeline.tune(prepared, params, settings.resolved_database_url, run_key=flow_run_id,
+                          flow_run_id=flow_run_id, heartbeat_interval=1, heartbeat_grace=1).study
     trials = study.trials
     mine = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
             and t.user_attrs.get("run_key") == flow_run_id]

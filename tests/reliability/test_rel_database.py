@@ -293,7 +293,8 @@ def _tiny_run(home: Path) -> tuple:
                                       hidden1_max=64, hidden2_min=64, hidden2_max=64, batch_size=256)
     prepared = pipeline.prepare(pipeline.load_data(params, settings), val_fraction=0.1, seed=0)
     url = settings.resolved_database_url
-    study, best = pipeline.tune(prepared, params, url, run_key="lost-db")
+    tuned = pipeline.tune(prepared, params, url, run_key="lost-db")
+    study, best = tuned.study, tuned.best
     config = pipeline.final_config(best, params)
     model, history = pipeline.fit_best(prepared, config)
     return prepared, study, best, model, config, history, pipeline.evaluate_test(model, prepared), settings

@@ -61,7 +61,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, sample_prepared: pipeline.Pr
     seeded = optuna.create_study(storage=optuna_storage(url), study_name=name, direction="maximize")
     seeded.enqueue_trial({"lr": 0.1, "momentum": 0.8, "hidden1": 64, "hidden2": 64})
     seeded.enqueue_trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64})
-    study, best = pipeline.tune(sample_prepared, params, url, run_key="review-tests")
+    tuned = pipeline.tune(sample_prepared, params, url, run_key="review-tests")
+    study, best = tuned.study, tuned.best
     config = pipeline.final_config(best, params)
     model, history = pipeline.fit_best(sample_prepared, config)
     test = pipeline.evaluate_test(model, sample_prepared)

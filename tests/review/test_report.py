@@ -147,9 +147,9 @@ def test_run_summary_lines_and_json_say_the_same_and_mask_the_password():
 
 def test_test_data_of_another_fingerprint_is_refused_without_starting_a_download(tmp_path):
     from mnist_flow.errors import DataError
-    from mnist_flow.review.report import load_test_data
+    from mnist_flow.review.report import ChampionData, load_test_data
 
     with pytest.raises(DataError, match=r"No mnist data with the champion's fingerprint 0000000000000000") as caught:
-        load_test_data("mnist", "0" * 64, cache_dir=tmp_path)  # empty cache: only the sample is tried
+        load_test_data("mnist", "0" * 64, ChampionData(cache_dir=tmp_path))  # empty cache: only the sample is tried
     assert "sample: " in caught.value.message and "--source dir --data-dir" in caught.value.fix
     assert not any(tmp_path.iterdir())

@@ -207,7 +207,7 @@ def tune(ctx: typer.Context) -> None:
     progress = _progress(not as_json)
     try:
         with watch("tune"):
-            study, best = pipeline.tune(
+            tuned = pipeline.tune(
                 prepared,
                 params,
                 settings.resolved_database_url,
@@ -220,13 +220,14 @@ def tune(ctx: typer.Context) -> None:
             )
     finally:
         progress.close()
+    study, best = tuned.study, tuned.best
     result = {
         "study": study.study_name,
         "run_key": run_key,
         "best_trial": best.number,
         "best_params": best.params,
         "best_val_accuracy": best.value,
-        "trials": len(study.trials),
+        "trials": len(tuned.trials),
         "seconds": watch.seconds,
     }
     print(

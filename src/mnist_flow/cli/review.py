@@ -62,7 +62,7 @@ def report(
 
     from mnist_flow.registry.store import Registry
     from mnist_flow.review.dashboard import check_database_exists
-    from mnist_flow.review.report import resolve_study_name, write_report
+    from mnist_flow.review.report import ChampionData, resolve_study_name, write_report
     from mnist_flow.settings import load_settings
     from mnist_flow.storage.db import dispose_storage, optuna_storage
 
@@ -78,10 +78,7 @@ def report(
                 optuna.load_study(study_name=name, storage=storage),
                 registry,
                 out,
-                source=source,
-                data_dir=data_dir,
-                cache_dir=settings.cache_dir,
-                mirrors=settings.mirrors,
+                data=ChampionData(source, data_dir, settings.cache_dir, settings.mirrors),
                 top=top,
             )
     finally:

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -30,6 +30,9 @@ from mnist_flow.data import datasets as data_lib
 from mnist_flow.errors import ConfigError, DataError
 from mnist_flow.formatting import format_value, markdown_params
 from mnist_flow.search.study import last_value
+
+if TYPE_CHECKING:
+    from mnist_flow.registry.store import ModelVersion, Registry
 
 TOP_TRIALS = 5
 PLOT_DPI = 110
@@ -306,30 +309,33 @@ def plot_confusion_matrix(matrix: torch.Tensor, class_names: Sequence[str], path
 class ChampionEvaluation:
     """The champion's predictions on the test set of the data it was trained on."""
 
-    version: Any
+    version: ModelVersion
     accuracy: float
     matrix: torch.Tensor
     classes: tuple[str, ...]
     data_source: str
 
 
-def load_test_data(
-    dataset: str,
-    fingerprint: str,
-    *,
-    source: str | None = None,
-    data_dir: Path | None = None,
-    cache_dir: Path | None = None,
-    mirrors: Sequence[str] = (),
-) -> data_lib.DataBundle:
+@dataclass(frozen=True)
+class ChampionData:
+    """Where to look for the data a champion was trained on (for its test set); see :func:`load_test_data`."""
+
+    source: str | None = None
+    data_dir: Path | None = None
+    cache_dir: Path | None = None
+    mirrors: Sequence[str] = ()
+
+
+def load_test_data(dataset: str, fingerprint: str, where: ChampionData = ChampionData()) -> data_lib.DataBundle:
     """The dataset the champion was trained on (same fingerprint), for its test set.
 
-    With ``source=None`` the bundled sample is tried first (MNIST, cheap), then the download cache
-    under ``cache_dir`` if it holds the four files (a report never starts a download by itself); a
+    With ``where.source=None`` the bundled sample is tried first (MNIST, cheap), then the download cache
+    under ``where.cache_dir`` if it holds the four files (a report never starts a download by itself); a
     dataset whose fingerprint differs is refused with a DataError.
     """
-    if source is not None:
-        candidates = [source]
+    cache_dir = where.cache_dir
+    if where.source is not None:
+        candidates = [where.source]
     else:
         cached = cache_dir is not None and all(
             (Path(cache_dir) / dataset / "raw" / f"{base}.gz").is_file() for base in data_lib.FILES.values()
@@ -340,9 +346,9 @@ def load_test_data(
         bundle = data_lib.load_dataset(
             dataset,
             candidate,
-            data_dir=data_dir if candidate == "dir" else None,
+            data_dir=where.data_dir if candidate == "dir" else None,
             cache_dir=cache_dir or Path("."),
-            mirrors=mirrors,
+            mirrors=where.mirrors,
         )
         if bundle.fingerprint == fingerprint:
             return bundle
@@ -356,7 +362,7 @@ def load_test_data(
     )
 
 
-def evaluate_champion(registry: Any, name: str, bundle: data_lib.DataBundle) -> ChampionEvaluation:
+def evaluate_champion(registry: Registry, name: str, bundle: data_lib.DataBundle) -> ChampionEvaluation:
     """Load the champion through the registry (SHA-256 checked) and predict the test set."""
     from mnist_flow.training.loop import evaluate
 
@@ -384,19 +390,16 @@ class Report:
 
 def write_report(
     study: optuna.Study,
-    registry: Any,
+    registry: Registry | None,
     out_dir: Path,
     *,
-    source: str | None = None,
-    data_dir: Path | None = None,
-    cache_dir: Path | None = None,
-    mirrors: Sequence[str] = (),
+    data: ChampionData = ChampionData(),
     top: int = TOP_TRIALS,
 ) -> Report:
     """Write ``trials.csv``, ``summary.md`` and the PNG plots of ``study`` into ``out_dir``.
 
     The champion of the study's dataset (from ``registry``) is evaluated on the test set of the
-    data it was trained on (see :func:`load_test_data` for ``source``/``data_dir``/``cache_dir``);
+    data it was trained on, looked for as ``data`` says (:func:`load_test_data`);
     without a champion, or without that data, the confusion matrix is skipped and summary.md says why.
     """
     import matplotlib
@@ -422,19 +425,12 @@ def write_report(
         from mnist_flow.pipeline import model_name
 
         name = model_name(dataset)
-        champion = registry.champion(name) if name in registry.names() else None
-        if champion is None:
+        champion = registry.champion(name) if registry is not None and name in registry.names() else None
+        if champion is None or registry is None:
             report.skipped["confusion_matrix.png"] = f"no champion of model {name!r} is registered yet"
         else:
             try:
-                bundle = load_test_data(
-                    champion.dataset_name,
-                    champion.dataset_fingerprint,
-                    source=source,
-                    data_dir=data_dir,
-                    cache_dir=cache_dir,
-                    mirrors=mirrors,
-                )
+                bundle = load_test_data(champion.dataset_name, champion.dataset_fingerprint, data)
             except DataError as exc:
                 report.skipped["confusion_matrix.png"] = exc.message
             else:

@@ -50,32 +50,67 @@ class ThreadLock(Lock):
         self._lock.release()
 
 
-class FileLock(Lock):
+class _HandleLock(Lock):
+    """A lock held through a handle (a file descriptor, a connection): opened and locked on acquire,
+    unlocked and closed on release; a failed lock closes its handle."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    @abstractmethod
+    def _open(self) -> Any:
+        """A new handle, or None when there is nothing to lock with (the caller goes on unlocked)."""
+
+    @abstractmethod
+    def _lock(self, handle: Any) -> None: ...
+
+    @abstractmethod
+    def _unlock(self, handle: Any) -> None: ...
+
+    @abstractmethod
+    def _close(self, handle: Any) -> None: ...
+
+    def acquire(self) -> None:
+        handle = self._open()
+        if handle is None:
+            return
+        try:
+            self._lock(handle)
+        except BaseException:
+            self._close(handle)
+            raise
+        self._handle = handle
+
+    def release(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                self._unlock(handle)
+            finally:
+                self._close(handle)
+
+
+class FileLock(_HandleLock):
     """An exclusive ``flock`` on ``path``: every process on this machine, none elsewhere (SQLite)."""
 
     def __init__(self, path: str) -> None:
+        super().__init__()
         self.path = path
-        self._fd: int | None = None
 
-    def acquire(self) -> None:
+    def _open(self) -> int | None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError:  # a read-only or missing folder: SQLite itself will report the real problem
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+            return None
 
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            finally:
-                os.close(fd)
+    def _lock(self, handle: int) -> None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+
+    def _unlock(self, handle: int) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _close(self, handle: int) -> None:
+        os.close(handle)
 
 
 def advisory_key(name: str) -> int:
@@ -83,34 +118,29 @@ def advisory_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"mnist-flow:{name}".encode()).digest()[:8], "big", signed=True)
 
 
-class AdvisoryLock(Lock):
+class AdvisoryLock(_HandleLock):
     """A PostgreSQL session advisory lock, held on a connection of its own from ``connect``."""
 
     def __init__(self, connect: Callable[[], Any], name: str, *, on_close: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
         self._connect, self._on_close = connect, on_close
         self.key = advisory_key(name)
-        self._connection: Any = None
 
-    def acquire(self) -> None:
+    def _open(self) -> Any:
+        return self._connect()
+
+    def _lock(self, handle: Any) -> None:
+        self._run(handle, "SELECT pg_advisory_lock(:key)")
+
+    def _unlock(self, handle: Any) -> None:
+        self._run(handle, "SELECT pg_advisory_unlock(:key)")
+
+    def _close(self, handle: Any) -> None:
+        handle.close()
+        self._on_close()  # no idle connection left behind between turns
+
+    def _run(self, connection: Any, sql: str) -> None:
         from sqlalchemy import text
 
-        connection = self._connect()
-        try:
-            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": self.key})
-            connection.commit()
-        except BaseException:
-            connection.close()
-            raise
-        self._connection = connection
-
-    def release(self) -> None:
-        from sqlalchemy import text
-
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            try:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-                connection.commit()
-            finally:
-                connection.close()
-                self._on_close()  # no idle connection left behind between turns
+        connection.execute(text(sql), {"key": self.key})
+        connection.commit()
