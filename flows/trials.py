@@ -83,16 +83,29 @@ def trial_process(
     parent, interrupted too, ends the run. (An interrupt returned through the pool escapes Prefect's
     result callback, which catches ``Exception`` only, as a thread traceback in the parent.)
     """
+    import signal
+
     quiet_user_error_tracebacks()  # Optuna's log of the interrupted trial: no traceback here either
     single_threaded_process(settings.threads)
     policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
     interrupted = {"worker": worker_id(), "flow_run_id": str(flow_run.id), "trials": [], "interrupted": True}
     if _interrupted_already():  # while it started
         return interrupted
+
+    def interrupt_once(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    # Only here does SIGINT raise: anywhere else in Prefect's code an interrupt would escape its result
+    # callback (see above), so outside this block it is only noted (_note_interrupt).
+    signal.signal(signal.SIGINT, interrupt_once)
     try:
         return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
     except KeyboardInterrupt:
         return interrupted
+    finally:
+        if not _interrupted_already():
+            signal.signal(signal.SIGINT, _note_interrupt)
 
 
 def run_trials_here(
@@ -356,12 +369,13 @@ def _pool_process(threads: int | None) -> None:
     """The initializer of each trial process: single-threaded, interrupted once, and it ends with its parent.
 
     Ctrl-C interrupts a trial process once (a terminal's SIGINT reaches it, and the parent forwards its
-    own): the trial is recorded FAIL with its reason; a second SIGINT is ignored, so that it cannot break
-    that recording. The process starts with SIGINT held (:func:`_sigint_held`): one that came while it
-    was starting is taken here, and its task returns at once (:func:`_interrupted_already`). A pool process outlives a parent killed
-    with SIGKILL: it would finish its trial for a run that was crashed, then wait on the pool's queue
-    forever. A daemon thread waits on the parent's sentinel (multiprocessing's own handle, ready when
-    the parent is gone) and ends the process at once; its running trial's heartbeat stops, and the
+    own): inside :func:`trial_process` the running trial is recorded FAIL with its reason; elsewhere the
+    interrupt is only noted (:func:`_note_interrupt`) and the task returns at once; later SIGINTs are
+    ignored, so that they cannot break the recording. The process starts with SIGINT held
+    (:func:`_sigint_held`) until this initializer has set that up. A pool process outlives a parent
+    killed with SIGKILL: it would finish its trial for a run that was crashed, then wait on the pool's
+    queue forever. A daemon thread waits on the parent's sentinel (multiprocessing's own handle, ready
+    when the parent is gone) and ends the process at once; its running trial's heartbeat stops, and the
     resumed run fails and retries it.
     """
     import multiprocessing
@@ -369,14 +383,8 @@ def _pool_process(threads: int | None) -> None:
     from multiprocessing.connection import wait
 
     single_threaded_process(threads)
-
-    def interrupt_once(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt_once)
-    with contextlib.suppress(KeyboardInterrupt):  # one that came while it started: SIGINT is now ignored
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, _note_interrupt)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one that came while it started is noted now
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -386,6 +394,13 @@ def _pool_process(threads: int | None) -> None:
         os._exit(PARENT_GONE_EXIT_CODE)
 
     threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def _note_interrupt(signum: int, frame: Any) -> None:
+    """A trial process's SIGINT outside its trials: noted (SIGINT ignored from then on), nothing raised."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted_already() -> bool:

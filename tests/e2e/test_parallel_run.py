@@ -59,23 +59,28 @@ KILL_ARGS = ["--source", "sample", "--n-trials", "5", "--max-epochs", "6", "--fi
 
 
 def _trial_process_mid_trial(run, db: Path, log: Path, timeout: float = 400) -> int:
-    """The pid of a trial process (not the flow's) with a RUNNING trial past its first epoch."""
+    """The pid of a trial process (not the flow's) with a RUNNING trial past its first epoch.
+
+    Read-only, with sqlite3: opening an Optuna storage on the database while the flow creates it would race
+    its schema creation (both would stamp Optuna's alembic version)."""
+    import sqlite3
     import time
 
+    query = ("SELECT a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+             "WHERE t.state = 'RUNNING' AND a.key = 'worker' AND EXISTS "
+             "(SELECT 1 FROM trial_intermediate_values v WHERE v.trial_id = t.trial_id)")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.5)
         if not db.exists():
             continue
         try:
-            (summary,) = optuna.get_all_study_summaries(f"sqlite:///{db}")
-            running = [t for t in optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
-                       .get_trials(states=(TrialState.RUNNING,)) if "worker" in t.user_attrs
-                       and t.intermediate_values]  # past its first epoch: mid-trial
-        except Exception:  # the study not there yet, or the database busy: look again
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.2) as con:
+                row = con.execute(query).fetchone()
+        except sqlite3.Error:  # the tables not there yet, or the database busy: look again
             continue
-        if running:
-            victim = int(running[0].user_attrs["worker"].rsplit(":", 1)[1])
+        if row:
+            victim = int(json.loads(row[0]).rsplit(":", 1)[1])
             assert victim != run.pid, procs.tail(log)
             return victim
     raise AssertionError("no trial process was seen mid-trial\n" + procs.tail(log))
