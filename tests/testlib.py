@@ -72,3 +72,15 @@ def file_server(route: Callable[[str], bytes | None], requests: list[str] | None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def group_has_live_member(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in the process group ``pgid``."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from testlib import group_has_live_member
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
@@ -83,18 +84,7 @@ def _group_exists(pgid: int) -> bool:
     # A zombie leader keeps the group "existing"; reap it if it is ours.
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pgid, os.WNOHANG)
-    return _group_has_live_member(pgid)
-
-
-def _group_has_live_member(pgid: int) -> bool:
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+    return group_has_live_member(pgid)
 
 
 def start(name: str, cmd: Sequence[str], *, env: Mapping[str, str], log_dir: Path,

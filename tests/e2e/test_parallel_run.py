@@ -11,6 +11,8 @@ finishes exactly n_trials.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -58,6 +60,13 @@ KILL_ARGS = ["--source", "sample", "--n-trials", "5", "--max-epochs", "6", "--fi
              "--batch-size", "16", "--json"]
 
 
+def _start_flow(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """`python flows/mnist.py` with KILL_ARGS in its own session, its output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(procs.REPO / "flows" / "mnist.py"), *KILL_ARGS], env=env,
+                                cwd=procs.REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def _trial_process_mid_trial(run, db: Path, log: Path, timeout: float = 400) -> int:
     """The pid of a trial process (not the flow's) with a RUNNING trial past its first epoch.
 
@@ -90,16 +99,12 @@ def test_a_trial_process_killed_mid_trial_costs_only_its_trial_and_the_run_still
         tmp_path: Path, e2e_token: str) -> None:
     import os
     import signal
-    import subprocess
-    import sys
 
     env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
                          MNIST_FLOW_HEARTBEAT_INTERVAL="1", MNIST_FLOW_HEARTBEAT_GRACE="3")
     db = Path(env["MNIST_FLOW_HOME"]) / "mnist-flow.db"
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        run = subprocess.Popen([sys.executable, str(procs.REPO / "flows" / "mnist.py"), *KILL_ARGS], env=env,
-                               cwd=procs.REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    run = _start_flow(env, log)
     try:
         victim = _trial_process_mid_trial(run, db, log)
         os.kill(victim, signal.SIGKILL)
@@ -125,16 +130,12 @@ def test_the_trial_processes_end_with_a_flow_process_killed_mid_trial(tmp_path: 
     """SIGKILL of the flow's process leaves no trial process behind (they would finish a trial of a crashed
     run, then wait on the dead pool's queue for ever): each ends within seconds, by its parent's sentinel."""
     import signal
-    import subprocess
-    import sys
     import time
 
     env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     db = Path(env["MNIST_FLOW_HOME"]) / "mnist-flow.db"
     log = tmp_path / "run.log"
-    with open(log, "w") as out:
-        run = subprocess.Popen([sys.executable, str(procs.REPO / "flows" / "mnist.py"), *KILL_ARGS], env=env,
-                               cwd=procs.REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    run = _start_flow(env, log)
     try:
         trial_process = _trial_process_mid_trial(run, db, log)
         run.send_signal(signal.SIGKILL)

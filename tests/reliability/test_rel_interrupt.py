@@ -25,6 +25,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from rel_helpers import REPO, clean_env
+from testlib import group_has_live_member
 
 from mnist_flow.errors import INTERRUPTED
 from mnist_flow.search.study import INTERRUPTED_REASON
@@ -101,22 +102,10 @@ def _check_interrupted(proc: subprocess.Popen, err: str, db: Path, running: int 
     assert 1 <= len(failed) <= running, failed
     assert all(t.user_attrs.get("fail_reason") == INTERRUPTED_REASON for t in failed), failed
     deadline = time.monotonic() + 10
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while group_has_live_member(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _group_alive(proc.pid), "a process of the interrupted run is still running"
+    assert not group_has_live_member(proc.pid), "a process of the interrupted run is still running"
     return [t.number for t in failed], len(trials)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process is left in the process group ``pgid``."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 @pytest.mark.slow
