@@ -13,7 +13,9 @@ Not meant to be started by hand: `prefect deployment run mnist/train --param wor
 from __future__ import annotations
 
 import contextlib
+import multiprocessing.connection
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -83,8 +85,6 @@ def trial_process(
     parent, interrupted too, ends the run. (An interrupt returned through the pool escapes Prefect's
     result callback, which catches ``Exception`` only, as a thread traceback in the parent.)
     """
-    import signal
-
     quiet_user_error_tracebacks()  # Optuna's log of the interrupted trial: no traceback here either
     single_threaded_process(settings.threads)
     policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
@@ -378,9 +378,6 @@ def _pool_process(threads: int | None) -> None:
     when the parent is gone) and ends the process at once; its running trial's heartbeat stops, and the
     resumed run fails and retries it.
     """
-    import multiprocessing
-    import signal
-    from multiprocessing.connection import wait
 
     single_threaded_process(threads)
     signal.signal(signal.SIGINT, _note_interrupt)
@@ -390,7 +387,7 @@ def _pool_process(threads: int | None) -> None:
         return
 
     def exit_with_parent() -> None:
-        wait([parent.sentinel])
+        multiprocessing.connection.wait([parent.sentinel])
         os._exit(PARENT_GONE_EXIT_CODE)
 
     threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
@@ -398,15 +395,11 @@ def _pool_process(threads: int | None) -> None:
 
 def _note_interrupt(signum: int, frame: Any) -> None:
     """A trial process's SIGINT outside its trials: noted (SIGINT ignored from then on), nothing raised."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _interrupted_already() -> bool:
     """In a trial process: whether it took its one SIGINT already (it ignores SIGINT from then on)."""
-    import signal
-
     return signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
@@ -419,8 +412,6 @@ def _sigint_held() -> Iterator[None]:
     its initializer handles it, instead of ending it with a traceback mid-import. A SIGINT that came
     here meanwhile is raised when this block ends.
     """
-    import signal
-
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
@@ -449,9 +440,6 @@ class _InterruptForwarder:
         threading.Thread(target=self._run, name="interrupt-trials", daemon=True).start()
 
     def _run(self) -> None:
-        import multiprocessing
-        import signal
-
         while True:
             for child in multiprocessing.active_children():
                 if child.pid is not None:
