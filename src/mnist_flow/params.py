@@ -187,13 +187,9 @@ class Recipe(BaseModel):
     batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE, description="Mini-batch size.")
     weight_decay: float = Field(5e-4, ge=0.0, le=MAX_WEIGHT_DECAY, description="L2 weight decay of SGD.")
     schedule: Schedule = Field("onecycle", description="Learning-rate schedule: onecycle or constant.")
+    #: bf16: bfloat16 matmuls, float32 weights, momentum and loss; the test set is always evaluated in fp32.
     precision: PrecisionChoice = Field(
-        "auto",
-        description=(
-            "Training arithmetic: bf16 (bfloat16 matmuls, float32 weights, momentum and loss) where the "
-            "hardware does bfloat16 natively (AVX512-BF16/AMX CPUs, recent GPUs), else fp32; auto picks; "
-            "the test set is always evaluated in fp32."
-        ),
+        "auto", description="Arithmetic: bf16 (bfloat16 matmuls) where the hardware has it, else fp32; auto picks."
     )
 
 
@@ -204,11 +200,7 @@ class RunParams(BaseModel):
 
     dataset: DatasetName = Field("mnist", description="mnist or fashion-mnist.")
     source: SourceName = Field(
-        "auto",
-        description=(
-            "Where the data comes from: auto (local cache, then download, then the bundled sample, with a "
-            "warning), download, dir or sample."
-        ),
+        "auto", description="auto (the cache, then download, then the bundled sample, warned), download, dir or sample."
     )
     data_dir: Path | None = Field(
         None, description="Folder with the four IDX files, or Keras' mnist.npz (for source=dir)."

@@ -469,6 +469,8 @@ def register_challenger(
     so a database deleted or replaced during the run is refused instead of re-created empty.
     ``decision`` (against ``champion_version``) is recorded in the same transaction as the version.
     """
+    from mnist_flow.registry.store import Lineage  # the registry (SQLAlchemy) is imported when it is used
+
     c = candidate
     bundle = c.prepared.bundle
     kept = c.history.best
@@ -496,12 +498,7 @@ def register_challenger(
         sidecar=sidecar(bundle),
         params=c.config.to_dict(),
         metrics=metrics,
-        dataset_name=bundle.name,
-        dataset_fingerprint=bundle.fingerprint,
-        study_name=c.study_name,
-        trial_number=c.trial_number,
-        flow_run_id=c.flow_run_id,
-        seed=c.config.seed,
+        lineage=Lineage(bundle.name, bundle.fingerprint, c.study_name, c.trial_number, c.flow_run_id, c.config.seed),
         idempotency_key=c.idempotency_key,
         require_study=require_study,
         decision=decision,

@@ -82,9 +82,9 @@ class DecisionSummary:
 
     outcome: str
     reason: str
-    p_value: float | None = None
-    challenger_accuracy: float | None = None
-    champion_accuracy: float | None = None
+    p_value: float | None
+    challenger_accuracy: float | None
+    champion_accuracy: float | None
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.training.model import MLP
 
 
@@ -19,10 +19,11 @@ def tiny_model(seed: int = 0) -> MLP:
 
 
 def register(reg: Registry, name: str = "mnist", *, seed: int = 0, accuracy: float = 0.9,
-             fingerprint: str = "fp-1", **kwargs: object):
+             fingerprint: str = "fp-1", study_name: str | None = None, trial_number: int | None = None,
+             flow_run_id: str | None = None, **kwargs: object):
+    lineage = Lineage("mnist", fingerprint, study_name, trial_number, flow_run_id, seed)
     return reg.register(name, tiny_model(seed), sidecar={"classes": list(range(10))}, params={"hidden": [8]},
-                        metrics={"val_accuracy": accuracy, "test_accuracy": accuracy}, dataset_name="mnist",
-                        dataset_fingerprint=fingerprint, seed=seed, **kwargs)
+                        metrics={"val_accuracy": accuracy, "test_accuracy": accuracy}, lineage=lineage, **kwargs)
 
 
 def run_concurrently(script: str, args_per_process: list[list[str]], timeout: float = 60) -> list[str]:

@@ -10,20 +10,19 @@ from registry_helpers import register, run_concurrently, tiny_model
 
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError, RegistryError
 from mnist_flow.registry.promotion import decide
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 
 REGISTER_SCRIPT = """
 import sys, time, torch
 from mnist_flow.training.model import MLP
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 start_at, db_url, art_url, worker = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 reg = Registry(db_url, art_url)
 reg.migrate()
 time.sleep(max(0.0, start_at - time.time()))
 for i in range(5):
     torch.manual_seed(int(worker) * 100 + i)
-    v = reg.register("mnist", MLP((4,)), sidecar={}, params={}, metrics={}, dataset_name="mnist",
-                     dataset_fingerprint="fp")
+    v = reg.register("mnist", MLP((4,)), sidecar={}, params={}, metrics={}, lineage=Lineage("mnist", "fp"))
     print(v.version)
 """
 
@@ -100,7 +99,7 @@ def test_promote_and_rollback_follow_the_decision_history(registry):
 def test_loaded_model_gives_same_outputs_and_sidecar(registry):
     model = tiny_model(7)
     version = registry.register("mnist", model, sidecar={"normalization": {"mean": 0.13, "std": 0.31}},
-                                params={}, metrics={}, dataset_name="mnist", dataset_fingerprint="fp")
+                                params={}, metrics={}, lineage=Lineage("mnist", "fp"))
     loaded, sidecar, loaded_version = registry.load("mnist", version.version)
     x = torch.randn(5, 784)
     assert torch.equal(loaded(x), model(x))

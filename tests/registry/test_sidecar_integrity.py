@@ -19,7 +19,7 @@ from mnist_flow import cli
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError
 from mnist_flow.registry import migrations
 from mnist_flow.registry.artifacts import sha256
-from mnist_flow.registry.store import ModelVersionRow, architecture_from_safetensors
+from mnist_flow.registry.store import Lineage, ModelVersionRow, architecture_from_safetensors
 from mnist_flow.training.model import MLP
 
 
@@ -135,7 +135,7 @@ def test_weights_whose_header_does_not_add_up_are_refused(registry, mangle, prob
 def test_a_sidecar_with_unusable_values_is_refused_at_registration(registry):
     with pytest.raises(ConfigError, match="normalization std"):
         registry.register("mnist", tiny_model(), sidecar={"normalization": {"mean": 0.5, "std": 0.0}}, params={},
-                          metrics={}, dataset_name="mnist", dataset_fingerprint="fp")
+                          metrics={}, lineage=Lineage("mnist", "fp"))
     assert registry.list_versions() == []
 
 
@@ -180,6 +180,6 @@ def test_a_sidecar_without_a_preparation_gets_the_one_of_the_rows_dataset(regist
     """Sidecars written before the preparation was recorded keep loading; an old Fashion-MNIST model gets items."""
     registry.register("m", tiny_model(), sidecar={"normalization": {"mean": 0.5, "std": 0.5, "scale": 255.0},
                                                   "input": {"height": 28, "width": 28, "background": "dark"}},
-                      params={}, metrics={}, dataset_name=dataset, dataset_fingerprint="fp")
+                      params={}, metrics={}, lineage=Lineage(dataset, "fp"))
     _, sidecar, _ = registry.load("m", 1)
     assert sidecar["input"]["preparation"] == preparation and sidecar["input"]["background"] == "dark"

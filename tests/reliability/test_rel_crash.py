@@ -133,7 +133,7 @@ _KILL_DURING_REGISTER = textwrap.dedent("""
     import torch
     from mnist_flow.registry import store as reg_mod
     from mnist_flow.training.model import MLP
-    from mnist_flow.registry.store import Registry
+    from mnist_flow.registry.store import Lineage, Registry
 
     database_url, artifacts, key, kill = sys.argv[1:5]
     reg = Registry(database_url, artifacts)
@@ -155,8 +155,7 @@ _KILL_DURING_REGISTER = textwrap.dedent("""
         fsutil.os.replace = dying_replace
     torch.manual_seed(0)
     version = reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
-                           metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
-                           study_name="s", trial_number=3, flow_run_id=None, idempotency_key=key)
+                           metrics={"test_accuracy": 0.9}, lineage=Lineage("mnist", "fp", study_name="s", trial_number=3, flow_run_id=None), idempotency_key=key)
     print(version.version)
 """)
 

@@ -17,7 +17,7 @@ from testlib import PG_ADMIN_URL
 
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import DatabaseUnavailableError
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.storage import db
 from mnist_flow.training.model import MLP
 
@@ -27,7 +27,7 @@ PG_CONF = "/etc/postgresql"  # one folder per installed PostgreSQL version (Debi
 def _register(reg: Registry, key: str):
     torch.manual_seed(0)
     return reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
-                        metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
+                        metrics={"test_accuracy": 0.9}, lineage=Lineage("mnist", "fp"),
                         idempotency_key=key)
 
 
@@ -210,8 +210,7 @@ def _populated(home: Path) -> Path:
     with Registry(url, str(home / "artifacts")) as reg:
         torch.manual_seed(0)
         reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
-                     metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
-                     study_name="mnist-study", trial_number=0, require_study=True)
+                     metrics={"test_accuracy": 0.9}, lineage=Lineage("mnist", "fp", study_name="mnist-study", trial_number=0), require_study=True)
     return home / "mnist-flow.db"
 
 

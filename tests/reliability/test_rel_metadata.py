@@ -18,7 +18,7 @@ from PIL import Image
 from rel_helpers import clean_env, mnist_flow
 
 from mnist_flow.cli import main as cli_main
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.review.predict import Preprocessing
 from mnist_flow.training.model import MLP
 
@@ -29,7 +29,7 @@ def registered(home: Path, tmp_path: Path):
     with Registry(f"sqlite:///{home / 'mnist-flow.db'}", str(home / "artifacts")) as registry:
         torch.manual_seed(0)
         version = registry.register("mnist", MLP((32,)).eval(), sidecar=Preprocessing().to_sidecar(), params={},
-                                    metrics={"test_accuracy": 0.5}, dataset_name="mnist", dataset_fingerprint="fp")
+                                    metrics={"test_accuracy": 0.5}, lineage=Lineage("mnist", "fp"))
         registry.promote("mnist", 1, reason="test")
     image = tmp_path / "digit.png"
     Image.new("L", (28, 28), 0).save(image)

@@ -16,7 +16,7 @@ from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import ArtifactIntegrityError, ConfigError
 from mnist_flow.registry import artifacts
 from mnist_flow.registry import store as registry_lib
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.training.model import MLP
 
 UNSAFE = re.compile(r"\btorch\.load\b|\bimport pickle\b|\bpickle\.loads?\b|\bcloudpickle\b|\bdill\b|"
@@ -26,7 +26,7 @@ UNSAFE = re.compile(r"\btorch\.load\b|\bimport pickle\b|\bpickle\.loads?\b|\bclo
 def _register(reg: Registry, key: str | None = None, name: str = "mnist"):
     torch.manual_seed(0)
     return reg.register(name, MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
-                        metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
+                        metrics={"test_accuracy": 0.9}, lineage=Lineage("mnist", "fp"),
                         idempotency_key=key)
 
 

@@ -18,14 +18,14 @@ from rel_helpers import FAST_TUNE, clean_env, flow_script, written_files
 
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import ArtifactIntegrityError, StorageError
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.training.model import MLP
 
 
 def _register(reg: Registry, key: str = "k"):
     torch.manual_seed(0)
     return reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={},
-                        metrics={"test_accuracy": 0.9}, dataset_name="mnist", dataset_fingerprint="fp",
+                        metrics={"test_accuracy": 0.9}, lineage=Lineage("mnist", "fp"),
                         idempotency_key=key)
 
 
@@ -252,12 +252,12 @@ _REGISTER_AS_CHILD = """
 import sys, torch
 from mnist_flow.errors import StorageError
 from mnist_flow.training.model import MLP
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 torch.manual_seed(0)
 with Registry(sys.argv[1], sys.argv[2]) as reg:
     try:
         reg.register("mnist", MLP((8,)).eval(), sidecar={"classes": list(range(10))}, params={}, metrics={},
-                     dataset_name="mnist", dataset_fingerprint="fp")
+                     lineage=Lineage("mnist", "fp"))
     except StorageError as exc:
         print(exc)
         sys.exit(3)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from starlette.testclient import TestClient
 
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.review.predict import Preprocessing
 from mnist_flow.review.serve import Champion, Limits, create_app
 from mnist_flow.training.model import MLP
@@ -26,7 +26,7 @@ def registry(tmp_path: Path):
         for seed in (1, 2):
             torch.manual_seed(seed)
             reg.register("mnist", MLP((16,)).eval(), sidecar=Preprocessing().to_sidecar(), params={},
-                         metrics={"test_accuracy": 0.5}, dataset_name="mnist", dataset_fingerprint="fp")
+                         metrics={"test_accuracy": 0.5}, lineage=Lineage("mnist", "fp"))
         reg.promote("mnist", 1, reason="first")
         yield reg
 

@@ -51,10 +51,15 @@ def _parse_hidden(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _check_train_values(hidden: tuple[int, ...], **values: float) -> None:
+def _check_train_values(config: TrainConfig, val_fraction: float) -> None:
     """Refuse non-finite numbers and values past the flow's caps (params.MAX_*) before any work."""
     from mnist_flow import params as limits
 
+    hidden = config.hidden
+    values: dict[str, float] = {
+        name: getattr(config, name) for name in ("lr", "momentum", "weight_decay", "epochs", "batch_size", "seed")
+    }
+    values["val_fraction"] = val_fraction
     caps = {
         "lr": limits.MAX_LR,
         "weight_decay": limits.MAX_WEIGHT_DECAY,
@@ -115,19 +120,8 @@ def train(
     from mnist_flow.settings import load_settings
     from mnist_flow.training.loop import select_device
 
-    widths = _parse_hidden(hidden)
-    _check_train_values(
-        widths,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        val_fraction=val_fraction,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-    )
     config = TrainConfig(
-        hidden=widths,
+        hidden=_parse_hidden(hidden),
         lr=lr,
         momentum=momentum,
         batch_size=batch_size,
@@ -136,7 +130,9 @@ def train(
         schedule=cast("Schedule", schedule),  # TrainConfig.validate names a bad value
         seed=seed,
         precision=resolve_precision(precision),
-    ).validate()
+    )
+    _check_train_values(config, val_fraction)
+    config.validate()
     settings = load_settings(device=device)
     bound_native_caches()
     params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed, val_fraction=val_fraction)

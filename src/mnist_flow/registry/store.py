@@ -151,23 +151,29 @@ def validate_name(value: str, what: str = "model name") -> str:
 
 
 @dataclass(frozen=True)
-class ModelVersion:
-    """One registered model version (immutable snapshot of its row and aliases)."""
+class Lineage:
+    """Where a model comes from: the data it was trained on, and the study, trial, flow run and seed."""
+
+    dataset_name: str
+    dataset_fingerprint: str
+    study_name: str | None = None
+    trial_number: int | None = None
+    flow_run_id: str | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelVersion(Lineage):
+    """One registered model version (immutable snapshot of its row and aliases), with its lineage."""
 
     name: str
     version: int
     created_at: datetime
     params: dict
     metrics: dict
-    dataset_name: str
-    dataset_fingerprint: str
     artifact_uri: str
     artifact_sha256: str
-    study_name: str | None
-    trial_number: int | None
-    flow_run_id: str | None
     code_version: dict
-    seed: int | None
     aliases: tuple[str, ...]
     idempotency_key: str | None
     sidecar_sha256: str | None = None
@@ -436,12 +442,7 @@ class Registry:
         sidecar: dict,
         params: dict,
         metrics: dict,
-        dataset_name: str,
-        dataset_fingerprint: str,
-        study_name: str | None = None,
-        trial_number: int | None = None,
-        flow_run_id: str | None = None,
-        seed: int | None = None,
+        lineage: Lineage,
         idempotency_key: str | None = None,
         require_study: bool = False,
         decision: Decision | None = None,
@@ -449,7 +450,7 @@ class Registry:
     ) -> ModelVersion:
         """Write the model's artifacts, then record a new version (or return the one with ``idempotency_key``).
 
-        ``require_study``: refuse (RegistryError) when the database no longer holds ``study_name``: a SQLite
+        ``require_study``: refuse (RegistryError) when the database no longer holds the lineage's study: a SQLite
         file deleted during the run, or a database replaced by one whose studies do not include it. The
         lineage of a registered model never points at a study that does not exist.
 
@@ -462,7 +463,7 @@ class Registry:
         params = _json_ready(params, "params")
         metrics = _json_ready(metrics, "metrics")
         if require_study:
-            self.require_database(study_name)
+            self.require_database(lineage.study_name)
         if idempotency_key is not None:
             existing = self._by_key(idempotency_key)
             if existing is not None:
@@ -489,20 +490,20 @@ class Registry:
                 created_at=datetime.now(UTC),
                 params=params,
                 metrics=metrics,
-                dataset_name=dataset_name,
-                dataset_fingerprint=dataset_fingerprint,
+                dataset_name=lineage.dataset_name,
+                dataset_fingerprint=lineage.dataset_fingerprint,
                 artifact_uri=uri,
                 artifact_sha256=digest,
-                study_name=study_name,
-                trial_number=trial_number,
-                flow_run_id=flow_run_id,
+                study_name=lineage.study_name,
+                trial_number=lineage.trial_number,
+                flow_run_id=lineage.flow_run_id,
                 code_version=versions,
-                seed=seed,
+                seed=lineage.seed,
                 idempotency_key=idempotency_key,
                 sidecar_sha256=sidecar_digest,
             )
             if require_study:
-                self._require_study(session, study_name)
+                self._require_study(session, lineage.study_name)
             session.add(row)
             session.flush()
             aliases: tuple[str, ...] = ()
@@ -519,7 +520,7 @@ class Registry:
                     decision.reason,
                     actor="gate",
                     decision=decision,
-                    flow_run_id=flow_run_id,
+                    flow_run_id=lineage.flow_run_id,
                 )
                 if decision.outcome in ("promoted", "first"):
                     self._move_alias(session, name, CHAMPION, row.version)
