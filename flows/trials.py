@@ -89,21 +89,25 @@ def trial_process(
     single_threaded_process(settings.threads)
     policy = FixedThreads(settings.threads) if settings.threads else FixedThreads(1, "one per trial process")
     interrupted = {"worker": worker_id(), "flow_run_id": str(flow_run.id), "trials": [], "interrupted": True}
-    if _interrupted_already():  # while it started
-        return interrupted
+    armed = True
 
     def interrupt_once(signum: int, frame: Any) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt
+        if armed:
+            raise KeyboardInterrupt
 
     # Only here does SIGINT raise: anywhere else in Prefect's code an interrupt would escape its result
-    # callback (see above), so outside this block it is only noted (_note_interrupt).
-    signal.signal(signal.SIGINT, interrupt_once)
+    # callback (see above), so outside this block it is only noted (_note_interrupt). Swapping the handler
+    # returns the one it replaces in the same step: SIG_IGN there means a SIGINT came while it started.
     try:
+        if signal.signal(signal.SIGINT, interrupt_once) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            return interrupted
         return run_trials_here(params, run_key, study_name, worker_index, settings, policy, flow_run_id=flow_run.id)
     except KeyboardInterrupt:
         return interrupted
     finally:
+        armed = False  # from here on a SIGINT is only noted (interrupt_once ignores it, then SIGINT is ignored)
         if not _interrupted_already():
             signal.signal(signal.SIGINT, _note_interrupt)
 
