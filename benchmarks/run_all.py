@@ -262,7 +262,7 @@ def section_contention(r: dict | None) -> list[str]:
         lines.append("")
     if r.get("targets"):
         lines += ["| target | measured |", "|---|---:|"]
-        lines += [f"| {name} | {f(value, 2)} |" for name, value in r["targets"].items()]
+        lines += [f"| {name} | {f(value, 4 if 'accuracy' in name else 2)} |" for name, value in r["targets"].items()]
         lines.append("")
     return lines
 
