@@ -230,7 +230,7 @@ def mnist(**parameters: Any) -> RunSummary:
     params = RunParams.parse(**parameters)
     quiet_user_error_tracebacks()  # Prefect's handlers exist now: a user error is logged as one message
     settings = load_settings()
-    bound_native_caches()  # before the first matmul: oneDNN's kernel caches would grow with every trial
+    bound_native_caches(adaptive=not settings.threads)  # before the first matmul (oneDNN kernel caches)
     quiet_optuna()
     watch = pipeline.Stopwatch()
     device = select_device(settings.device)

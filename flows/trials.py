@@ -67,7 +67,7 @@ def mnist_trials(params: dict[str, Any], run_key: str, study_name: str, worker_i
     # On one machine the trial processes share the CPUs: one thread each. On many, each has its machine's
     # and the adaptive policy measures whether more than one thread pays there.
     if settings.multi_host and not settings.threads:
-        bound_native_caches()
+        bound_native_caches(adaptive=True)
         policy: Policy = AdaptiveThreads.for_cpus()
     else:
         single_threaded_process(settings.threads)

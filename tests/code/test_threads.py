@@ -71,12 +71,27 @@ def test_one_thread_is_kept_when_more_threads_are_slower() -> None:
     assert step.used[-20:] == [1] * 20
 
 
-def test_a_probe_of_more_threads_on_a_contended_core_stops_after_one_step() -> None:
+def test_a_probe_of_more_threads_on_a_contended_core_stops_after_its_first_counted_step() -> None:
     # three times slower is not hopeless at first sight, but one such step already costs the probe's share
     policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=8)
     step = _run(policy, TimedStep({1: 0.004, 2: 0.012}), epochs=3, per_epoch=40)
     assert [d.threads for d in policy.decisions] == [1, 1, 1]
-    assert step.used.count(2) <= 3 * 2  # one probe step per epoch (two on a hiccup); without the share: 6 each
+    # per epoch: the warm-up step and one counted step (three on a hiccup); without the share: 9 each
+    assert step.used.count(2) <= 3 * 3
+
+
+def test_a_slow_warm_up_step_after_a_switch_does_not_stop_the_probe() -> None:
+    # the first step with two threads builds their kernels (here 50x a step), then two threads are 4x faster
+    def seconds(call: int) -> float:
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return 0.008
+        return 0.1 if step.used[-2:-1] == [1] else 0.002
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = TimedStep(seconds)
+    _run(policy, step, epochs=3, per_epoch=30)
+    assert [d.threads for d in policy.decisions] == [2, 2, 2]
 
 
 def test_an_epoch_falls_back_to_one_thread_as_soon_as_the_steps_slow_down() -> None:
@@ -151,3 +166,19 @@ def test_processes_started_in_the_child_environment_begin_single_threaded_and_th
     assert out == ["1", "PASSIVE", "5"]
     assert "OMP_NUM_THREADS" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
     assert os.environ["LRU_CACHE_CAPACITY"] == "5"
+
+
+def test_an_adaptive_process_has_room_for_two_thread_counts_and_its_trial_processes_do_not() -> None:
+    code = ("import os; from mnist_flow.training import threads as th; th.bound_native_caches(adaptive=True); "
+            "own = [os.environ[k] for k in th.CACHE_ENV]\n"
+            "with th.child_environment(): child = [os.environ[k] for k in th.CACHE_ENV]\n"
+            "print(*own, *child, *[os.environ[k] for k in th.CACHE_ENV])")
+    env = {k: v for k, v in os.environ.items() if k not in th.CACHE_ENV}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         timeout=120).stdout.split()
+    adaptive, single = str(th.ADAPTIVE_CACHE_ENTRIES), str(th.KERNEL_CACHE_ENTRIES)
+    assert out == [adaptive, adaptive, single, single, adaptive, adaptive]  # restored after the block
+    env["LRU_CACHE_CAPACITY"] = "7"  # the user's value is kept, and passed on
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         timeout=120).stdout.split()
+    assert out == ["7", adaptive, "7", single, "7", adaptive]

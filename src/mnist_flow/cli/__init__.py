@@ -134,7 +134,7 @@ def train(
     _check_train_values(config, val_fraction)
     config.validate()
     settings = load_settings(device=device)
-    bound_native_caches()
+    bound_native_caches(adaptive=not settings.threads)
     params = RunParams.parse(dataset=dataset, source=source, data_dir=data_dir, seed=seed, val_fraction=val_fraction)
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
@@ -189,7 +189,7 @@ def tune(ctx: typer.Context) -> None:
     as_json, run_key = args.pop("json"), args.pop("run_key") or pipeline.new_run_key()
     params = RunParams.parse(**args)
     settings = load_settings()
-    bound_native_caches()
+    bound_native_caches(adaptive=not settings.threads)
     watch = pipeline.Stopwatch()
     with watch("data"):
         bundle = pipeline.load_data(params, settings)

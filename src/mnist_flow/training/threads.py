@@ -19,7 +19,8 @@ Memory: PyTorch's bfloat16 matmuls go through oneDNN, which caches a compiled ke
 shape in two caches of 1,024 entries each (ideep's ``LRU_CACHE_CAPACITY`` and oneDNN's
 ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``). Every trial has new hidden sizes, hence new shapes: the caches
 grew a process by 6-10 MB per trial. :func:`bound_native_caches` caps both at
-:data:`KERNEL_CACHE_ENTRIES`, more than the shapes of one fit (docs/benchmarks.md, "Memory per trial").
+:data:`KERNEL_CACHE_ENTRIES`, more than the shapes of one fit (docs/benchmarks.md, "Memory per trial"),
+or at :data:`ADAPTIVE_CACHE_ENTRIES` where the thread count may change (kernels are per thread count).
 """
 
 from __future__ import annotations
@@ -39,10 +40,17 @@ from typing import Any
 #: the steps' kernels and rebuilds the others once an epoch (milliseconds). Measured over 40 trials of the
 #: sample: 16 entries +12 MB then flat, 32 +35 MB, 64 +65 MB, 1,024 (PyTorch's) +6.6 MB per trial, unbounded.
 KERNEL_CACHE_ENTRIES = 16
+#: The entries of a process whose policy may switch thread counts (:class:`AdaptiveThreads`). oneDNN keys a
+#: kernel by its thread count too, so one and two threads need 8 step shapes each, plus the last short batch's
+#: and evaluation's: with 16 the two-thread probe rebuilt its kernels every epoch (its first step 100-250 ms
+#: instead of 1), was judged hopeless, and the fit ran on one thread from the second epoch on.
+ADAPTIVE_CACHE_ENTRIES = 48
 CACHE_ENV = {
     "LRU_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
     "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
 }
+#: The cache variables this process set itself (the others, if set, are the user's and are passed on as they are).
+_SET_HERE: set[str] = set()
 #: The environment of a single-threaded trial process (read by OpenMP and MKL when they start).
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 #: More threads than this never helped a batch-128 MLP step; the ladder stops here.
@@ -51,10 +59,16 @@ MAX_THREADS = 8
 HOPELESS = 4.0
 
 
-def bound_native_caches() -> None:
-    """Cap oneDNN's per-shape kernel caches (unless the user set them): call before the first matmul."""
-    for key, value in CACHE_ENV.items():
-        os.environ.setdefault(key, value)
+def bound_native_caches(adaptive: bool = False) -> None:
+    """Cap oneDNN's per-shape kernel caches (unless the user set them): call before the first matmul.
+
+    ``adaptive``: this process trains with :class:`AdaptiveThreads` (room for two thread counts' kernels).
+    """
+    entries = str(ADAPTIVE_CACHE_ENTRIES if adaptive else KERNEL_CACHE_ENTRIES)
+    for key in CACHE_ENV:
+        if key not in os.environ:
+            os.environ[key] = entries
+            _SET_HERE.add(key)
 
 
 def single_threaded_process(threads: int | None = None) -> None:
@@ -83,7 +97,8 @@ def child_environment(threads: int | None = None) -> Iterator[None]:
     if threads and threads > 1:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     saved = {key: os.environ.get(key) for key in env}
-    os.environ.update({key: os.environ.get(key, value) if key in CACHE_ENV else value for key, value in env.items()})
+    user = {key: os.environ[key] for key in CACHE_ENV if key in os.environ and key not in _SET_HERE}
+    os.environ.update({**env, **user})
     try:
         yield
     finally:
@@ -223,14 +238,16 @@ class AdaptiveStep:
     def _hopeless(self, count: int, times: list[float]) -> bool:
         """Stop probing ``count`` threads early once it cannot win: a contended core makes every
         multi-threaded step many times slower, and a full probe would cost seconds."""
-        if count == self._probe[0][0]:
+        # The warm-up step is not judged: it may build kernels for the new thread count (tens of ms, once).
+        counted = times[1:]
+        if count == self._probe[0][0] or not counted:
             return False
         target = (1 - self._policy.margin) * self._best(-1)[1]
-        if times[0] > HOPELESS * target:  # even the warm-up step is far off
+        if counted[0] > HOPELESS * target:  # even the first counted step is far off
             return True
-        if sum(times) - len(times) * self._single > self._policy.probe_share * self._per_epoch * self._single:
+        if sum(counted) - len(counted) * self._single > self._policy.probe_share * self._per_epoch * self._single:
             return True  # a contended core: the probe already cost more than its share of the epoch
-        slow = sum(t >= target for t in times[1:])
+        slow = sum(t >= target for t in counted)
         return slow > self._policy.probe_steps // 2  # the median can no longer beat the target
 
     def _finish_probe(self, threads: int) -> None:
