@@ -53,9 +53,11 @@ def test_after_three_missed_slots_exactly_one_scheduled_run_catches_up(workers: 
     try:
         deadline = time.monotonic() + 90
         while True:  # no worker: the scheduler's runs pile up, Late
+            # (the newest slot due is marked Late only 5-9 s after it: LATE_RUNS_AFTER_SECONDS plus the service's
+            # loop, longer than the interval on a busy machine, so "three of them Late" is what is waited for)
             now = datetime.now(UTC)
-            missed = [r for r in svc.runs_of(name) if _when(r) < now]
-            if len(missed) >= 3 and all(r["state"]["name"] == "Late" for r in missed):
+            late = [r for r in svc.runs_of(name) if _when(r) < now and r["state"]["name"] == "Late"]
+            if len(late) >= 3:
                 break
             assert time.monotonic() < deadline, f"the scheduler did not create the runs: {svc.runs_of(name)}"
             time.sleep(1)
