@@ -27,8 +27,9 @@ from mnist_flow.search.budget import fail_stale_trials, trial_lock
 from mnist_flow.search.study import (
     Objective,
     Splits,
-    best_trial,
+    best_of,
     config_from_params,
+    finished_of,
     last_value,
     open_study,
     recipe_of,
@@ -92,7 +93,7 @@ class Tuned:
 
     study: optuna.Study
     best: FrozenTrial
-    trials: tuple[FrozenTrial, ...] = ()
+    trials: tuple[FrozenTrial, ...]
 
 
 def new_run_key() -> str:
@@ -192,8 +193,8 @@ def tune(
             callbacks=[on_trial, annotate_finished_trial],
             lock=trial_lock(storage_url, study.study_name),
         )
-        trials = tuple(study.get_trials(deepcopy=False))
-        return Tuned(study, best_trial(study, recipe_of(params.base_config())), trials)
+        trials = tuple(study.get_trials(deepcopy=False))  # read once: the best and the later stages use them
+        return Tuned(study, best_of(trials, recipe_of(params.base_config())), trials)
     except optuna.exceptions.StorageInternalError as exc:  # Optuna's wrapper of the database's own error
         from mnist_flow.storage.db import permanent_error
 
@@ -643,7 +644,6 @@ def build_summary(
     database_url: str,
 ) -> RunSummary:
     """What the run did and produced: what the flow returns, logs and publishes."""
-    from mnist_flow.search.study import FINISHED
     from mnist_flow.summary import (
         BestTrial,
         DataSummary,
@@ -657,7 +657,7 @@ def build_summary(
 
     study, best = tuned.study, tuned.best
     assert best.value is not None  # the best trial is a complete one
-    mine = [t for t in tuned.trials if t.state in FINISHED and t.user_attrs.get("run_key") == run_key]
+    mine = finished_of(tuned.trials, run_key)
     bundle, history = prepared.bundle, fitted.history
     return RunSummary(
         data=DataSummary(

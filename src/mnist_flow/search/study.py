@@ -263,11 +263,13 @@ def last_value(trial: FrozenTrial) -> float | None:
 
 
 def finished_trials(study: optuna.Study, run_key: str | None = None) -> list[FrozenTrial]:
-    """COMPLETE and PRUNED trials, optionally only those of one run."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED)
-    if run_key is None:
-        return trials
-    return [t for t in trials if t.user_attrs.get("run_key") == run_key]
+    """The study's COMPLETE and PRUNED trials, optionally only those of one run."""
+    return finished_of(study.get_trials(deepcopy=False, states=FINISHED), run_key)
+
+
+def finished_of(trials: Sequence[FrozenTrial], run_key: str | None = None) -> list[FrozenTrial]:
+    """The COMPLETE and PRUNED trials among ``trials``, optionally only those of one run."""
+    return [t for t in trials if t.state in FINISHED and (run_key is None or t.user_attrs.get("run_key") == run_key)]
 
 
 TrialCallback = Callable[[optuna.Study, FrozenTrial], None]
@@ -362,21 +364,20 @@ def recipe_of(config: TrainConfig) -> dict[str, Any]:
 
 
 def best_trial(study: optuna.Study, recipe: dict[str, Any] | None = None) -> FrozenTrial:
-    """The best COMPLETE trial of the whole study (earlier runs count), trained with ``recipe`` if given.
+    """The best COMPLETE trial of the whole study (earlier runs count), trained with ``recipe`` if given."""
+    return best_of(study.get_trials(deepcopy=False), recipe)
+
+
+def best_of(trials: Sequence[FrozenTrial], recipe: dict[str, Any] | None = None) -> FrozenTrial:
+    """The best COMPLETE trial among ``trials`` (a study's), trained with ``recipe`` if given.
 
     A run with another batch size or schedule must not retrain the best point of a different recipe.
     """
     complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if recipe is None or t.user_attrs.get("recipe") == recipe
+        t for t in trials if t.state == TrialState.COMPLETE and (recipe is None or t.user_attrs.get("recipe") == recipe)
     ]
     if not complete:
-        diverged = [
-            t.number
-            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-            if "diverged" in t.user_attrs
-        ]
+        diverged = [t.number for t in trials if t.state == TrialState.PRUNED and "diverged" in t.user_attrs]
         if diverged:
             raise TrainingDiverged(
                 f"No trial of the study completed: {len(diverged)} diverged (trials "
