@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,4 +49,9 @@ def workers(svc):
     # A flow-run process runs in its own session (the worker's stop does not end it): the next test, or the
     # module's check for strays, waits for it to end as it should once its run is final.
     lingering = wait_for_flow_run_processes(svc.token)
+    if lingering:  # the test failed mid-run: end its processes and runs so the module's next test starts clean
+        for pid in lingering:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        svc.cancel_unfinished()
     assert not lingering, f"flow-run processes still running 60 s after the test: {lingering}"

@@ -31,6 +31,8 @@ FAST = {
     "MNIST_FLOW_HANG_MULTIPLE": "5", "MNIST_FLOW_HANG_MIN_SECONDS": "6",
     "MNIST_FLOW_THREADS": "1",
 }
+#: tests/e2e/inject/sitecustomize.py, put on a process's PYTHONPATH by :func:`injected`.
+INJECT = Path(__file__).parent / "inject"
 TINY = {"source": "sample", "n_trials": 3, "max_epochs": 2, "final_epochs": 1}
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
@@ -93,9 +95,25 @@ class Service:
         self.workers.append(worker)
         return worker
 
+    def cancel_unfinished(self) -> list[str]:
+        """Force every run that is not final to Cancelled (which frees the deployment's concurrency slot), so
+        that a test that failed mid-run does not get the next test's runs cancelled by CANCEL_NEW."""
+        runs = self.post("/flow_runs/filter", {"flow_runs": {"state": {"type": {"not_any_": sorted(FINAL)}}}})
+        runs = [run for run in runs if not run.get("auto_scheduled")]  # the nightly schedule's own runs stay
+        for run in runs:
+            self.post(f"/flow_runs/{run['id']}/set_state",
+                      {"state": {"type": "CANCELLED", "message": "cancelled by the test teardown"}, "force": True})
+        return [run["id"] for run in runs]
+
     def logs(self) -> str:
         parts = [f"--- {w.name} log ---\n{procs.tail(w.log, 5000)}" for w in self.workers]
         return "\n".join([*parts, f"--- server log ---\n{procs.tail(self.server.log, 3000)}"])
+
+
+def injected(env: dict[str, str], **faults: str) -> dict[str, str]:
+    """The variables that give a started process the test-only faults of tests/e2e/inject/sitecustomize.py
+    (``E2E_HANG_ONCE``, ``E2E_EPOCH_SECONDS``)."""
+    return {"PYTHONPATH": f"{INJECT}:{env.get('PYTHONPATH', '')}", **faults}
 
 
 def state_type(run: dict) -> str:

@@ -17,7 +17,7 @@ import time
 import netns
 import procs
 import pytest
-from service_helpers import FAST, Service, flow_run_pids, registered, state_type, study_trials
+from service_helpers import FAST, Service, flow_run_pids, injected, registered, state_type, study_trials
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow,
               pytest.mark.skipif(netns.available() is not None, reason=str(netns.available()))]
@@ -46,9 +46,12 @@ def test_two_trial_workers_on_two_hosts_finish_exactly_n_trials_with_one_link_cu
                 env["PREFECT_API_URL"] = api_url
                 procs.run(["make", "-o", "install", "deploy"], env=env, timeout=240)
                 svc = Service(tmp_path, e2e_token, api_url, env, server)
+                # epochs of 1.5 s: a trial worker that starts seconds after the other (seen: 7 s on a busy
+                # machine) must still find trials to run, and the test must catch one mid-trial
+                slow = injected(env, E2E_EPOCH_SECONDS="1.5")
                 for host in (a, b):
                     worker = procs.start(f"worker-{host.ns}", host.command(["make", "-o", "install", "worker"]),
-                                         env={**env, "WORKER_ARGS": "--limit 1"}, log_dir=logs)
+                                         env={**env, **slow, "WORKER_ARGS": "--limit 1"}, log_dir=logs)
                     started.append(worker)
                     svc.workers.append(worker)
                 # the parent runs here, outside the namespaces; only the trial workers run inside

@@ -13,10 +13,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
-from service_helpers import TINY, ZOMBIE_S, Service, registered, state_type, study_trials
+from service_helpers import TINY, ZOMBIE_S, Service, injected, registered, state_type, study_trials
 
 from mnist_flow.search.watchdog import HUNG_ATTR, RETRY_ATTR
 
@@ -44,7 +43,9 @@ def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(work
     from service_helpers import flow_run_pids
 
     before = len(registered(svc.env))
-    worker = svc.start_worker("worker-1")
+    # epochs of 1 s: the sample's 0.1 s ones let all four trials end between two polls on a slow machine
+    slow = injected(svc.env, E2E_EPOCH_SECONDS="1")
+    worker = svc.start_worker("worker-1", **slow)
     run_id = svc.run("mnist/train", {**TINY, "n_trials": 4})
     svc.wait(run_id, lambda r: state_type(r) == "RUNNING", timeout=120, what="running")
     _wait_for_trials(svc, run_id, 1, timeout=120)  # mid-tune: one trial done, the others to come
@@ -56,7 +57,7 @@ def test_a_killed_worker_and_flow_run_are_crashed_retried_and_register_once(work
     killed = time.monotonic()
     worker.stop()
     assert len(_finished(study_trials(svc.env, run_id))) < 4
-    svc.start_worker("worker-2")  # what systemd or a container restart policy does
+    svc.start_worker("worker-2", **slow)  # what systemd or a container restart policy does
 
     svc.wait(run_id, lambda r: any(s["type"] == "CRASHED" for s in svc.state_history(r["id"])),
              timeout=CRASH_BOUND_S + 30, what="crashed")
@@ -84,8 +85,7 @@ def test_a_hung_trial_is_failed_and_retried_and_the_run_completes(workers: Servi
     marker = svc.tmp / "hung-once"
     before = len(registered(svc.env))
     # tests/e2e/inject/sitecustomize.py makes the second trial loop forever in its first epoch
-    pythonpath = f"{Path(__file__).parent / 'inject'}:{svc.env.get('PYTHONPATH', '')}"
-    svc.start_worker("worker-hang", PYTHONPATH=pythonpath, E2E_HANG_ONCE=str(marker))
+    svc.start_worker("worker-hang", **injected(svc.env, E2E_HANG_ONCE=str(marker)))
     run_id = svc.run("mnist/train", {**TINY, "n_trials": 3, "seed": 1})
     deadline = time.monotonic() + 180
     while not marker.exists():
