@@ -124,6 +124,20 @@ def test_importing_every_library_module_loads_no_prefect():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_trial_process_and_the_cli_start_without_importing_torchvision():
+    # torchvision's import (its models and ops) costs 1-2 s of every process start; only a download needs it
+    code = ("import sys, tempfile\n"
+            "from pathlib import Path\n"
+            "import flows.trials, mnist_flow.cli, mnist_flow.pipeline, mnist_flow.review.serve\n"
+            "from mnist_flow.data.datasets import load_dataset\n"
+            "load_dataset('mnist', 'sample', cache_dir=Path(tempfile.mkdtemp()))\n"
+            "print('torchvision' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True,
+                         cwd=root)
+    assert out.stdout.strip() == "False"
+
+
 def test_the_library_import_graph_has_no_cycle():
     assert cycles(import_graph()) == []
 

@@ -34,6 +34,11 @@ def test_dir_with_gz_and_raw_files_gives_the_same_fingerprint(tmp_path: Path) ->
     assert a.classes[0] == "0 - zero" and len(a.classes) == 10
 
 
+@pytest.mark.parametrize("name", data.DATASET_NAMES)
+def test_the_class_names_are_torchvisions(name: str) -> None:
+    assert data.CLASSES[name] == tuple(data.torchvision_dataset(name).classes)
+
+
 def test_fingerprint_changes_when_one_pixel_changes(tmp_path: Path) -> None:
     arrays = tiny_arrays()
     before = _load_dir(write_dataset(tmp_path / "a", arrays, gz=True)["train_images"].parent).fingerprint

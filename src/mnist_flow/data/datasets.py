@@ -33,10 +33,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torchvision.datasets
+
+if TYPE_CHECKING:
+    import torchvision.datasets
 
 from mnist_flow.data.idx import (
     GZIP_MAGIC,
@@ -80,9 +83,17 @@ MEAN, STD = 0.5, 0.5
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 
-_TORCHVISION_CLASSES: dict[str, type[torchvision.datasets.MNIST]] = {
-    "mnist": torchvision.datasets.MNIST,
-    "fashion-mnist": torchvision.datasets.FashionMNIST,
+#: Each dataset's class names, as torchvision's dataset classes list them (tests/data check they still do).
+#: Kept here because every load needs them and importing torchvision takes 1-2 s of each process's start
+#: (its models and ops): only a download, which needs its mirrors and checksums, imports it.
+CLASSES: dict[str, tuple[str, ...]] = {
+    "mnist": tuple(
+        f"{i} - {w}"
+        for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+    ),
+    "fashion-mnist": tuple(
+        ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    ),
 }
 
 # Bundle field -> standard IDX file name (without .gz), in torchvision's resource order.
@@ -172,17 +183,24 @@ class DataBundle:
 # --- torchvision's metadata, read through functions so tests can replace them without touching torchvision ----
 
 
+def torchvision_dataset(name: str) -> type[torchvision.datasets.MNIST]:
+    """torchvision's dataset class of ``name`` (imported here: see :data:`CLASSES`)."""
+    import torchvision.datasets
+
+    return {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
+
+
 def _torchvision_mirrors(name: str) -> list[str]:
-    return list(_TORCHVISION_CLASSES[name].mirrors)
+    return list(torchvision_dataset(name).mirrors)
 
 
 def _torchvision_resources(name: str) -> dict[str, str]:
     """``{"train-images-idx3-ubyte.gz": md5, ...}``."""
-    return dict(_TORCHVISION_CLASSES[name].resources)
+    return dict(torchvision_dataset(name).resources)
 
 
 def _classes(name: str) -> tuple[str, ...]:
-    return tuple(_TORCHVISION_CLASSES[name].classes)
+    return CLASSES[name]
 
 
 # --- validation of the request ---------------------------------------------------------------------------------
