@@ -41,7 +41,10 @@ BENCHES: dict[str, list[str]] = {
     "search": ["bench_search.py", "--n-trials", "20", "--max-epochs", "8", "--seeds", "0", "1", "2", "--threads", "0"],
     "contention": ["bench_contention.py"],
     "memory_trials": ["bench_memory_trials.py", "--trials", "50"],
+    "spend": ["bench_spend.py", "--seeds", "0", "1", "2", "--k", "3"],
 }
+#: Long benchmarks run only when asked for (--search, --spend, or --only NAME).
+OPT_IN = ("search", "spend")
 #: ``--quick``: the same benchmarks at small budgets, to check them (the figures do not meet the targets' budgets).
 QUICK: dict[str, list[str]] = {
     "contention": ["bench_contention.py", "--quick"],
@@ -267,6 +270,36 @@ def section_contention(r: dict | None) -> list[str]:
     return lines
 
 
+SPEND_ARMS = {"top_k": "top-{k} configurations refitted", "more_seeds": "best configuration with {k} seeds",
+              "more_trials": "more trials, then the best refitted"}
+
+
+def section_spend(r: dict | None) -> list[str]:
+    lines = ["## Spending the time saved: more trials or more refits", ""]
+    if r is None:
+        return lines + ["Not run (`python benchmarks/run_all.py --only spend`, about 30 minutes).", ""]
+    k = r["k"]
+    lines += [f"`python benchmarks/bench_spend.py --seeds {' '.join(str(x['seed']) for x in r['runs'])} --k {k}` "
+              f"(load after: {r['load']}). Fashion-MNIST, {r['n_trials']} trials of up to {r['max_epochs']} epochs "
+              f"in one process (the default thread policy), then the final fit ({r['final_epochs']} epochs) of the "
+              "best trial: the base. Each arm then spends extra time from the same study and base fit, and keeps "
+              "the model with the highest validation accuracy; test accuracy is only reported. The more-trials arm "
+              "gets as many trials as the base run does in the time of the slower refit arm.", "",
+              "| seed | base val / test | " + " | ".join(a.format(k=k) for a in SPEND_ARMS.values()) + " |",
+              "|---:|---:|" + "---:|" * len(SPEND_ARMS)]
+    for run in r["runs"]:
+        cells = []
+        for arm in SPEND_ARMS:
+            kept = run[arm]["kept"]
+            what = f"+{run[arm]['trials']} trials, " if arm == "more_trials" else ""
+            cells.append(f"{kept['val']:.4f} / {kept['test']:.4f} ({what}+{run[arm]['extra_seconds']:.0f} s)")
+        lines.append(f"| {run['seed']} | {run['base']['val']:.4f} / {run['base']['test']:.4f} | "
+                     + " | ".join(cells) + " |")
+    means = " | ".join(f"{r[f'mean_test_{arm}']:.4f}" for arm in SPEND_ARMS)
+    lines += [f"| mean test | {r['mean_test_base']:.4f} | {means} |", ""]
+    return lines
+
+
 def section_memory_trials(r: dict | None) -> list[str]:
     lines = ["## Memory per trial", ""]
     if r is None:
@@ -435,6 +468,7 @@ def render(results: dict[str, dict | None], info: dict[str, Any], meta: dict[str
     lines += section_memory(results.get("memory"))
     lines += section_contention(results.get("contention"))
     lines += section_memory_trials(results.get("memory_trials"))
+    lines += section_spend(results.get("spend"))
     if notes:
         lines += ["## Findings", "", notes.strip(), ""]
     return "\n".join(lines) + "\n"
@@ -446,6 +480,8 @@ NOTES_FILE = HERE / "findings.md"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--search", action="store_true", help="also run the pruner comparison (~10 minutes)")
+    parser.add_argument("--spend", action="store_true",
+                        help="also run the more-trials-or-more-refits comparison (~30 minutes)")
     parser.add_argument("--only", nargs="*", choices=sorted(BENCHES), help="run only these benchmarks")
     parser.add_argument("--quick", action="store_true",
                         help="small budgets for the contention and memory-per-trial benchmarks (a check, minutes)")
@@ -454,7 +490,8 @@ def main() -> None:
     parser.add_argument("--from-results", type=Path, default=None,
                         help="render the page from JSON results kept earlier (with --keep) instead of running")
     args = parser.parse_args()
-    names = args.only or [n for n in BENCHES if n != "search" or args.search]
+    asked = {"search": args.search, "spend": args.spend}
+    names = args.only or [n for n in BENCHES if n not in OPT_IN or asked[n]]
     meta = {"started": time.strftime("%Y-%m-%d %H:%M %Z"), "load": common.load_average(),
             "command": " ".join(["python benchmarks/run_all.py", *sys.argv[1:]])}
     if args.from_results:

@@ -36,7 +36,7 @@ from mnist_flow.storage.fsutil import PERMANENT_ERRNOS
 from mnist_flow.summary import RunSummary
 from mnist_flow.training.loop import EvalResult, select_device
 from mnist_flow.training.model import MLP
-from mnist_flow.training.threads import bound_native_caches, policy_for
+from mnist_flow.training.threads import FixedThreads, Policy, bound_native_caches, policy_for
 from mnist_flow.training.threads import describe as describe_threads
 
 
@@ -106,9 +106,11 @@ def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run
 def train_best(
     prepared: pipeline.Prepared, best: FrozenTrial, params: RunParams, settings: Settings
 ) -> pipeline.FinalFit:
-    """Train the best configuration for the final number of epochs (guarded; see pipeline.final_fit).
+    """Train the best configuration for the final number of epochs with each of ``final_seeds`` seeds at once
+    and keep the best by validation accuracy (guarded; see pipeline.final_fits and pipeline.final_fit).
 
-    More than one intra-op thread only while measured faster (mnist_flow.training.threads).
+    One fit: more than one intra-op thread only while measured faster (mnist_flow.training.threads).
+    Several: one thread each (MNIST_FLOW_THREADS overrides), since they share the CPUs.
     """
     logger = get_run_logger()
     logger.info(
@@ -117,8 +119,10 @@ def train_best(
         best.value,
         pipeline.final_config(best, params).to_dict(),
     )
-    threads = policy_for(settings.threads)
-    fitted = pipeline.final_fit(prepared, best, params, progress=LogProgress(logger), threads=threads)
+    threads: Policy = policy_for(settings.threads)
+    if params.final_seeds > 1 and not settings.threads:
+        threads = FixedThreads(1, f"one per final fit, {params.final_seeds} at once")
+    fitted = pipeline.final_fits(prepared, best, params, progress=LogProgress(logger), threads=threads)
     for note in fitted.notes:
         logger.info("final fit: %s", note)
     logger.info("final fit: %s", describe_threads(threads))
@@ -255,10 +259,10 @@ def mnist(**parameters: Any) -> RunSummary:
         )(prepared, params, settings, run_key)
         study, best = tuned.study, tuned.best
     with watch("train"):
-        train_timeout = _timeout(
+        train_timeout = _timeout(  # the seeds' fits share the CPUs: a backstop as if they ran one after another
             prepared,
             settings,
-            params.final_epochs,
+            params.final_epochs * params.final_seeds,
             (int(best.params["hidden1"]), int(best.params["hidden2"])),
             tuned.trials,
         )

@@ -41,12 +41,14 @@ MAX_EPOCHS = 1_000
 MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 64
 MAX_SEED = 2**31 - 1
+MAX_FINAL_SEEDS = 16
 MAX_LR = 10.0
 MAX_WEIGHT_DECAY = 1.0
 
 #: Why a parameter has its cap (said when a value is refused for exceeding it).
 CAP_REASONS = {
     "hidden": f"widths are capped at {MAX_WIDTH} to bound an epoch's time and memory; the default maximum is 1024",
+    "final_seeds": f"at most {MAX_FINAL_SEEDS} final fits (they run at once, one thread each)",
     "seed": f"seeds stop at {MAX_SEED}: Optuna's sampler (NumPy) takes seeds below 2**32 and adds offsets",
     "epochs": f"epochs are capped at {MAX_EPOCHS}",
     "n_trials": f"a run is capped at {MAX_TRIALS} trials",
@@ -212,6 +214,13 @@ class RunParams(BaseModel):
         8, ge=1, le=MAX_EPOCHS, description="Epochs per trial (the pruner may stop a trial earlier)."
     )
     final_epochs: int = Field(24, ge=1, le=MAX_EPOCHS, description="Epochs of the final fit of the best configuration.")
+    final_seeds: int = Field(
+        2,
+        ge=1,
+        le=MAX_FINAL_SEEDS,
+        description="Final fits of the best configuration at once, each with its own training seed; the one "
+        "with the highest validation accuracy is registered.",
+    )
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seeds the split, the sampler, the initial weights and the batch order."
     )

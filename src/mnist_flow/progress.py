@@ -7,6 +7,7 @@ Prefect flow passes :class:`LogProgress` with its run logger, so the library nev
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
@@ -29,14 +30,18 @@ class Progress(Protocol):
 
 
 class LogProgress:
-    """One log line per finished trial and per epoch of a fit."""
+    """One log line per finished trial and per epoch of a fit.
+
+    Fits may share it from several threads (the final fits of several seeds run at once): each thread's
+    epochs are logged under the label that thread started its fit with.
+    """
 
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
         self.logger = logger
         self.total = 0
         self.done = 0
         self.started = time.perf_counter()
-        self.label = ""
+        self.labels: dict[int, str] = {}  # by thread
 
     def start_trials(self, total: int) -> None:
         self.total, self.done, self.started = total, 0, time.perf_counter()
@@ -61,12 +66,12 @@ class LogProgress:
         )
 
     def start_epochs(self, label: str, total: int) -> None:
-        self.label = label
+        self.labels[threading.get_ident()] = label
 
     def epoch_done(self, stats: EpochStats, total: int) -> None:
         self.logger.info(
             "%s epoch %d/%d: train_loss=%.4f val_loss=%.4f val_accuracy=%.4f (%.2fs)",
-            self.label,
+            self.labels.get(threading.get_ident(), ""),
             stats.epoch,
             total,
             stats.train_loss,

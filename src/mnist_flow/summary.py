@@ -58,8 +58,11 @@ class FinalMetrics:
 
 @dataclass(frozen=True)
 class FitSummary:
-    """The final fit: its epochs, the one kept (best validation), its divergence recoveries and notes."""
+    """The final fit kept: its training seed (of ``fits`` seeds), its epochs, the one kept (best validation), its
+    divergence recoveries, and the notes of every fit."""
 
+    seed: int
+    fits: int
     epochs: int
     best_epoch: int
     recoveries: int
@@ -121,7 +124,9 @@ class RunSummary:
             f"best params: trial #{self.best.trial}: " + format_params(self.best.params),
             f"accuracy:    best trial val {self.best.val_accuracy:.4f}; final model val "
             f"{self.metrics.val_accuracy:.4f}, test {self.metrics.test_accuracy:.4f}",
-            f"final fit:   epoch {fit.best_epoch} of {fit.epochs} kept (best val), "
+            "final fit:   "
+            + (f"seed {fit.seed} of {fit.fits} seeds kept, " if fit.fits > 1 else "")
+            + f"epoch {fit.best_epoch} of {fit.epochs} kept (best val), "
             f"{fit.recoveries} divergence recover{'y' if fit.recoveries == 1 else 'ies'}",
             f"registered:  {registered}" + (f": {self.decision.reason}" if self.decision else ""),
             "stages:      " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),

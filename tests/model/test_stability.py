@@ -170,3 +170,41 @@ def test_a_model_with_a_nan_is_refused_by_register_as_a_divergence_and_nothing_i
                 pipeline.Candidate(sample_prepared, model, config, history, nan_test, study_name="s", trial_number=7,
                                    run_key="k", flow_run_id=None))
         assert registry.list_versions() == []
+
+
+def test_the_final_fits_of_several_seeds_at_once_are_each_the_fit_of_its_seed_alone_and_the_best_is_kept(
+        sample_prepared):
+    # threads change nothing: each seed's fit is what it would be alone, so a run's result is reproducible
+    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=3, precision="fp32")
+    # wide layers: their initialisation takes long enough that fits drawing at once would mix their seeds
+    point = {"lr": 0.05, "momentum": 0.9, "hidden1": 1024, "hidden2": 512}
+    trial = _trial(point, 0.5)
+    fitted = pipeline.final_fits(sample_prepared, trial, params)
+    seeds = pipeline.final_seeds(params)
+    assert seeds == [0, 1000, 2000]
+    alone = {seed: pipeline.fit_best(sample_prepared, pipeline.final_config(trial, params).with_(seed=seed))
+             for seed in seeds}
+    vals = {seed: history.best.val_accuracy for seed, (_, history) in alone.items()}
+    assert len(set(vals.values())) > 1, "the seeds were expected to give different models"
+    kept = max(seeds, key=lambda seed: (vals[seed], -seeds.index(seed)))  # the first wins a tie
+    assert fitted.config.seed == kept and fitted.history.best.val_accuracy == vals[kept]
+    model, _ = alone[kept]
+    assert all(torch.equal(a, b) for a, b in zip(fitted.model.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
+    assert any(f"kept the fit with seed {kept} of 3" in note for note in fitted.notes)
+
+
+def test_a_final_fit_seed_that_diverges_beyond_its_recoveries_is_left_out(sample_prepared, monkeypatch):
+    params = RunParams(source="sample", max_epochs=2, final_epochs=2, final_seeds=2, precision="fp32")
+    trial = _trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64}, 0.5)
+    real = pipeline.fit_best
+
+    def fit_best(prepared, config, **kwargs):
+        if config.seed == 1000:
+            raise TrainingDiverged("diverged in every recovery", fix="lower the rate")
+        return real(prepared, config, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit_best", fit_best)
+    fitted = pipeline.final_fits(sample_prepared, trial, params)
+    assert fitted.config.seed == 0 and all_finite(fitted.model)
+    assert any("seed 1000 diverged" in note and "left out" in note for note in fitted.notes)

@@ -109,7 +109,7 @@ def _run_summary(**changes) -> RunSummary:
                        val_accuracy=0.931),
         params={"n_trials": 3},
         metrics=FinalMetrics(val_accuracy=0.94, test_accuracy=0.9375, test_loss=0.2),
-        final_fit=FitSummary(epochs=24, best_epoch=19, recoveries=1, notes=("restored epoch 7",)),
+        final_fit=FitSummary(seed=0, fits=1, epochs=24, best_epoch=19, recoveries=1, notes=("restored epoch 7",)),
         model=ModelSummary(name="mnist", version=3, champion=False, artifact="/a"),
         decision=DecisionSummary(outcome="kept", reason="not significantly better (p=0.41)", p_value=0.41,
                                  challenger_accuracy=0.9375, champion_accuracy=0.9391),

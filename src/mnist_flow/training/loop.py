@@ -11,6 +11,7 @@ from a seeded permutation, so there are no per-sample transforms and no DataLoad
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,9 +95,14 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+#: The initial weights come from torch's global generator (seeded, then restored): fits that run at once in
+#: threads (the final fits of several seeds) take turns, or one's seed would draw another's weights.
+_INIT_LOCK = threading.Lock()
+
+
 def build_model(config: TrainConfig, device: torch.device | str = "cpu") -> MLP:
-    """A freshly initialised MLP; the initial weights depend only on ``config.seed``."""
-    with torch.random.fork_rng(devices=[]):
+    """A freshly initialised MLP; the initial weights depend only on ``config.seed`` (also when fits run in threads)."""
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = MLP(config.hidden)
     return model.to(device)

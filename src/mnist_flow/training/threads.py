@@ -49,8 +49,8 @@ CACHE_ENV = {
     "LRU_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
     "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_ENTRIES),
 }
-#: The cache variables this process set itself (the others, if set, are the user's and are passed on as they are).
-_SET_HERE: set[str] = set()
+#: The cache variables this process set itself, with the value set (any other value is the user's, passed on).
+_SET_HERE: dict[str, str] = {}
 #: The environment of a single-threaded trial process (read by OpenMP and MKL when they start).
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 #: More threads than this never helped a batch-128 MLP step; the ladder stops here.
@@ -67,8 +67,7 @@ def bound_native_caches(adaptive: bool = False) -> None:
     entries = str(ADAPTIVE_CACHE_ENTRIES if adaptive else KERNEL_CACHE_ENTRIES)
     for key in CACHE_ENV:
         if key not in os.environ:
-            os.environ[key] = entries
-            _SET_HERE.add(key)
+            os.environ[key] = _SET_HERE[key] = entries
 
 
 def single_threaded_process(threads: int | None = None) -> None:
@@ -97,7 +96,7 @@ def child_environment(threads: int | None = None) -> Iterator[None]:
     if threads and threads > 1:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     saved = {key: os.environ.get(key) for key in env}
-    user = {key: os.environ[key] for key in CACHE_ENV if key in os.environ and key not in _SET_HERE}
+    user = {key: os.environ[key] for key in CACHE_ENV if key in os.environ and os.environ[key] != _SET_HERE.get(key)}
     os.environ.update({**env, **user})
     try:
         yield
