@@ -11,7 +11,9 @@ composes functions of the `mnist_flow` library; only I/O tasks (data, registry) 
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from optuna.trial import FrozenTrial
@@ -303,6 +305,7 @@ def start_temporary_server() -> None:
 
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
+    _check_prefect_home()
     server = _temporary_server_class()()
     timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), TEMPORARY_SERVER_STARTUP_S)
     try:
@@ -315,6 +318,27 @@ def start_temporary_server() -> None:
         ) from None
     if server.server_process is not None:
         tie_to_this_process(server.server_process.pid)
+
+
+def _check_prefect_home() -> None:
+    """The temporary server keeps its database in PREFECT_HOME: made here if missing. A home that cannot be a
+    folder is the user's to fix; left to the server, it failed after its start-up timeout with a database
+    traceback and a message blaming the machine's load."""
+    from prefect.settings import get_current_settings
+
+    from mnist_flow.errors import ConfigError
+
+    home = Path(get_current_settings().home).expanduser()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if not os.access(home, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(
+            f"PREFECT_HOME ({home}) cannot hold the temporary Prefect server's database: {exc.strerror or exc}.",
+            fix="Point PREFECT_HOME at a writable folder (or unset it: ~/.prefect), or set PREFECT_API_URL "
+            "to a running server.",
+        ) from None
 
 
 def _temporary_server_class() -> type:

@@ -179,6 +179,25 @@ def test_bad_input_in_a_fresh_process_prints_one_message_without_traceback(home:
                        f"{len(cli.stderr.splitlines())} lines, no traceback, home empty", group="bad input")
 
 
+@pytest.mark.slow
+def test_a_prefect_home_that_cannot_be_a_folder_is_one_message_naming_it(home: Path, tmp_path: Path,
+                                                                         reliability) -> None:
+    # a missing one is made (with its parents); one under a file failed after the server's 90 s start-up
+    # timeout, with a database traceback and a message blaming the machine's load
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    env = clean_env(home, PREFECT_HOME=str(blocker / "prefect"))
+    proc = flow_script(["--source", "sample", "--n-trials", "1", "--max-epochs", "1"], env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: PREFECT_HOME ({blocker / 'prefect'}) cannot hold"), proc.stderr
+    assert "Fix: Point PREFECT_HOME at a writable folder" in proc.stderr
+    assert written_files(home) == []
+    reliability.record("`flows/mnist.py` with PREFECT_HOME under a file (no PREFECT_API_URL)",
+                       "exit 2, one message naming PREFECT_HOME and the fix, before the temporary server starts",
+                       f"exit {proc.returncode}, {len(proc.stderr.splitlines())} lines, no traceback",
+                       group="bad input")
+
+
 # --- corrupt data through the CLI --------------------------------------------------------------------------------
 
 
