@@ -40,7 +40,7 @@ from mnist_flow.search.study import (
 )
 from mnist_flow.settings import Settings
 from mnist_flow.storage.db import dispose_storage, mask_url, optuna_storage
-from mnist_flow.training.loop import EpochStats, EvalResult, History, all_finite, evaluate, train_model
+from mnist_flow.training.loop import EpochStats, EvalResult, History, all_finite, evaluate
 
 if TYPE_CHECKING:
     from mnist_flow.registry.promotion import Decision
@@ -283,12 +283,8 @@ def fit_best(
         if stop is not None and stop.is_set():
             raise FitStopped(label)
 
-    model, history = train_model(
+    model, history = s.train(
         config,
-        s.train_x,
-        s.train_y,
-        s.val_x,
-        s.val_y,
         device=prepared.device,
         on_epoch=on_epoch,
         recover=FINAL_RECOVERIES,

@@ -27,7 +27,8 @@ from mnist_flow.errors import ConfigError, TrainingDiverged
 from mnist_flow.params import SearchSpace, TrainConfig
 from mnist_flow.search.budget import BudgetFilled, Lock, Step, TrialBudget, ran_here
 from mnist_flow.search.watchdog import TrialHung
-from mnist_flow.training.loop import EpochStats, train_model
+from mnist_flow.training.loop import EpochStats, History, train_model
+from mnist_flow.training.model import MLP
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -63,6 +64,10 @@ class Splits:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+
+    def train(self, config: TrainConfig, **options: Any) -> tuple[MLP, History]:
+        """:func:`mnist_flow.training.loop.train_model` on these splits (``options``: its keyword arguments)."""
+        return train_model(config, self.train_x, self.train_y, self.val_x, self.val_y, **options)
 
 
 def worker_id() -> str:
@@ -128,16 +133,7 @@ class Objective:
         s = self.splits
         with dog if dog is not None else contextlib.nullcontext() as watch:
             try:
-                _, history = train_model(
-                    config,
-                    s.train_x,
-                    s.train_y,
-                    s.val_x,
-                    s.val_y,
-                    device=self.device,
-                    on_epoch=report,
-                    threads=self.threads,
-                )
+                _, history = s.train(config, device=self.device, on_epoch=report, threads=self.threads)
             except TrainingDiverged as exc:  # the configuration's fault, not the study's: prune it, say why
                 reason = f"trial #{trial.number}: {exc.message} The trial was stopped and pruned; the study goes on."
                 trial.set_user_attr("diverged", reason)
