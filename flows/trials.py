@@ -431,6 +431,11 @@ class _InterruptForwarder:
     Each takes the first SIGINT only and ignores the rest (:func:`_pool_process`).
     """
 
+    #: A pool process still alive this long after the first SIGINT is killed, so that the interrupted run
+    #: ends: its trial was recorded FAIL when it took the SIGINT (or it is stuck, and is failed by its
+    #: stale heartbeat on the next run). The pool's shutdown would otherwise wait on it forever.
+    KILL_AFTER_S = 20.0
+
     def __init__(self, every: float = 0.25) -> None:
         self._every, self._stop = every, threading.Event()
 
@@ -444,11 +449,13 @@ class _InterruptForwarder:
         threading.Thread(target=self._run, name="interrupt-trials", daemon=True).start()
 
     def _run(self) -> None:
+        deadline = time.monotonic() + self.KILL_AFTER_S
         while True:
+            signum = signal.SIGINT if time.monotonic() < deadline else signal.SIGKILL
             for child in multiprocessing.active_children():
                 if child.pid is not None:
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(child.pid, signal.SIGINT)
+                        os.kill(child.pid, signum)
             if self._stop.wait(self._every):
                 return
 
