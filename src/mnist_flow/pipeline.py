@@ -424,11 +424,11 @@ def final_fits(
     stop = threading.Event()
 
     def other(seed: int) -> FinalFit:
-        label = f"final fit (seed {seed})"
+        seeded = config.with_(seed=seed)
         model, history = fit_best(
-            prepared, config.with_(seed=seed), progress=progress, label=label, threads=threads, stop=stop
+            prepared, seeded, progress=progress, label=f"final fit (seed {seed})", threads=threads, stop=stop
         )
-        return FinalFit(model, config.with_(seed=seed), history, tuple(history.events))
+        return FinalFit(model, seeded, history, tuple(history.events))
 
     with ThreadPoolExecutor(max_workers=len(seeds), thread_name_prefix="final-fit") as pool:
         futures = [pool.submit(final_fit, prepared, trial, params, progress=progress, threads=threads, stop=stop)]
