@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import fetch_mnist
 import optuna
 import torch
 
@@ -45,9 +46,20 @@ from mnist_flow.training.loop import all_finite, build_model, make_step, train_e
 ISSUE_POINT = {"lr": 0.2438, "momentum": 0.6841, "hidden1": 832, "hidden2": 320}
 
 
+def source_args(name: str) -> list[str]:
+    """The data flags of ``flows/mnist.py`` for a dataset of this benchmark (mnist: the full MNIST, fetched)."""
+    if name == "sample":
+        return ["--source", "sample"]
+    if name == "mnist":
+        return ["--dataset", "mnist", "--source", "dir", "--data-dir", str(fetch_mnist.ensure())]
+    return ["--dataset", "fashion-mnist", "--source", "dir", "--data-dir", str(common.FASHION_DIR)]
+
+
 def prepared_for(name: str, cache: Path, seed: int = 0) -> pipeline.Prepared:
     if name == "sample":
         bundle = load_dataset("mnist", "sample", cache_dir=cache)
+    elif name == "mnist":
+        bundle = load_dataset("mnist", "dir", data_dir=fetch_mnist.ensure(), cache_dir=cache)
     else:
         bundle = load_dataset("fashion-mnist", "dir", data_dir=common.FASHION_DIR, cache_dir=cache)
     return pipeline.prepare(bundle, val_fraction=0.1, seed=seed)
@@ -159,6 +171,7 @@ def run_row(dataset: str, seed: int, summary: dict[str, Any], wall: float) -> di
             "best_params": summary["best"]["params"], "trial_val": summary["best"]["val_accuracy"],
             "final_val": summary["metrics"]["val_accuracy"], "test": summary["metrics"]["test_accuracy"],
             "kept_epoch": fit.get("best_epoch"), "epochs": fit.get("epochs"), "recoveries": fit.get("recoveries"),
+            "ensemble": list(fit.get("ensemble") or []),
             "notes": fit.get("notes", []), "version": summary["model"]["version"],
             "trials": summary["trials"], "wall_s": round(wall, 1), "seconds": summary["seconds"]}
 
@@ -169,8 +182,7 @@ def part_runs(work: Path, datasets: list[str], seeds: list[int], threads: int) -
 
     rows = []
     for dataset, seed in itertools.product(datasets, seeds):
-        source = (["--source", "sample"] if dataset == "sample" else
-                  ["--dataset", "fashion-mnist", "--source", "dir", "--data-dir", str(common.FASHION_DIR)])
+        source = source_args(dataset)
         home = work / f"run-{dataset}-{seed}"
         start = time.perf_counter()
         # a loaded machine starts the temporary Prefect API in more than Prefect's default 20 s
@@ -193,7 +205,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["guard", "corners", "final", "runs"],
                         choices=["guard", "corners", "final", "runs"])
     parser.add_argument("--datasets", nargs="+", default=["sample", "fashion-mnist"],
-                        choices=["sample", "fashion-mnist"])
+                        choices=["sample", "fashion-mnist", "mnist"],
+                        help="mnist: the full MNIST, fetched by benchmarks/fetch_mnist.py")
     parser.add_argument("--epochs", type=int, default=RunParams().final_epochs,
                         help="epochs of each corner's fit")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

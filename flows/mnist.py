@@ -109,7 +109,8 @@ def train_best(
     prepared: pipeline.Prepared, best: FrozenTrial, params: RunParams, settings: Settings
 ) -> pipeline.FinalFit:
     """Train the best configuration for the final number of epochs with each of ``final_seeds`` seeds at once
-    and keep the best by validation accuracy (guarded; see pipeline.final_fits and pipeline.final_fit).
+    and keep their ensemble, or the best by validation accuracy (guarded; see pipeline.final_fits and
+    pipeline.final_fit).
 
     One fit: more than one intra-op thread only while measured faster (mnist_flow.training.threads).
     Several: one thread each (MNIST_FLOW_THREADS overrides), since they share the CPUs.
@@ -160,6 +161,7 @@ def register(
         trial_number=trial_number,
         run_key=run_key,
         flow_run_id=flow_run.id,
+        ensemble=fitted.ensemble,
     )
     with Registry.from_settings(settings) as registry:
         # registered and decided together: a crash never leaves a version without its decision

@@ -218,8 +218,13 @@ class RunParams(BaseModel):
         2,
         ge=1,
         le=MAX_FINAL_SEEDS,
-        description="Final fits of the best configuration at once, each with its own training seed; the one "
-        "with the highest validation accuracy is registered.",
+        description="Final fits of the best configuration at once, each with its own training seed (see final_model).",
+    )
+    final_model: Literal["ensemble", "best"] = Field(
+        "ensemble",
+        description="With final_seeds > 1, what is registered: ensemble (one MLP averaging the fits' outputs, "
+        "their widths side by side, where its validation accuracy is at least the best fit's) or best (the fit "
+        "with the highest validation accuracy).",
     )
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seeds the split, the sampler, the initial weights and the batch order."

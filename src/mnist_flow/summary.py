@@ -59,7 +59,8 @@ class FinalMetrics:
 @dataclass(frozen=True)
 class FitSummary:
     """The final fit kept: its training seed (of ``fits`` seeds), its epochs, the one kept (best validation), its
-    divergence recoveries, and the notes of every fit."""
+    divergence recoveries, and the notes of every fit. ``ensemble``: the seeds of the fits whose ensemble was
+    registered (then the other figures are those of the best of them)."""
 
     seed: int
     fits: int
@@ -67,6 +68,7 @@ class FitSummary:
     best_epoch: int
     recoveries: int
     notes: tuple[str, ...] = ()
+    ensemble: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,13 @@ class RunSummary:
             f"accuracy:    best trial val {self.best.val_accuracy:.4f}; final model val "
             f"{self.metrics.val_accuracy:.4f}, test {self.metrics.test_accuracy:.4f}",
             "final fit:   "
-            + (f"seed {fit.seed} of {fit.fits} seeds kept, " if fit.fits > 1 else "")
+            + (
+                f"ensemble of {len(fit.ensemble)} seeds' fits ({', '.join(map(str, fit.ensemble))}), best fit's "
+                if fit.ensemble
+                else f"seed {fit.seed} of {fit.fits} seeds kept, "
+                if fit.fits > 1
+                else ""
+            )
             + f"epoch {fit.best_epoch} of {fit.epochs} kept (best val), "
             f"{fit.recoveries} divergence recover{'y' if fit.recoveries == 1 else 'ies'}",
             f"registered:  {registered}" + (f": {self.decision.reason}" if self.decision else ""),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mnist_flow.errors import ConfigError
-from mnist_flow.training.model import MLP, multiply_adds_per_sample
+from mnist_flow.training.model import MLP, ensemble_mlp, multiply_adds_per_sample
 
 
 def test_the_default_mlp_is_the_seed_architecture_and_returns_logits():
@@ -45,3 +45,25 @@ def test_unknown_model_type_in_a_sidecar_is_a_config_error_with_a_fix():
     with pytest.raises(ConfigError, match="Unknown model type 'cnn'") as caught:
         MLP.from_safetensors(data, {"type": "cnn", "hidden": [8]})
     assert caught.value.fix and "register the model again" in caught.value.fix
+
+
+@pytest.mark.parametrize("hidden", [(48,), (40, 24), (32, 16, 8)], ids=["one", "two", "three"])
+def test_the_ensemble_mlp_returns_the_mean_of_its_models_logits(hidden):
+    torch.manual_seed(0)
+    models = [MLP(hidden) for _ in range(3)]
+    x = torch.rand(16, 1, 28, 28)
+    merged = ensemble_mlp(models)
+    assert merged.hidden == tuple(3 * h for h in hidden)
+    expected = torch.stack([m(x) for m in models]).mean(dim=0)
+    torch.testing.assert_close(merged(x), expected, rtol=1e-5, atol=1e-5)
+    # the plain MLP it is: it goes through the artifact format unchanged
+    again = MLP.from_safetensors(merged.to_safetensors(), merged.architecture())
+    assert torch.equal(again(x), merged(x))
+    assert torch.equal(ensemble_mlp(models[:1])(x), models[0].eval()(x))
+
+
+def test_models_of_different_depths_make_no_ensemble():
+    with pytest.raises(ValueError, match="depth"):
+        ensemble_mlp([MLP((32, 16)), MLP((32,))])
+    with pytest.raises(ValueError):
+        ensemble_mlp([])

@@ -58,6 +58,10 @@ def test_the_flow_tunes_trains_evaluates_and_registers_a_champion_with_its_linea
     assert champion["params"]["epochs"] == 2 and champion["params"]["hidden"] == [
         summary.best.params["hidden1"], summary.best.params["hidden2"]]
     assert Path(champion["artifact"]["uri"].removeprefix("file://")).is_file()
+    if summary.final_fit.ensemble:  # the two fits side by side in one MLP, its validation figures its own
+        assert summary.final_fit.ensemble == (0, 1000) and champion["metrics"]["ensemble_of"] == 2
+        assert champion["params"]["ensemble_seeds"] == [0, 1000]
+        assert champion["metrics"]["val_accuracy"] == pytest.approx(summary.metrics.val_accuracy)
 
 
 def test_a_second_run_continues_the_study_and_records_a_promotion_decision(home):

@@ -175,7 +175,8 @@ def test_a_model_with_a_nan_is_refused_by_register_as_a_divergence_and_nothing_i
 def test_the_final_fits_of_several_seeds_at_once_are_each_the_fit_of_its_seed_alone_and_the_best_is_kept(
         sample_prepared):
     # threads change nothing: each seed's fit is what it would be alone, so a run's result is reproducible
-    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=3, precision="fp32")
+    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=3, precision="fp32",
+                       final_model="best")
     # wide layers: their initialisation takes long enough that fits drawing at once would mix their seeds
     point = {"lr": 0.05, "momentum": 0.9, "hidden1": 1024, "hidden2": 512}
     trial = _trial(point, 0.5)
@@ -192,6 +193,43 @@ def test_the_final_fits_of_several_seeds_at_once_are_each_the_fit_of_its_seed_al
     assert all(torch.equal(a, b) for a, b in zip(fitted.model.state_dict().values(), model.state_dict().values(),
                                                  strict=True))
     assert any(f"kept the fit with seed {kept} of 3" in note for note in fitted.notes)
+
+
+def test_the_ensemble_of_the_final_fits_is_registered_where_it_is_at_least_as_accurate(sample_prepared, tmp_path,
+                                                                                       monkeypatch):
+    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=2, precision="fp32")
+    assert params.final_model == "ensemble"  # the default
+    trial = _trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64}, 0.5)
+    fitted = pipeline.final_fits(sample_prepared, trial, params)
+    alone = [pipeline.fit_best(sample_prepared, pipeline.final_config(trial, params).with_(seed=seed))
+             for seed in pipeline.final_seeds(params)]
+    s = sample_prepared.splits
+    best = max(history.best.val_accuracy for _, history in alone)
+    x = s.val_x[:64]
+    mean = torch.stack([model(x) for model, _ in alone]).mean(dim=0)
+    assert fitted.ensemble is not None  # here (fp32 on the CPU: deterministic) the ensemble is more accurate
+    assert fitted.ensemble.seeds == (0, 1000) and fitted.model.hidden == (256, 128)
+    torch.testing.assert_close(fitted.model(x), mean, rtol=1e-4, atol=1e-4)
+    assert fitted.val_accuracy == fitted.ensemble.val_accuracy >= best
+    assert any("registered the ensemble of the 2 fits" in note for note in fitted.notes)
+    # registered with its own validation figures and its seeds; it loads back as what it is
+    test = pipeline.evaluate_test(fitted.model, sample_prepared)
+    with _registry(tmp_path) as registry:
+        version = pipeline.register_challenger(registry, pipeline.Candidate(
+            sample_prepared, fitted.model, fitted.config, fitted.history, test, study_name="s",
+            trial_number=3, run_key="k", ensemble=fitted.ensemble))
+        assert version.metrics["val_accuracy"] == fitted.ensemble.val_accuracy
+        assert version.metrics["ensemble_of"] == 2 and version.params["ensemble_seeds"] == [0, 1000]
+        loaded, _, _ = registry.load(version.name, version.version)
+        assert torch.equal(loaded(x), fitted.model(x))
+
+    # an ensemble less accurate than the best fit is not registered
+    from mnist_flow.training.model import MLP
+
+    monkeypatch.setattr(pipeline, "ensemble_mlp", lambda models: MLP(models[0].hidden))  # an untrained model
+    worse = pipeline.final_fits(sample_prepared, trial, params)
+    assert worse.ensemble is None and worse.val_accuracy == best
+    assert any("is less accurate" in note for note in worse.notes)
 
 
 def test_a_final_fit_seed_that_diverges_beyond_its_recoveries_is_left_out(sample_prepared, monkeypatch):

@@ -82,3 +82,36 @@ def multiply_adds_per_sample(
     """Multiply-adds of one forward pass for one sample (used for the FLOP floor)."""
     sizes = (in_features, *hidden, num_classes)
     return sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def ensemble_mlp(models: Sequence[MLP]) -> MLP:
+    """One MLP whose logits are the mean of ``models``' logits: the models side by side, exactly.
+
+    The models must share their input, output and depth (e.g. fits of one configuration with other seeds).
+    Layer by layer: the first layers' weights stacked (each model's units see the same input), every
+    hidden layer after it block-diagonal (each model's units see only its own), and the output layer the
+    models' output layers side by side, divided by their number, with the mean of their biases. The hidden
+    widths add up; what serves and stores an MLP serves and stores it unchanged.
+    """
+    if not models:
+        raise ValueError("no models to put together")
+    first = models[0]
+    shape = (first.in_features, len(first.hidden), first.num_classes)
+    if any((m.in_features, len(m.hidden), m.num_classes) != shape for m in models):
+        raise ValueError("the models differ in their inputs, outputs or depth")
+    hidden = [sum(m.hidden[i] for m in models) for i in range(len(first.hidden))]
+    merged = MLP(hidden, first.in_features, first.num_classes).to(next(first.parameters()).device)
+    layers = [[layer for layer in m.net if isinstance(layer, nn.Linear)] for m in models]
+    targets = [layer for layer in merged.net if isinstance(layer, nn.Linear)]
+    last = len(targets) - 1
+    with torch.no_grad():
+        for i, target in enumerate(targets):
+            weights: list[torch.Tensor] = [m[i].weight for m in layers]
+            biases: list[torch.Tensor] = [m[i].bias for m in layers]
+            if i == last:
+                target.weight.copy_(torch.cat(weights, dim=1) / len(models))
+                target.bias.copy_(torch.stack(biases).mean(dim=0))
+            else:
+                target.weight.copy_(torch.cat(weights, dim=0) if i == 0 else torch.block_diag(*weights))
+                target.bias.copy_(torch.cat(biases))
+    return merged.eval()
