@@ -269,6 +269,21 @@ class _Checkpoint:
             low.copy_(param)
 
 
+#: How many validation samples :func:`_is_dead` feeds the model.
+DEAD_CHECK_SAMPLES = 256
+
+
+@torch.inference_mode()
+def _is_dead(model: nn.Module, val_x: torch.Tensor) -> bool:
+    """Whether the model's output no longer depends on its input (every ReLU of a layer is off for every sample):
+    too high a rate killed the network, and SGD cannot bring it back (no gradient flows through dead units).
+    Seen in fp32 at lr 5, where the loss stayed finite and below the explosion bound."""
+    if val_x.shape[0] < 2:
+        return False
+    logits = model(val_x[:DEAD_CHECK_SAMPLES]).float()
+    return bool((logits.amax(dim=0) - logits.amin(dim=0)).max() == 0)
+
+
 def _scaled(schedule: Callable[[int], float], factor: float) -> Callable[[int], float]:
     return lambda k: factor * schedule(k)
 
@@ -308,8 +323,8 @@ def fit(
 ) -> History:
     """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop.
 
-    A non-finite, exploding or relapsed loss (:class:`LossWatch`; a non-finite validation loss too) stops
-    the epoch at once; a guarded fit (``recover`` or ``keep_best``) also treats a collapse of the validation
+    A non-finite, exploding or relapsed loss (:class:`LossWatch`; a non-finite validation loss too, or a dead
+    network whose output no longer depends on its input) stops the epoch at once; a guarded fit (``recover`` or ``keep_best``) also treats a collapse of the validation
     accuracy as a divergence (one class predicted for all, or half the best accuracy above chance lost in
     one epoch). With ``recover=0``
     that raises :class:`~mnist_flow.errors.TrainingDiverged` naming the epoch; otherwise, up to ``recover``
@@ -342,6 +357,10 @@ def fit(
                 val = evaluate(model, val_x, val_y, precision=config.precision)
                 if val_x.shape[0] and not math.isfinite(val.loss):
                     raise Divergence(val.loss, train_x.shape[0], "validation")
+                if _is_dead(model, val_x):
+                    raise Divergence(
+                        val.loss, train_x.shape[0], "validation", how="dead network (same output for every input)"
+                    )
                 if best is not None:
                     _check_collapse(val, val_y, best, train_x.shape[0])
                 break
