@@ -72,11 +72,13 @@ class History:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean cross-entropy, accuracy and the predicted class of every sample."""
+    """Mean cross-entropy, accuracy and the predicted class of every sample; ``constant``: the logits were the
+    same for every sample (a dead network: every ReLU of a layer off)."""
 
     loss: float
     accuracy: float
     predictions: torch.Tensor  # int64 [N] on the CPU
+    constant: bool = False
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -220,16 +222,20 @@ def evaluate(
     if x.shape[0] == 0:
         return EvalResult(float("nan"), float("nan"), torch.empty(0, dtype=torch.long))
     loss = torch.zeros((), device=x.device)
-    preds = []
+    preds, highs, lows = [], [], []
     for start in range(0, x.shape[0], batch_size):
         with autocast(x.device, precision):
             logits = model(x[start : start + batch_size]).float()
         yb = y[start : start + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum")
         preds.append(logits.argmax(dim=1))
+        highs.append(logits.amax(dim=0))
+        lows.append(logits.amin(dim=0))
     predictions = torch.cat(preds)
     accuracy = (predictions == y).float().mean().item()
-    return EvalResult(loss.item() / x.shape[0], accuracy, predictions.cpu())
+    spread = torch.stack(highs).amax(dim=0) - torch.stack(lows).amin(dim=0)
+    constant = x.shape[0] > 1 and bool(spread.max() == 0)
+    return EvalResult(loss.item() / x.shape[0], accuracy, predictions.cpu(), constant)
 
 
 EpochCallback = Callable[[EpochStats], None]
@@ -267,21 +273,6 @@ class _Checkpoint:
             live.copy_(saved)
         for low, param in zip([*step.low_weights, *step.low_biases], [*step.weights, *step.biases], strict=True):
             low.copy_(param)
-
-
-#: How many validation samples :func:`_is_dead` feeds the model.
-DEAD_CHECK_SAMPLES = 256
-
-
-@torch.inference_mode()
-def _is_dead(model: nn.Module, val_x: torch.Tensor) -> bool:
-    """Whether the model's output no longer depends on its input (every ReLU of a layer is off for every sample):
-    too high a rate killed the network, and SGD cannot bring it back (no gradient flows through dead units).
-    Seen in fp32 at lr 5, where the loss stayed finite and below the explosion bound."""
-    if val_x.shape[0] < 2:
-        return False
-    logits = model(val_x[:DEAD_CHECK_SAMPLES]).float()
-    return bool((logits.amax(dim=0) - logits.amin(dim=0)).max() == 0)
 
 
 def _scaled(schedule: Callable[[int], float], factor: float) -> Callable[[int], float]:
@@ -324,8 +315,8 @@ def fit(
     """Train ``model`` in place for ``config.epochs``; ``on_epoch`` sees each epoch and may raise to stop.
 
     A non-finite, exploding or relapsed loss (:class:`LossWatch`; a non-finite validation loss too, or a dead
-    network whose output no longer depends on its input) stops the epoch at once; a guarded fit (``recover`` or ``keep_best``) also treats a collapse of the validation
-    accuracy as a divergence (one class predicted for all, or half the best accuracy above chance lost in
+    network whose output no longer depends on its input) stops the epoch at once; a guarded fit (``recover``
+    or ``keep_best``) also treats a collapse of the validation accuracy as a divergence (one class predicted for all, or half the best accuracy above chance lost in
     one epoch). With ``recover=0``
     that raises :class:`~mnist_flow.errors.TrainingDiverged` naming the epoch; otherwise, up to ``recover``
     times, the best state so far (the initial one at first) is restored, the learning rate of the rest of
@@ -357,7 +348,7 @@ def fit(
                 val = evaluate(model, val_x, val_y, precision=config.precision)
                 if val_x.shape[0] and not math.isfinite(val.loss):
                     raise Divergence(val.loss, train_x.shape[0], "validation")
-                if _is_dead(model, val_x):
+                if val.constant:  # dead ReLUs (seen in fp32 at lr 5, the loss finite and under the bound)
                     raise Divergence(
                         val.loss, train_x.shape[0], "validation", how="dead network (same output for every input)"
                     )
