@@ -316,9 +316,8 @@ def fit(
 
     A non-finite, exploding or relapsed loss (:class:`LossWatch`; a non-finite validation loss too, or a dead
     network whose output no longer depends on its input) stops the epoch at once; a guarded fit (``recover``
-    or ``keep_best``) also treats a collapse of the validation accuracy as a divergence (one class predicted for all, or half the best accuracy above chance lost in
-    one epoch). With ``recover=0``
-    that raises :class:`~mnist_flow.errors.TrainingDiverged` naming the epoch; otherwise, up to ``recover``
+    or ``keep_best``) also treats a collapse of the validation accuracy as a divergence (one class predicted
+    for all, or half the best accuracy above chance lost in one epoch). With ``recover=0`` that raises :class:`~mnist_flow.errors.TrainingDiverged` naming the epoch; otherwise, up to ``recover``
     times, the best state so far (the initial one at first) is restored, the learning rate of the rest of
     the fit is multiplied by :data:`RECOVERY_FACTOR` and the epoch is trained again, from the same point
     of the schedule; ``history.events`` says what was done. With ``keep_best`` the model ends with the
