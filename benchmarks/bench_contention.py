@@ -87,6 +87,7 @@ def run_flow(budget: list[str], workers: str, threads: int | None, count: int) -
     tune_s = summary["seconds"]["tune"]
     return {"wall_s": res.wall, "tune_s": tune_s, "stages": summary["seconds"],
             "trials_per_minute": summary["trials"]["finished"] / tune_s * 60,
+            "epochs": summary["trials"]["epochs"], "epochs_per_minute": summary["trials"]["epochs"] / tune_s * 60,
             "best_val_accuracy": summary["best"]["val_accuracy"], "test_accuracy": summary["metrics"]["test_accuracy"],
             "complete": summary["trials"]["complete"], "pruned": summary["trials"]["pruned"],
             "process_peak_mb": res.maxrss_mb, "tree_peak_mb": res.tree_peak_mb}
@@ -163,6 +164,12 @@ def main() -> None:
         "quiet tuning throughput workers=auto / workers=1 (>= 1.7)": ratio(
             med("tune", "workers=auto (default)", "quiet", "trials_per_minute"),
             med("tune", "workers=1, adaptive threads", "quiet", "trials_per_minute")),
+        "quiet tuning epochs per minute workers=auto / workers=1": ratio(
+            med("tune", "workers=auto (default)", "quiet", "epochs_per_minute"),
+            med("tune", "workers=1, adaptive threads", "quiet", "epochs_per_minute")),
+        "quiet tuning throughput workers=auto / workers=1 with MNIST_FLOW_THREADS=1": ratio(
+            med("tune", "workers=auto (default)", "quiet", "trials_per_minute"),
+            med("tune", "workers=1, MNIST_FLOW_THREADS=1", "quiet", "trials_per_minute")),
         "make run wall s, quiet (<= 180)": med("make-run", run, "quiet", "wall_s"),
         "make run wall s, 1 neighbour (<= 240)": med("make-run", run, "1 CPU-bound neighbour", "wall_s"),
         "make run test accuracy, quiet (>= 0.900)": med("make-run", run, "quiet", "test_accuracy"),

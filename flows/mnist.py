@@ -80,15 +80,26 @@ def split_data(bundle: DataBundle, params: RunParams, device: str) -> pipeline.P
     return pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=params.seed, device=device)
 
 
+def champion_start(params: RunParams, settings: Settings) -> list[dict[str, Any]]:
+    """The current champion's parameters, queued first in a new study (new data); else nothing."""
+    with Registry.from_settings(settings) as registry:
+        return pipeline.champion_warm_start(registry, params.dataset)
+
+
 @task(cache_policy=NO_CACHE)
-def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run_key: str) -> pipeline.Tuned:
+def tune(
+    prepared: pipeline.Prepared, params: RunParams, settings: Settings, run_key: str, beside: int = 0
+) -> pipeline.Tuned:
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
     A new study (new data) starts from the seed configuration and the current champion's parameters.
-    After trial processes (``workers > 1``) it only finds the run's trials done (or runs what they left).
+    ``beside``: trial processes running the study at the same time on this machine; the trials here then
+    run single-threaded, as theirs do. After trial worker runs it only finds the run's trials done (or
+    runs what they left).
     """
-    with Registry.from_settings(settings) as registry:
-        warm_start = pipeline.champion_warm_start(registry, params.dataset)
+    threads: Policy = policy_for(settings.threads)
+    if beside and not settings.threads:
+        threads = FixedThreads(1, "one per trial process")
     return pipeline.tune(
         prepared,
         params,
@@ -98,9 +109,9 @@ def tune(prepared: pipeline.Prepared, params: RunParams, settings: Settings, run
         progress=LogProgress(get_run_logger()),
         heartbeat_interval=settings.heartbeat_interval,
         heartbeat_grace=settings.heartbeat_grace,
-        warm_start=warm_start,
+        warm_start=champion_start(params, settings),
         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
-        threads=policy_for(settings.threads),
+        threads=threads,
     )
 
 
@@ -250,17 +261,28 @@ def mnist(**parameters: Any) -> RunSummary:
         bundle = fetch_data(params, settings)
         prepared = split_data(bundle, params, str(device))
     with watch("tune"):
-        # trial processes or trial worker runs run the study; the task below then only finds it done
-        if n_workers > 1 and params.trial_runner == "deployment":
-            run_trial_workers(prepared, params, run_key, settings, n_workers)
-        elif n_workers > 1:
-            run_local_trial_workers(prepared, params, run_key, settings, n_workers)
         tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
-        tuned = tune.with_options(
+        tune_here = tune.with_options(
             timeout_seconds=_timeout(
                 prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)
             )
-        )(prepared, params, settings, run_key)
+        )
+        if n_workers > 1 and params.trial_runner == "deployment":
+            # trial worker runs run the study; the task below then only finds it done (or runs what they left)
+            run_trial_workers(prepared, params, run_key, settings, n_workers, champion_start(params, settings))
+            tuned = tune_here(prepared, params, settings, run_key)
+        elif n_workers > 1:  # this process runs trials too, beside n_workers - 1 trial processes
+            tuned, _ = run_local_trial_workers(
+                prepared,
+                params,
+                run_key,
+                settings,
+                n_workers,
+                here=lambda: tune_here(prepared, params, settings, run_key, beside=n_workers - 1),
+                warm_start=champion_start(params, settings),
+            )
+        else:
+            tuned = tune_here(prepared, params, settings, run_key)
         study, best = tuned.study, tuned.best
     with watch("train"):
         train_timeout = _timeout(  # the seeds' fits share the CPUs: a backstop as if they ran one after another

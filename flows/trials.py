@@ -18,8 +18,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 
 from mnist_flow import pipeline
-from mnist_flow.errors import ConfigError, MnistFlowError, quiet_user_error_tracebacks
+from mnist_flow.errors import ConfigError, quiet_user_error_tracebacks
 from mnist_flow.params import RunParams
 from mnist_flow.progress import LogProgress, quiet_optuna
 from mnist_flow.search.scale import check_shared_state
@@ -45,6 +45,8 @@ from mnist_flow.training.threads import (
     describe,
     single_threaded_process,
 )
+
+T = TypeVar("T")
 
 WORKER_DEPLOYMENT = "mnist-trials/worker"
 #: How long the parent waits for a Prefect worker to pick its trial runs up before giving up.
@@ -242,7 +244,12 @@ def check_trial_workers(workers: int, settings: Settings) -> None:
 
 
 def run_trial_workers(
-    prepared: pipeline.Prepared, params: RunParams, run_key: str, settings: Settings, workers: int
+    prepared: pipeline.Prepared,
+    params: RunParams,
+    run_key: str,
+    settings: Settings,
+    workers: int,
+    warm_start: Sequence[dict[str, Any]] = (),
 ) -> list[Any]:
     """Start ``workers`` runs of the worker deployment on the run's study and wait for them.
 
@@ -258,7 +265,8 @@ def run_trial_workers(
         heartbeat_grace=settings.heartbeat_grace,
     )
     try:
-        study = pipeline.open_run_study(prepared, params, storage)  # the workers find it (and its seed trial) there
+        # the workers find it there, with its seed trial and the champion's parameters (``warm_start``) queued
+        study = pipeline.open_run_study(prepared, params, storage, warm_start=warm_start)
     finally:
         dispose_storage(storage)
     parameters = {
@@ -302,16 +310,26 @@ def run_trial_workers(
 
 
 def run_local_trial_workers(
-    prepared: pipeline.Prepared, params: RunParams, run_key: str, settings: Settings, workers: int
-) -> list[dict[str, Any]]:
-    """Run the run's trials in ``workers`` single-threaded processes on this machine and wait for them.
+    prepared: pipeline.Prepared,
+    params: RunParams,
+    run_key: str,
+    settings: Settings,
+    workers: int,
+    here: Callable[[], T],
+    warm_start: Sequence[dict[str, Any]] = (),
+) -> tuple[T, list[dict[str, Any]]]:
+    """Run the run's trials in this process and ``workers - 1`` single-threaded processes; wait for them.
 
-    Prefect's ``ProcessPoolTaskRunner`` starts the processes (spawned; each loads the data itself from
-    the cache or folder the flow read, so only a few parameters are pickled) and runs one
-    :func:`trial_process` task in each; their trial logs reach this flow run. Together they finish
-    exactly ``n_trials`` (mnist_flow.search.budget). A process that crashed (a kill breaks the whole pool)
-    costs only the trials that were running: they are failed once their heartbeat is stale and the
-    flow's own tune task, which runs next, finishes the budget (their configurations first).
+    ``here`` is this process's share, run while the others run: the flow's own tune task, one thread.
+    This process has its data and libraries loaded already; a trial process spends about 5 s starting
+    (spawned, it imports torch and Prefect, then loads the data from the cache or folder the flow read,
+    so only a few parameters are pickled). Prefect's ``ProcessPoolTaskRunner`` starts the processes and
+    runs one :func:`trial_process` task in each; their trial logs reach this flow run. Together they
+    finish exactly ``n_trials`` (mnist_flow.search.budget): ``here`` returns once they are finished.
+    A process that crashed (a kill breaks the whole pool) costs only the trials that were running:
+    they are failed once their heartbeat is stale and ``here`` runs them again (their configurations first).
+
+    Returns what ``here`` returned and the trial processes' results.
     """
     from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -322,16 +340,22 @@ def run_local_trial_workers(
         heartbeat_grace=settings.heartbeat_grace,
     )
     try:
-        study = pipeline.open_run_study(prepared, params, storage)  # the processes find it (and its seed trial)
+        # the processes find it there, with its seed trial and the champion's parameters (``warm_start``) queued
+        study = pipeline.open_run_study(prepared, params, storage, warm_start=warm_start)
     finally:
         dispose_storage(storage)
     payload = params.model_copy(update={"workers": workers}).flat()
-    logger.info("running the trials in %d single-threaded processes (ProcessPoolTaskRunner)", workers)
+    logger.info(
+        "running the trials in this process and %d more single-threaded process(es) (ProcessPoolTaskRunner)",
+        workers - 1,
+    )
     with (
         _InterruptForwarder() as interrupts,  # (exits last: after the pool has shut down)
         _shared_api(),
         child_environment(settings.threads),
-        ProcessPoolTaskRunner(max_workers=workers, initializer=_pool_process, initargs=(settings.threads,)) as runner,
+        ProcessPoolTaskRunner(
+            max_workers=workers - 1, initializer=_pool_process, initargs=(settings.threads,)
+        ) as runner,
     ):
         try:
             with _sigint_held():  # the processes start with SIGINT held, until their initializer handles it
@@ -346,10 +370,13 @@ def run_local_trial_workers(
                             "settings": settings,
                         },
                     )
-                    for index in range(1, workers + 1)
+                    for index in range(1, workers)
                 ]
+            mine = here()
             outcomes = [_outcome(future) for future in futures]
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C, or this process's share failed: the trial processes are interrupted too (their running
+            # trials are recorded FAIL), so that the pool's shutdown does not wait for their whole run of trials
             interrupts.start()
             raise
     done = []
@@ -357,16 +384,10 @@ def run_local_trial_workers(
         if state is not None and state.is_completed():
             done.append(state.result())
             continue
-        if isinstance(error, MnistFlowError):  # bad input or data: every process, and the flow, would fail so
-            raise error
-        # a crash (a killed process breaks the whole pool): go on without it
-        logger.warning(
-            "trial process %d ended %s (%s); the flow's tune task runs what is left of the run's trials",
-            index,
-            state.name if state is not None else "broken",
-            error,
-        )
-    return done
+        # a crash (a killed process breaks the whole pool) or an error of its own: ``here`` has finished the
+        # run's trials all the same (those it left running were failed and run again), so the run goes on
+        logger.warning("trial process %d ended %s: %s", index, state.name if state is not None else "broken", error)
+    return mine, done
 
 
 def _pool_process(threads: int | None) -> None:

@@ -794,6 +794,7 @@ def build_summary(
             complete=sum(t.state.name == "COMPLETE" for t in mine),
             pruned=sum(t.state.name == "PRUNED" for t in mine),
             in_study=len(tuned.trials),
+            epochs=sum(len(t.intermediate_values) for t in mine),
         ),
         best=BestTrial(trial=best.number, params=dict(best.params), val_accuracy=best.value),
         params=params.flat(),

@@ -36,6 +36,7 @@ class TrialCounts:
     complete: int
     pruned: int
     in_study: int
+    epochs: int  # the epochs the finished trials trained (pruned ones stopped early): the tuning's work
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class RunSummary:
         return [
             f"data:        {d.name} from {d.source} ({d.train_samples} train / {d.val_samples} val / "
             f"{d.test_samples} test), fingerprint {d.fingerprint[:16]}",
-            f"study:       {self.study} ({t.finished} trials this run: {t.complete} complete, {t.pruned} pruned)",
+            f"study:       {self.study} ({t.finished} trials this run: {t.complete} complete, {t.pruned} pruned; "
+            f"{t.epochs} epochs)",
             f"best params: trial #{self.best.trial}: " + format_params(self.best.params),
             f"accuracy:    best trial val {self.best.val_accuracy:.4f}; final model val "
             f"{self.metrics.val_accuracy:.4f}, test {self.metrics.test_accuracy:.4f}",
@@ -157,7 +159,7 @@ class RunSummary:
             f"| final model validation accuracy | {_fmt(m.val_accuracy)} |",
             f"| final model test accuracy | {_fmt(m.test_accuracy)} |",
             f"| test loss | {_fmt(m.test_loss)} |",
-            f"| trials this run | {t.finished} finished ({t.complete} complete, {t.pruned} pruned); "
+            f"| trials this run | {t.finished} finished ({t.complete} complete, {t.pruned} pruned), {t.epochs} epochs; "
             f"{t.in_study} in the study |",
             "",
             "## Champion comparison",

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from mnist_flow.errors import ConfigError
@@ -41,6 +42,9 @@ def test_the_deployment_schema_offers_every_parameter_with_its_default_and_refus
 def test_the_flow_tunes_trains_evaluates_and_registers_a_champion_with_its_lineage(home):
     summary = flow_module.mnist(**TINY)
     assert summary.trials.finished == 3
+    assert summary.trials.complete + summary.trials.pruned == 3
+    trials = optuna.load_study(study_name=summary.study, storage=load_settings().resolved_database_url).trials
+    assert summary.trials.epochs == sum(len(t.intermediate_values) for t in trials) >= 3  # a fresh home
     assert summary.data.source == "sample" and len(summary.data.fingerprint) == 64
     assert summary.model.version == 1 and summary.model.champion is True
     assert set(summary.seconds) == {"data", "tune", "train", "evaluate", "register"}

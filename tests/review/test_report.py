@@ -104,7 +104,7 @@ def _run_summary(**changes) -> RunSummary:
         data=DataSummary(name="mnist", source="sample", origin="/x", fingerprint="ab" * 32, train_samples=3600,
                          val_samples=400, test_samples=1000),
         study="mnist-abababababab",
-        trials=TrialCounts(finished=3, complete=2, pruned=1, in_study=7),
+        trials=TrialCounts(finished=3, complete=2, pruned=1, in_study=7, epochs=8),
         best=BestTrial(trial=4, params={"lr": 0.0123, "momentum": 0.9, "hidden1": 256, "hidden2": 128},
                        val_accuracy=0.931),
         params={"n_trials": 3},
@@ -125,7 +125,7 @@ def test_run_summary_markdown_has_params_accuracies_comparison_stage_times_and_f
 
     for expected in ("`lr` = 0.0123", "`hidden1` = 256", "0.9400", "0.9375", "challenger (not promoted)", "**kept**",
                      "not significantly better (p=0.41)", "McNemar p-value: 0.4100", "champion test accuracy: 0.9391",
-                     "| tune | 12.5 |", "ab" * 32, "mnist:***@db"):
+                     "| tune | 12.5 |", "1 pruned), 8 epochs;", "ab" * 32, "mnist:***@db"):
         assert expected in text, expected
     assert "s3cret" not in text
     assert "No comparison was needed" in _run_summary(decision=None).markdown()
@@ -135,12 +135,12 @@ def test_run_summary_lines_and_json_say_the_same_and_mask_the_password():
     summary = _run_summary()
     text = "\n".join(summary.lines())
     for expected in ("mnist from sample (3600 train / 400 val / 1000 test), fingerprint abababababababab",
-                     "3 trials this run: 2 complete, 1 pruned", "trial #4: lr=0.0123", "final model val 0.9400, test 0.9375",
+                     "3 trials this run: 2 complete, 1 pruned; 8 epochs", "trial #4: lr=0.0123", "final model val 0.9400, test 0.9375",
                      "epoch 19 of 24 kept (best val), 1 divergence recovery", "mnist v3 (challenger, not promoted): not",
                      "tune 12.5s"):
         assert expected in text, expected
     as_json = json.loads(json.dumps(summary.to_dict()))
-    assert as_json["trials"]["finished"] == 3 and as_json["decision"]["p_value"] == 0.41
+    assert as_json["trials"]["finished"] == 3 and as_json["trials"]["epochs"] == 8 and as_json["decision"]["p_value"] == 0.41
     assert as_json["final_fit"]["notes"] == ["restored epoch 7"] and set(as_json) == {
         f.name for f in dataclasses.fields(RunSummary)}
 
