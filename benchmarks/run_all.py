@@ -250,7 +250,8 @@ def section_contention(r: dict | None) -> list[str]:
         budget = " ".join(r["tune_budget"])
         lines += [f"Tuning throughput: `flows/mnist.py` on Fashion-MNIST, `{budget}`: trials per minute of the tune "
                   "stage (epochs per minute, best validation accuracy). The pruner stops a different share of the "
-                  "trials in each run, so the epochs the trials trained per minute measure the speed alone.", "",
+                  "trials in each run, so the epochs the trials trained per minute are given too; they still "
+                  "depend on the hidden sizes the sampler drew.", "",
                   head, rule]
 
         def tune_cell(x: dict[str, Any]) -> str:

@@ -151,3 +151,48 @@ def test_the_trial_processes_end_with_a_flow_process_killed_mid_trial(tmp_path: 
         assert not left, f"outlived the flow's process: {left} (a trial process was {trial_process})"
     finally:
         procs.kill_leftovers(e2e_token)
+
+
+def _changed_copy_of_the_sample(folder: Path) -> Path:
+    """The bundled sample's four IDX files with one training pixel changed: other data (another fingerprint,
+    so a new study) of the same dataset, `mnist`."""
+    import gzip
+    import shutil
+
+    sample = procs.REPO / "src" / "mnist_flow" / "sample"
+    folder.mkdir()
+    for path in sample.glob("*.gz"):
+        shutil.copy(path, folder / path.name)
+    images = folder / "train-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(images.read_bytes()))
+    raw[16 + 14 * 28 + 14] ^= 0xFF  # a pixel in the middle of the first image
+    images.write_bytes(gzip.compress(bytes(raw)))
+    return folder
+
+
+def test_a_parallel_run_on_new_data_queues_the_champions_parameters_first(tmp_path: Path, e2e_token: str) -> None:
+    """The champion's parameters are the warm start of a new study of its dataset in a parallel run too: the
+    study is opened before the trial processes start, with the seed configuration and the champion queued."""
+    env = procs.base_env(tmp_path, e2e_token, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    flow = [sys.executable, str(procs.REPO / "flows" / "mnist.py"), "--n-trials", "2", "--max-epochs", "1",
+            "--final-epochs", "1", "--final-seeds", "1", "--json"]
+    # one trial: the seed configuration, its rate raised into narrowed bounds, so that the champion's
+    # parameters are not the seed configuration's (a point already queued is not queued twice)
+    first = procs.run([*flow, "--source", "sample", "--workers", "1", "--n-trials", "1", "--lr-min", "0.05"],
+                      env=env, timeout=600).stdout
+    champion, _ = json.JSONDecoder().raw_decode(first[first.index("{\n"):])
+    data = _changed_copy_of_the_sample(tmp_path / "changed")
+    second = procs.run([*flow, "--source", "dir", "--data-dir", str(data), "--workers", "2"], env=env,
+                       timeout=600).stdout
+    summary, _ = json.JSONDecoder().raw_decode(second[second.index("{\n"):])
+    assert summary["study"] != champion["study"] and summary["trials"]["finished"] == 2
+
+    db = Path(env["MNIST_FLOW_HOME"]) / "mnist-flow.db"
+    trials = optuna.load_study(study_name=summary["study"], storage=f"sqlite:///{db}").get_trials()
+    assert "baseline" in trials[0].user_attrs and trials[0].params["lr"] == pytest.approx(0.01)
+    assert trials[1].user_attrs.get("warm_start") == "champion of an earlier study"
+    best = champion["best"]["params"]
+    assert best["lr"] == pytest.approx(0.05)
+    assert {k: trials[1].params[k] for k in ("lr", "momentum", "hidden1", "hidden2")} == pytest.approx(
+        {k: best[k] for k in ("lr", "momentum", "hidden1", "hidden2")})
+    assert not procs.leftovers(e2e_token), "a trial process outlived the run"
