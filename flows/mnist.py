@@ -261,7 +261,10 @@ def mnist(**parameters: Any) -> RunSummary:
         bundle = fetch_data(params, settings)
         prepared = split_data(bundle, params, str(device))
     with watch("tune"):
-        tune_epochs = -(-params.n_trials // n_workers) * params.max_epochs
+        # this process's share of the trials, or all of them where it runs trials beside trial processes (a
+        # killed one breaks the whole pool, and this process then finishes the run's trials alone)
+        share = params.n_trials if params.trial_runner == "local" else -(-params.n_trials // n_workers)
+        tune_epochs = share * params.max_epochs
         tune_here = tune.with_options(
             timeout_seconds=_timeout(
                 prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)

@@ -25,9 +25,10 @@ from optuna.trial import TrialState
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 N_TRIALS = 8
-#: Small batches (epochs of about a second): the flow's process alone would not finish the trials in the
-#: seconds the trial process takes to start.
-ARGS = f"--source sample --n-trials {N_TRIALS} --max-epochs 3 --final-epochs 2 --batch-size 16 --workers 2 --json"
+#: Batches of 4 (epochs of about a second; at batch 16 they took 0.3-0.45 s): the flow's process alone must
+#: not finish the trials in the seconds the trial process takes to start (in the whole suite, at batch 16
+#: the flow's process ran all 8 trials before the trial process ran any).
+ARGS = f"--source sample --n-trials {N_TRIALS} --max-epochs 3 --final-epochs 2 --batch-size 4 --workers 2 --json"
 
 
 def test_make_run_with_two_trial_processes_finishes_exactly_n_trials_and_registers_a_champion(
@@ -58,10 +59,11 @@ def test_make_run_with_two_trial_processes_finishes_exactly_n_trials_and_registe
     assert not procs.leftovers(e2e_token), "a trial process outlived the run"
 
 
-#: Small batches: each epoch lasts a second or more, time to kill a trial process mid-trial. (The search space
-#: stays the default: a re-queued seed configuration outside narrowed bounds is refused by Optuna.)
+#: Batches of 4: each epoch lasts about a second, so the trial process gets trials (the flow's process runs
+#: trials too, from the start) and there is time to kill it mid-trial. (The search space stays the default:
+#: a re-queued seed configuration outside narrowed bounds is refused by Optuna.)
 KILL_ARGS = ["--source", "sample", "--n-trials", "5", "--max-epochs", "6", "--final-epochs", "1", "--workers", "2",
-             "--batch-size", "16", "--json"]
+             "--batch-size", "4", "--json"]
 
 
 def _start_flow(env: dict[str, str], log: Path) -> subprocess.Popen:
