@@ -88,12 +88,17 @@ def champion_start(params: RunParams, settings: Settings) -> list[dict[str, Any]
 
 @task(cache_policy=NO_CACHE)
 def tune(
-    prepared: pipeline.Prepared, params: RunParams, settings: Settings, run_key: str, beside: int = 0
+    prepared: pipeline.Prepared,
+    params: RunParams,
+    settings: Settings,
+    run_key: str,
+    warm_start: list[dict[str, Any]],
+    beside: int = 0,
 ) -> pipeline.Tuned:
     """Run this flow run's trials of the dataset's Optuna study (a retried run resumes it).
 
-    A new study (new data) starts from the seed configuration and the current champion's parameters.
-    ``beside``: trial processes running the study at the same time on this machine; the trials here then
+    A new study (new data) starts from the seed configuration and ``warm_start`` (the current champion's
+    parameters, :func:`champion_start`). ``beside``: trial processes running the study at the same time on this machine; the trials here then
     run single-threaded, as theirs do. After trial worker runs it only finds the run's trials done (or
     runs what they left).
     """
@@ -109,7 +114,7 @@ def tune(
         progress=LogProgress(get_run_logger()),
         heartbeat_interval=settings.heartbeat_interval,
         heartbeat_grace=settings.heartbeat_grace,
-        warm_start=champion_start(params, settings),
+        warm_start=warm_start,
         watchdog=Watchdog(multiple=settings.hang_multiple, min_seconds=settings.hang_min_seconds),
         threads=threads,
     )
@@ -270,22 +275,23 @@ def mnist(**parameters: Any) -> RunSummary:
                 prepared, settings, tune_epochs, (params.space.hidden1_max, params.space.hidden2_max)
             )
         )
+        warm_start = champion_start(params, settings)  # read once: every path opens the study with it
         if n_workers > 1 and params.trial_runner == "deployment":
             # trial worker runs run the study; the task below then only finds it done (or runs what they left)
-            run_trial_workers(prepared, params, run_key, settings, n_workers, champion_start(params, settings))
-            tuned = tune_here(prepared, params, settings, run_key)
+            run_trial_workers(prepared, params, run_key, settings, n_workers, warm_start)
+            tuned = tune_here(prepared, params, settings, run_key, warm_start)
         elif n_workers > 1:  # this process runs trials too, beside n_workers - 1 trial processes
-            tuned, _ = run_local_trial_workers(
+            tuned = run_local_trial_workers(
                 prepared,
                 params,
                 run_key,
                 settings,
                 n_workers,
-                here=lambda: tune_here(prepared, params, settings, run_key, beside=n_workers - 1),
-                warm_start=champion_start(params, settings),
+                here=lambda: tune_here(prepared, params, settings, run_key, warm_start, beside=n_workers - 1),
+                warm_start=warm_start,
             )
         else:
-            tuned = tune_here(prepared, params, settings, run_key)
+            tuned = tune_here(prepared, params, settings, run_key, warm_start)
         study, best = tuned.study, tuned.best
     with watch("train"):
         train_timeout = _timeout(  # the seeds' fits share the CPUs: a backstop as if they ran one after another

@@ -317,7 +317,7 @@ def run_local_trial_workers(
     workers: int,
     here: Callable[[], T],
     warm_start: Sequence[dict[str, Any]] = (),
-) -> tuple[T, list[dict[str, Any]]]:
+) -> T:
     """Run the run's trials in this process and ``workers - 1`` single-threaded processes; wait for them.
 
     ``here`` is this process's share, run while the others run: the flow's own tune task, one thread.
@@ -329,7 +329,7 @@ def run_local_trial_workers(
     A process that crashed (a kill breaks the whole pool) costs only the trials that were running:
     they are failed once their heartbeat is stale and ``here`` runs them again (their configurations first).
 
-    Returns what ``here`` returned and the trial processes' results.
+    Returns what ``here`` returned.
     """
     from prefect.task_runners import ProcessPoolTaskRunner
 
@@ -372,22 +372,20 @@ def run_local_trial_workers(
                     )
                     for index in range(1, workers)
                 ]
-            mine = here()
+            result = here()
             outcomes = [_outcome(future) for future in futures]
         except BaseException:
             # Ctrl-C, or this process's share failed: the trial processes are interrupted too (their running
             # trials are recorded FAIL), so that the pool's shutdown does not wait for their whole run of trials
             interrupts.start()
             raise
-    done = []
     for index, (state, error) in enumerate(outcomes, 1):
         if state is not None and state.is_completed():
-            done.append(state.result())
             continue
         # a crash (a killed process breaks the whole pool) or an error of its own: ``here`` has finished the
         # run's trials all the same (those it left running were failed and run again), so the run goes on
         logger.warning("trial process %d ended %s: %s", index, state.name if state is not None else "broken", error)
-    return mine, done
+    return result
 
 
 def _pool_process(threads: int | None) -> None:
