@@ -267,3 +267,21 @@ def test_the_fuzz_targets_run_at_least_2000_examples_each() -> None:
 def _cleanup():
     yield
     shutil.rmtree(_WORK, ignore_errors=True)
+
+
+def test_an_npz_whose_zip_version_python_cannot_read_is_refused_with_a_data_error(tmp_path: Path) -> None:
+    """Found by the fuzz target above: a central directory asking for zip version 10.9 made zipfile raise
+    NotImplementedError, which escaped as a traceback."""
+    from mnist_flow.errors import DataError
+
+    path = tmp_path / "mnist.npz"
+    arrays = {"x_train": np.zeros((2, 28, 28), np.uint8), "y_train": np.zeros(2, np.uint8),
+              "x_test": np.zeros((1, 28, 28), np.uint8), "y_test": np.zeros(1, np.uint8)}
+    np.savez(path, **arrays)
+    raw = bytearray(path.read_bytes())
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 6: central + 8] = (109).to_bytes(2, "little")  # version needed to extract: 10.9
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as caught:
+        load_dataset("mnist", source="dir", data_dir=tmp_path, cache_dir=tmp_path / "cache")
+    assert str(path) in caught.value.message and caught.value.fix

@@ -231,7 +231,7 @@ def validate_source(name: str, source: str, data_dir: Path | None) -> None:
         try:
             with zipfile.ZipFile(layout.npz) as archive:
                 _npz_members(layout.npz, archive)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:  # (a zip version it cannot read)
             raise _npz_error(layout.npz, f"not a valid .npz (zip) file ({exc}).") from None
 
 
