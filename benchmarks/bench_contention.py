@@ -12,11 +12,14 @@ within each round.
 - tune: `flows/mnist.py` on Fashion-MNIST at the default budgets (20 trials of at most 8 epochs),
   trials per minute of the tune stage and the best validation accuracy; `workers=auto` (the default:
   single-threaded trial processes), `workers=1` (trials in the flow's process, adaptive threads) and
-  `workers=1` with `MNIST_FLOW_THREADS=1`.
+  `workers=1` with `MNIST_FLOW_THREADS=1`. With `--seeds`, each variant runs once per seed in each round:
+  the best validation accuracy of one seed is one TPE path over 20 trials, so comparing the designs'
+  search quality needs several seeds (the per-seed table and the mean difference in the result).
 - make run: the whole default run on Fashion-MNIST (wall, peak RSS of the largest process, test accuracy).
 
     python benchmarks/bench_contention.py --out /tmp/contention.json            # full: about 70 minutes (estimated)
     python benchmarks/bench_contention.py --quick --out /tmp/contention.json    # short check: 10-15 minutes
+    python benchmarks/bench_contention.py --only tune --conditions quiet --repeats 1 --seeds 0 1 2  # search quality
 """
 
 from __future__ import annotations
@@ -76,9 +79,9 @@ def run_epoch(epochs: int, threads: int | None, count: int) -> dict[str, Any]:
             "test_accuracy": out["test_accuracy"]}
 
 
-def run_flow(budget: list[str], workers: str, threads: int | None, count: int) -> dict[str, Any]:
+def run_flow(budget: list[str], workers: str, threads: int | None, count: int, seed: int = 0) -> dict[str, Any]:
     cmd = [common.PYTHON, str(common.ROOT / "flows" / "mnist.py"), *FASHION, *budget, "--workers", workers,
-           "--json"]
+           "--seed", str(seed), "--json"]
     with tempfile.TemporaryDirectory(prefix="bench-cont-") as home, neighbours(count):
         res = run_measured(cmd, env=env_for(home, threads), cwd=common.ROOT)
     if res.returncode != 0:
@@ -88,7 +91,7 @@ def run_flow(budget: list[str], workers: str, threads: int | None, count: int) -
     return {"wall_s": res.wall, "tune_s": tune_s, "stages": summary["seconds"],
             "trials_per_minute": summary["trials"]["finished"] / tune_s * 60,
             "epochs": summary["trials"]["epochs"], "epochs_per_minute": summary["trials"]["epochs"] / tune_s * 60,
-            "best_val_accuracy": summary["best"]["val_accuracy"], "test_accuracy": summary["metrics"]["test_accuracy"],
+            "seed": seed, "best_val_accuracy": summary["best"]["val_accuracy"], "test_accuracy": summary["metrics"]["test_accuracy"],
             "complete": summary["trials"]["complete"], "pruned": summary["trials"]["pruned"],
             "process_peak_mb": res.maxrss_mb, "tree_peak_mb": res.tree_peak_mb}
 
@@ -105,6 +108,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=["epoch", "tune", "make-run"], default=None)
     parser.add_argument("--conditions", nargs="*", choices=list(CONDITIONS), default=None,
                         help="only these conditions (default: all three)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0],
+                        help="run seeds of the tune part (default: 0); each variant runs once per seed and round")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = args.only or ["epoch", "tune", "make-run"]
@@ -119,7 +124,7 @@ def main() -> None:
     def record(part: str, variant: str, condition: str, result: dict[str, Any]) -> None:
         runs[part].setdefault(variant, {}).setdefault(condition, []).append(result)
         brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
-                 if k in ("median_s", "trials_per_minute", "best_val_accuracy", "wall_s", "process_peak_mb",
+                 if k in ("seed", "median_s", "trials_per_minute", "best_val_accuracy", "wall_s", "process_peak_mb",
                           "test_accuracy")}
         print(f"  {part} | {variant} | {condition}: {brief} (load {common.load_average()})", flush=True)
 
@@ -130,8 +135,9 @@ def main() -> None:
                 for name, threads in EPOCH_POLICIES.items():
                     record("epoch", name, condition, run_epoch(epochs, threads, count))
             if "tune" in parts:
-                for name, (workers, threads) in TUNE_VARIANTS.items():
-                    record("tune", name, condition, run_flow(tune_budget, workers, threads, count))
+                for seed in args.seeds:
+                    for name, (workers, threads) in TUNE_VARIANTS.items():
+                        record("tune", name, condition, run_flow(tune_budget, workers, threads, count, seed))
             if "make-run" in parts and count < 2:
                 record("make-run", "make run (defaults)", condition, run_flow(run_budget, "auto", None, count))
 
@@ -143,7 +149,7 @@ def main() -> None:
     for part, table in runs.items():
         for variant, by_condition in table.items():
             for condition, results in by_condition.items():
-                keys = [k for k, v in results[0].items() if isinstance(v, (int, float))]
+                keys = [k for k, v in results[0].items() if isinstance(v, (int, float)) and k != "seed"]
                 summary[part].setdefault(variant, {})[condition] = {
                     **{k: common.median([x[k] for x in results]) for k in keys},
                     "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()}
@@ -175,12 +181,32 @@ def main() -> None:
         "make run test accuracy, quiet (>= 0.900)": med("make-run", run, "quiet", "test_accuracy"),
         "make run peak RSS of the largest process MB (<= 1536)": max(peaks) if peaks else None,
     }
+    # search quality by seed: the mean over the seeds of each variant's best validation accuracy (the median
+    # over the rounds for a seed), and the default's difference to one worker's
+    search: dict[str, dict[str, Any]] = {}
+    for variant, by_condition in runs["tune"].items():
+        for condition, results in by_condition.items():
+            by_seed = {seed: common.median([x["best_val_accuracy"] for x in results if x["seed"] == seed])
+                       for seed in sorted({x["seed"] for x in results})}
+            search.setdefault(variant, {})[condition] = {
+                "by_seed": by_seed, "mean": sum(by_seed.values()) / len(by_seed)}
+    summary["search"] = search
+
+    def mean_best(variant: str) -> float | None:
+        return search.get(variant, {}).get("quiet", {}).get("mean")
+
+    auto_best, one_best = mean_best("workers=auto (default)"), mean_best("workers=1, adaptive threads")
+    if auto_best is not None and one_best is not None:
+        targets[f"quiet best val accuracy workers=auto - workers=1, mean of {len(args.seeds)} seed(s)"] = (
+            auto_best - one_best)
     targets = {k: v for k, v in targets.items() if v is not None}
     common.write_result(args.out, {
         "benchmark": "contention", "command": "python benchmarks/bench_contention.py"
         + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats else "")
-        + (f" --only {' '.join(args.only)}" if args.only else ""),
-        "quick": args.quick, "repeats": repeats, "epochs": epochs, "tune_budget": tune_budget,
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --conditions {' '.join(repr(c) if ' ' in c else c for c in args.conditions)}" if args.conditions else "")
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""),
+        "quick": args.quick, "repeats": repeats, "seeds": args.seeds, "epochs": epochs, "tune_budget": tune_budget,
         "run_budget": run_budget or "defaults", "conditions": list(conditions), "summary": summary,
         "targets": targets, "cpus": common.machine().get("CPU(s)"), "load_after": common.load_average()})
 

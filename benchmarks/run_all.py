@@ -43,6 +43,9 @@ BENCHES: dict[str, list[str]] = {
                       "--threads", "1"],
     "search": ["bench_search.py", "--n-trials", "20", "--max-epochs", "8", "--seeds", "0", "1", "2", "--threads", "0"],
     "contention": ["bench_contention.py"],
+    # the parallel search's quality: the tuning variants quiet, by run seed (one seed is one TPE path)
+    "contention_seeds": ["bench_contention.py", "--only", "tune", "--conditions", "quiet", "--repeats", "1",
+                         "--seeds", "0", "1", "2"],
     "memory_trials": ["bench_memory_trials.py", "--trials", "50"],
     "spend": ["bench_spend.py", "--seeds", "0", "1", "2", "--k", "3"],
 }
@@ -226,11 +229,12 @@ def section_memory(r: dict | None) -> list[str]:
     return lines + [""]
 
 
-def section_contention(r: dict | None) -> list[str]:
-    lines = ["## Contention", ""]
+def section_contention(r: dict | None, title: str = "Contention", name: str = "contention") -> list[str]:
+    lines = [f"## {title}", ""]
     if r is None:
-        return lines + ["Not run (`python benchmarks/run_all.py --only contention`, about 70 minutes; add `--quick` "
-                        "for a 10-15 minute check at small budgets).", ""]
+        return lines + [f"Not run (`python benchmarks/run_all.py --only {name}`" + (
+            ", about 70 minutes; add `--quick` for a 10-15 minute check at small budgets)." if name == "contention"
+            else ")."), ""]
     conditions = r["conditions"]
     head = "| | " + " | ".join(conditions) + " |"
     rule = "|---|" + "---:|" * len(conditions)
@@ -261,6 +265,17 @@ def section_contention(r: dict | None) -> list[str]:
         for variant, by in s["tune"].items():
             lines.append(f"| {variant} | " + " | ".join(tune_cell(by[c]) if c in by else "n/a"
                                                        for c in conditions) + " |")
+        lines.append("")
+    seeds = r.get("seeds") or [0]
+    if s.get("search") and len(seeds) > 1:
+        lines += [f"Search quality: the best validation accuracy of each tuning variant by run seed ({len(seeds)} "
+                  "seeds; each is one TPE path over the trials), and the mean.", "",
+                  "| variant | condition | " + " | ".join(f"seed {x}" for x in seeds) + " | mean |",
+                  "|---|---|" + "---:|" * (len(seeds) + 1)]
+        for variant, by in s["search"].items():
+            for condition, x in by.items():
+                cells = [f(x["by_seed"].get(seed, x["by_seed"].get(str(seed))), 4) for seed in seeds]
+                lines.append(f"| {variant} | {condition} | " + " | ".join(cells) + f" | {f(x['mean'], 4)} |")
         lines.append("")
     if s.get("make-run"):
         budget = r["run_budget"] if isinstance(r["run_budget"], str) else "`" + " ".join(r["run_budget"]) + "`"
@@ -485,6 +500,8 @@ def render(results: dict[str, dict | None], info: dict[str, Any], meta: dict[str
     lines += section_orchestration([results.get("orchestration"), results.get("orchestration_full")])
     lines += section_memory(results.get("memory"))
     lines += section_contention(results.get("contention"))
+    lines += section_contention(results.get("contention_seeds"), "Contention: the parallel search by seed",
+                                "contention_seeds")
     lines += section_memory_trials(results.get("memory_trials"))
     lines += section_spend(results.get("spend"))
     if notes:

@@ -12,7 +12,6 @@ composes functions of the `mnist_flow` library; only I/O tasks (data, registry) 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -407,4 +406,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mnist_flow.cli.process import exit_process
+
+    exit_process(main())

@@ -1,7 +1,5 @@
 """`python -m mnist_flow.cli`."""
 
-import sys
+from mnist_flow.cli import run
 
-from mnist_flow.cli import main
-
-sys.exit(main())
+run()
