@@ -11,6 +11,7 @@ from pathlib import Path
 SCRIPT = textwrap.dedent(
     """
     import atexit, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
     from mnist_flow.cli.process import exit_process
 
@@ -22,6 +23,8 @@ SCRIPT = textwrap.dedent(
         (out / "thread").write_text("finished")
 
     threading.Thread(target=late).start()  # not a daemon: Python waits for it, and so must exit_process
+    pool = ThreadPoolExecutor(1)  # an idle pool's worker is a non-daemon thread too: shut down, not waited on forever
+    pool.submit(print, "from the pool", end="; ").result()
     sys.stdout.write("no newline, still buffered")
     sys.stderr.write("and on stderr")
     exit_process(3)
@@ -35,7 +38,7 @@ def test_it_does_what_python_does_at_exit_then_ends_with_the_code(tmp_path: Path
         [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=50, check=False
     )
     assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "no newline, still buffered"
+    assert proc.stdout == "from the pool; no newline, still buffered"
     assert proc.stderr == "and on stderr"
     assert (tmp_path / "thread").read_text() == "finished"
     assert (tmp_path / "atexit").read_text() == "ran"

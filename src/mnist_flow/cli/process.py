@@ -12,7 +12,7 @@ from typing import NoReturn
 def exit_process(code: int) -> NoReturn:
     """End this process with ``code``: Python's own exit work, without tearing the interpreter down.
 
-    Python's exit first waits for the non-daemon threads, then runs the atexit handlers (Prefect stops
+    Python's exit first waits for the non-daemon threads (after threading's exit hooks), then runs the atexit handlers (Prefect stops
     its temporary server and sends its last logs there, logging flushes its handlers, SQLAlchemy and
     multiprocessing clean up), then frees every module and object, and the C runtime runs the native
     libraries' destructors. That last part frees nothing the kernel would not, but it touches the pages
@@ -23,10 +23,9 @@ def exit_process(code: int) -> NoReturn:
 
     Only for the end of a ``__main__``: whatever runs after it in this process does not run.
     """
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon and thread is not threading.main_thread():
-            thread.join()
+    # what Python's exit calls first: threading's own exit hooks (concurrent.futures shuts its idle pools
+    # down there), then a join of the non-daemon threads; private, but the same function Python calls
+    threading._shutdown()  # type: ignore[attr-defined]
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
