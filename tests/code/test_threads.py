@@ -107,6 +107,34 @@ def test_an_epoch_falls_back_to_one_thread_as_soon_as_the_steps_slow_down() -> N
     assert step.used[-30:] == [1] * 30
 
 
+def test_two_threads_whose_typical_step_is_fast_but_that_stall_now_and_then_are_not_kept() -> None:
+    # next to a CPU-bound process (measured): most two-thread steps are as fast as when quiet, every few steps
+    # one waits for a descheduled thread; the median step is faster than one thread's, the mean is 3x slower
+    def seconds(call: int) -> float:
+        if torch.get_num_threads() == 1:
+            return 0.004
+        return 0.015 if call % 3 == 0 else 0.003
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=6)
+    step = _run(policy, TimedStep(seconds), epochs=1, per_epoch=400)  # (long enough that the probe runs out)
+    assert [d.threads for d in policy.decisions] == [1]
+    assert step.used.count(2) <= 7  # only the probe: the warm-up step and the counted ones
+
+
+def test_a_chosen_thread_count_falls_back_when_stalls_start_though_most_steps_stay_fast() -> None:
+    # two threads pay until step 40; from then on one step in four stalls (the median stays fast)
+    def seconds(call: int) -> float:
+        if torch.get_num_threads() == 1:
+            return 0.006
+        return 0.04 if call >= 40 and call % 4 == 0 else 0.002
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = _run(policy, TimedStep(seconds), epochs=1, per_epoch=120)
+    assert policy.decisions[0].threads == 2
+    assert policy.decisions[0].fell_back_at_step is not None and policy.decisions[0].fell_back_at_step < 80
+    assert step.used[-40:] == [1] * 40
+
+
 def test_more_threads_are_never_used_when_they_would_change_the_result() -> None:
     policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
     step = _run(policy, TimedStep({1: 0.012, 2: 0.002}, unequal=True), epochs=2, per_epoch=30)

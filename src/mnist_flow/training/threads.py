@@ -25,6 +25,7 @@ or at :data:`ADAPTIVE_CACHE_ENTRIES` where the thread count may change (kernels 
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import statistics
@@ -137,14 +138,23 @@ class AdaptiveThreads:
 
     ``candidates`` are tried in order (1, 2, 4, ... up to the CPUs available); a count is kept only
     if its steps are at least ``margin`` faster than the best count before it. While more than one
-    thread runs, a step window slower than ``fallback`` times the one-thread steps drops to one thread
-    until the next epoch's probe.
+    thread runs, the mean of the last ``fallback_window`` steps above ``fallback`` times the one-thread
+    step drops to one thread until the next epoch's probe.
+
+    Every comparison is of mean step times, not medians: next to a CPU-bound process most two-thread
+    steps are as fast as when quiet, and a few wait for a descheduled thread for up to 160 ms (measured:
+    median 1.55-1.73 ms, mean 5.0-6.1 ms, against 1.0-1.6 ms for one thread). Medians chose two threads
+    there and kept them for hundreds of steps; the mean is what the epoch costs.
     """
 
     candidates: tuple[int, ...] = (1,)
     probe_steps: int = 8
     margin: float = 0.05
-    fallback: float = 1.2
+    #: More threads fall back to one once their recent steps average this times the one-thread step.
+    fallback: float = 1.0
+    #: The recent steps that average: long enough that a quiet machine's rare slow step (a few ms) does not
+    #: drop a count that pays, short enough that a neighbour's stalls end it within a few dozen steps.
+    fallback_window: int = 32
     #: A probe of more threads stops once its steps cost this share of a one-thread epoch over one thread.
     probe_share: float = 0.02
     decisions: list[Decision] = field(default_factory=list)
@@ -186,7 +196,8 @@ class AdaptiveStep:
         self._threads = 1
         self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
         self._single = float("inf")  # seconds per step with one thread, from the last probe
-        self._window: list[float] = []
+        self._window: collections.deque[float] = collections.deque(maxlen=policy.fallback_window)
+        self._since_check = 0
         self._verified: dict[tuple[int, ...], bool] = {}  # input shape -> many threads give equal bits
 
     def __getattr__(self, name: str) -> Any:
@@ -224,14 +235,14 @@ class AdaptiveStep:
     def _start_probe(self) -> None:
         self._threads = self._policy.candidates[0]
         self._probe = [(self._threads, [])]
-        self._window = []
+        self._window.clear()
 
     def _best(self, entries: int | None = None) -> tuple[int, float]:
         """The count to keep among those probed: fewer threads unless more are ``margin`` faster."""
-        best = (self._probe[0][0], _median(self._probe[0][1]))
+        best = (self._probe[0][0], _mean(self._probe[0][1]))
         for count, times in self._probe[1:entries]:
-            if len(times) > 1 and _median(times) < (1 - self._policy.margin) * best[1]:
-                best = (count, _median(times))
+            if len(times) > 1 and _mean(times) < (1 - self._policy.margin) * best[1]:
+                best = (count, _mean(times))
         return best
 
     def _hopeless(self, count: int, times: list[float]) -> bool:
@@ -246,14 +257,15 @@ class AdaptiveStep:
             return True
         if sum(counted) - len(counted) * self._single > self._policy.probe_share * self._per_epoch * self._single:
             return True  # a contended core: the probe already cost more than its share of the epoch
-        slow = sum(t >= target for t in counted)
-        return slow > self._policy.probe_steps // 2  # the median can no longer beat the target
+        return sum(counted) > self._policy.probe_steps * target  # its mean can no longer beat the target
 
     def _finish_probe(self, threads: int) -> None:
         self._policy.decisions.append(
-            Decision(self._calls // self._per_epoch + 1, {c: _median(t) for c, t in self._probe if len(t) > 1}, threads)
+            Decision(self._calls // self._per_epoch + 1, {c: _mean(t) for c, t in self._probe if len(t) > 1}, threads)
         )
-        self._threads, self._probe, self._window = threads, [], []
+        self._threads, self._probe = threads, []
+        self._window.clear()
+        self._since_check = 0
 
     def _observe(self, threads: int, seconds: float) -> None:
         policy = self._policy
@@ -263,7 +275,7 @@ class AdaptiveStep:
             if len(times) <= policy.probe_steps and not self._hopeless(count, times):
                 return  # (the first step after a switch warms up, uncounted)
             if count == 1:
-                self._single = _median(times)
+                self._single = _mean(times)
             best = self._best()
             index = policy.candidates.index(count)
             if best[0] == count and index + 1 < len(policy.candidates):  # it paid: try the next count
@@ -274,12 +286,14 @@ class AdaptiveStep:
             return
         if threads > 1:
             self._window.append(seconds)
-            if len(self._window) >= policy.probe_steps:
-                if statistics.median(self._window) > policy.fallback * self._single:
+            self._since_check += 1
+            if len(self._window) >= policy.probe_steps and self._since_check >= policy.probe_steps:
+                self._since_check = 0
+                if statistics.fmean(self._window) > policy.fallback * self._single:
                     self._threads = 1  # until the next epoch's probe
                     if policy.decisions:
                         policy.decisions[-1].fell_back_at_step = self._calls % self._per_epoch
-                self._window = []
+                    self._window.clear()
 
     # -- equal results --------------------------------------------------------------------------------------------
 
@@ -300,9 +314,9 @@ class AdaptiveStep:
         return self._verified[key]
 
 
-def _median(times: list[float]) -> float:
-    """Median step time without the first (warm-up) step after a switch."""
-    return statistics.median(times[1:]) if len(times) > 1 else float("inf")
+def _mean(times: list[float]) -> float:
+    """Mean step time without the first (warm-up) step after a switch."""
+    return statistics.fmean(times[1:]) if len(times) > 1 else float("inf")
 
 
 def _state(step: Any) -> list[Any]:
