@@ -274,7 +274,7 @@ def section_contention(r: dict | None, title: str = "Contention", name: str = "c
                   "|---|---|" + "---:|" * (len(seeds) + 1)]
         for variant, by in s["search"].items():
             for condition, x in by.items():
-                cells = [f(x["by_seed"].get(seed, x["by_seed"].get(str(seed))), 4) for seed in seeds]
+                cells = [f(x["by_seed"].get(str(seed)), 4) for seed in seeds]  # (JSON keys: strings)
                 lines.append(f"| {variant} | {condition} | " + " | ".join(cells) + f" | {f(x['mean'], 4)} |")
         lines.append("")
     if s.get("make-run"):

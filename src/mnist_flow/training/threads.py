@@ -197,7 +197,6 @@ class AdaptiveStep:
         self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
         self._single = float("inf")  # seconds per step with one thread, from the last probe
         self._window: collections.deque[float] = collections.deque(maxlen=policy.fallback_window)
-        self._since_check = 0
         self._verified: dict[tuple[int, ...], bool] = {}  # input shape -> many threads give equal bits
 
     def __getattr__(self, name: str) -> Any:
@@ -263,9 +262,7 @@ class AdaptiveStep:
         self._policy.decisions.append(
             Decision(self._calls // self._per_epoch + 1, {c: _mean(t) for c, t in self._probe if len(t) > 1}, threads)
         )
-        self._threads, self._probe = threads, []
-        self._window.clear()
-        self._since_check = 0
+        self._threads, self._probe = threads, []  # (the window is empty: it fills only outside a probe)
 
     def _observe(self, threads: int, seconds: float) -> None:
         policy = self._policy
@@ -285,15 +282,12 @@ class AdaptiveStep:
                 self._finish_probe(best[0])
             return
         if threads > 1:
-            self._window.append(seconds)
-            self._since_check += 1
-            if len(self._window) >= policy.probe_steps and self._since_check >= policy.probe_steps:
-                self._since_check = 0
-                if statistics.fmean(self._window) > policy.fallback * self._single:
-                    self._threads = 1  # until the next epoch's probe
-                    if policy.decisions:
-                        policy.decisions[-1].fell_back_at_step = self._calls % self._per_epoch
-                    self._window.clear()
+            self._window.append(seconds)  # (emptied when the next epoch's probe starts)
+            checked = len(self._window) >= policy.probe_steps and self._calls % policy.probe_steps == 0
+            if checked and statistics.fmean(self._window) > policy.fallback * self._single:
+                self._threads = 1  # until the next epoch's probe
+                if policy.decisions:
+                    policy.decisions[-1].fell_back_at_step = self._calls % self._per_epoch
 
     # -- equal results --------------------------------------------------------------------------------------------
 
