@@ -68,3 +68,33 @@ def test_the_console_script_keeps_the_exit_codes_and_messages(tmp_path: Path) ->
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_server_watchdog_ends_with_the_process_not_after_it(tmp_path: Path) -> None:
+    # flows/mnist.py ties the temporary server to itself with a watchdog child; Prefect stops the server at
+    # exit, and the watchdog must be gone when the process is, not a quarter of a second later
+    script = textwrap.dedent(
+        """
+        import subprocess, sys
+        from mnist_flow.cli.flow import tie_to_this_process
+        from mnist_flow.cli.process import exit_process
+
+        server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        tie_to_this_process(server.pid)
+        server.kill()  # as Prefect's atexit handler stops the server, just before the end
+        server.wait()
+        exit_process(0)
+        """
+    )
+    token = f"MNIST_FLOW_TEST_TOKEN={tmp_path.name}"
+    env = {**os.environ, "MNIST_FLOW_TEST_TOKEN": tmp_path.name}
+    subprocess.run([sys.executable, "-c", script], env=env, timeout=50, check=True)
+    alive = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if token.encode() in environ.read_bytes().split(b"\0"):
+                state = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                alive += [environ.parent.name] if state != "Z" else []
+        except (OSError, IndexError):
+            continue
+    assert not alive, f"left running: {alive}"

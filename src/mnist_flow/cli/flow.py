@@ -116,6 +116,7 @@ def tie_to_this_process(pid: int) -> None:
     that notices being orphaned (its parent id changes) within a quarter of a second and kills ``pid``;
     it exits on its own when ``pid`` ends first.
     """
+    import atexit
     import os
     import signal
     import subprocess
@@ -124,7 +125,7 @@ def tie_to_this_process(pid: int) -> None:
         os.setpgid(0, 0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    subprocess.Popen(
+    lifeline = subprocess.Popen(
         [sys.executable, "-c", _LIFELINE, str(os.getpid()), str(pid)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -132,3 +133,12 @@ def tie_to_this_process(pid: int) -> None:
         close_fds=True,
         preexec_fn=_own_group,
     )
+    # At a normal exit this process stops ``pid`` itself (Prefect's atexit handler): the watchdog is ended
+    # here, not left to notice within its quarter of a second, so that nothing of the run outlives it.
+    atexit.register(_end, lifeline)
+
+
+def _end(process: Any) -> None:
+    """Stop the watchdog ``process`` and reap it (it may have ended already: then nothing happens)."""
+    process.kill()
+    process.wait()
