@@ -76,7 +76,7 @@ def run_epoch(epochs: int, threads: int | None, count: int) -> dict[str, Any]:
         raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     out = _json_out(res.stdout)
     return {"epoch_seconds": out["epoch_seconds"], "median_s": common.median(out["epoch_seconds"]),
-            "test_accuracy": out["test_accuracy"]}
+            "test_accuracy": out["test_accuracy"], "threads": out.get("threads")}
 
 
 def run_flow(budget: list[str], workers: str, threads: int | None, count: int, seed: int = 0) -> dict[str, Any]:

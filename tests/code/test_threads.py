@@ -135,6 +135,40 @@ def test_a_chosen_thread_count_falls_back_when_stalls_start_though_most_steps_st
     assert step.used[-40:] == [1] * 40
 
 
+def test_a_fallback_on_a_passing_stall_probes_again_within_the_epoch_and_returns_to_more_threads() -> None:
+    # two threads pay, except for a stall of steps 40-49 (the VM's host or a short job); after it they pay again
+    def seconds(call: int) -> float:
+        if torch.get_num_threads() == 1:
+            return 0.006
+        return 0.03 if 40 <= call < 50 else 0.002
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4, retry_after=32)
+    step = _run(policy, TimedStep(seconds), epochs=1, per_epoch=200)
+    first, again = policy.decisions[0], policy.decisions[1]
+    assert first.threads == 2 and first.fell_back_at_step is not None and first.fell_back_at_step < 60
+    assert again.epoch == 1 and again.at_step == first.fell_back_at_step + 32 and again.threads == 2
+    assert step.used[-60:] == [2] * 60  # without the second probe: one thread to the end of the epoch
+    assert "epoch 1 step" in th.describe(policy)
+
+
+def test_fallbacks_in_one_epoch_probe_again_ever_later() -> None:
+    # two threads pay for their first dozen steps after each switch, then stall: every probe ends in a fallback
+    def seconds(call: int) -> float:
+        used = step.used
+        if used[-1] == 1:
+            return 0.004
+        run = next((i for i in range(len(used) - 1, -1, -1) if used[i] == 1), -1)
+        return 0.001 if len(used) - 1 - run <= 12 else 0.02
+
+    step = TimedStep(seconds)
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4, retry_after=16)
+    _run(policy, step, epochs=1, per_epoch=300)
+    starts = [d.at_step for d in policy.decisions]
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
+    assert len(starts) >= 3 and all(d.threads == 2 and d.fell_back_at_step for d in policy.decisions[:-1])
+    assert all(later > earlier for earlier, later in zip(gaps, gaps[1:], strict=False))  # the retries back off
+
+
 def test_more_threads_are_never_used_when_they_would_change_the_result() -> None:
     policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
     step = _run(policy, TimedStep({1: 0.012, 2: 0.002}, unequal=True), epochs=2, per_epoch=30)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from mnist_flow.params import Schedule
 from mnist_flow.progress import quiet_optuna
 from mnist_flow.training.threads import bound_native_caches, policy_for
+from mnist_flow.training.threads import describe as describe_threads
 
 app = typer.Typer(
     add_completion=False,
@@ -139,10 +140,9 @@ def train(
     bundle = pipeline.load_data(params, settings)
     prepared = pipeline.prepare(bundle, val_fraction=val_fraction, seed=seed, device=select_device(settings.device))
     progress = _progress(not as_json)
+    threads = policy_for(settings.threads)
     try:
-        model, history = pipeline.fit_best(
-            prepared, config, progress=progress, label="train", threads=policy_for(settings.threads)
-        )
+        model, history = pipeline.fit_best(prepared, config, progress=progress, label="train", threads=threads)
     finally:
         progress.close()
     test = pipeline.evaluate_test(model, prepared)
@@ -161,6 +161,7 @@ def train(
         "val_accuracy_per_epoch": history.column("val_accuracy"),
         "test_accuracy": test.accuracy,
         "test_loss": test.loss,
+        "threads": describe_threads(threads),
     }
     if as_json:
         print(json.dumps(result, indent=2))

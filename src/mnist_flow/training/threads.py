@@ -9,7 +9,8 @@ as another process wants a core: OpenMP's threads wait for each other at every o
 - A fit in a process of its own (the final fit, ``mnist-flow train``, trials with ``workers=1``) gets
   :class:`AdaptiveThreads` from :func:`policy_for`: at the start of every epoch it times a few steps
   with one thread and with more, keeps more only while they are measured faster, watches every step
-  and falls back to one thread at once when the steps slow down (a neighbour took a core).
+  and falls back to one thread at once when the steps slow down (a neighbour took a core), probing
+  again a little later in the epoch (the slowdown may have been a passing stall).
   More than one thread is only used for batch shapes whose results it verified to be bitwise equal to
   one thread's (:meth:`AdaptiveThreads.wrap`), and evaluation always runs on one thread, so the
   policy never changes a result: a run with the same seed trains the same model.
@@ -124,12 +125,14 @@ class FixedThreads:
 
 @dataclass
 class Decision:
-    """One epoch's probe: seconds per step with each thread count tried, and the count chosen."""
+    """One probe: seconds per step with each thread count tried, and the count chosen. An epoch starts with
+    one; a fallback is followed by another at ``at_step`` of the same epoch."""
 
     epoch: int
     seconds_per_step: dict[int, float]
     threads: int
     fell_back_at_step: int | None = None
+    at_step: int = 0
 
 
 @dataclass
@@ -139,7 +142,9 @@ class AdaptiveThreads:
     ``candidates`` are tried in order (1, 2, 4, ... up to the CPUs available); a count is kept only
     if its steps are at least ``margin`` faster than the best count before it. While more than one
     thread runs, the mean of the last ``fallback_window`` steps above ``fallback`` times the one-thread
-    step drops to one thread until the next epoch's probe.
+    step drops to one thread; ``retry_after`` steps later (twice as long after each further fallback in
+    the epoch) the counts are probed again, so a passing stall on a quiet machine costs a few dozen
+    one-thread steps, not the rest of the epoch, and a lasting neighbour costs a few short probes.
 
     Every comparison is of mean step times, not medians: next to a CPU-bound process most two-thread
     steps are as fast as when quiet, and a few wait for a descheduled thread for up to 160 ms (measured:
@@ -157,6 +162,8 @@ class AdaptiveThreads:
     fallback_window: int = 32
     #: A probe of more threads stops once its steps cost this share of a one-thread epoch over one thread.
     probe_share: float = 0.02
+    #: Steps on one thread after a fallback before the next probe of the epoch (doubling with each fallback).
+    retry_after: int = 128
     decisions: list[Decision] = field(default_factory=list)
 
     @classmethod
@@ -197,6 +204,9 @@ class AdaptiveStep:
         self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
         self._single = float("inf")  # seconds per step with one thread, from the last probe
         self._window: collections.deque[float] = collections.deque(maxlen=policy.fallback_window)
+        self._retry_at: int | None = None  # the step of this epoch's next probe, after a fallback
+        self._retry_after = policy.retry_after
+        self._probe_at = 0  # the step of the epoch where the current probe began
         self._verified: dict[tuple[int, ...], bool] = {}  # input shape -> many threads give equal bits
 
     def __getattr__(self, name: str) -> Any:
@@ -208,6 +218,10 @@ class AdaptiveStep:
         if inputs.device.type != "cpu":
             return self._step(inputs, targets)
         if self._calls % self._per_epoch == 0:
+            self._retry_at, self._retry_after = None, self._policy.retry_after
+            self._start_probe()
+        elif self._calls == self._retry_at:
+            self._retry_at = None
             self._start_probe()
         threads, counted = self._threads, True
         if threads > 1 and not self._same_bits(inputs, targets, threads):
@@ -234,6 +248,7 @@ class AdaptiveStep:
     def _start_probe(self) -> None:
         self._threads = self._policy.candidates[0]
         self._probe = [(self._threads, [])]
+        self._probe_at = self._calls % self._per_epoch
         self._window.clear()
 
     def _best(self, entries: int | None = None) -> tuple[int, float]:
@@ -260,7 +275,12 @@ class AdaptiveStep:
 
     def _finish_probe(self, threads: int) -> None:
         self._policy.decisions.append(
-            Decision(self._calls // self._per_epoch + 1, {c: _mean(t) for c, t in self._probe if len(t) > 1}, threads)
+            Decision(
+                self._calls // self._per_epoch + 1,
+                {c: _mean(t) for c, t in self._probe if len(t) > 1},
+                threads,
+                at_step=self._probe_at,
+            )
         )
         self._threads, self._probe = threads, []  # (the window is empty: it fills only outside a probe)
 
@@ -285,7 +305,8 @@ class AdaptiveStep:
             self._window.append(seconds)  # (emptied when the next epoch's probe starts)
             checked = len(self._window) >= policy.probe_steps and self._calls % policy.probe_steps == 0
             if checked and statistics.fmean(self._window) > policy.fallback * self._single:
-                self._threads = 1  # until the next epoch's probe
+                self._threads = 1  # until the next probe
+                self._retry_at, self._retry_after = self._calls + self._retry_after, 2 * self._retry_after
                 if policy.decisions:
                     policy.decisions[-1].fell_back_at_step = self._calls % self._per_epoch
 
@@ -335,7 +356,7 @@ def describe(policy: Policy) -> str:
     for d in policy.decisions:
         timings = ", ".join(f"{c}: {1000 * s:.2f}" for c, s in d.seconds_per_step.items())
         parts.append(
-            f"epoch {d.epoch}: {d.threads} ({timings} ms/step"
+            f"epoch {d.epoch}{f' step {d.at_step}' if d.at_step else ''}: {d.threads} ({timings} ms/step"
             + (f"; back to 1 at step {d.fell_back_at_step}" if d.fell_back_at_step is not None else "")
             + ")"
         )
