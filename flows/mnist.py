@@ -177,6 +177,7 @@ def register(
         run_key=run_key,
         flow_run_id=flow_run.id,
         ensemble=fitted.ensemble,
+        val_seen=fitted.val_seen,
     )
     with Registry.from_settings(settings) as registry:
         # registered and decided together: a crash never leaves a version without its decision

@@ -226,6 +226,12 @@ class RunParams(BaseModel):
         "their widths side by side, where its validation accuracy is at least the best fit's) or best (the fit "
         "with the highest validation accuracy).",
     )
+    final_data: Literal["train+val", "train"] = Field(
+        "train+val",
+        description="What the final fits learn from: train+val (the training and the validation split: once the "
+        "search has chosen, the held-out images train the model too; the final model's validation figures are "
+        "then on images it has seen) or train (the validation split stays held out).",
+    )
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seeds the split, the sampler, the initial weights and the batch order."
     )

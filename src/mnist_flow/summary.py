@@ -50,11 +50,13 @@ class BestTrial:
 
 @dataclass(frozen=True)
 class FinalMetrics:
-    """The registered model's validation accuracy (its kept epoch) and its test results."""
+    """The registered model's validation accuracy (its kept epoch) and its test results. ``val_seen``: the model
+    trained on the validation images too (``final_data="train+val"``), so its validation figure is not held out."""
 
     val_accuracy: float
     test_accuracy: float
     test_loss: float
+    val_seen: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,8 @@ class RunSummary:
             f"{t.epochs} epochs)",
             f"best params: trial #{self.best.trial}: " + format_params(self.best.params),
             f"accuracy:    best trial val {self.best.val_accuracy:.4f}; final model val "
-            f"{self.metrics.val_accuracy:.4f}, test {self.metrics.test_accuracy:.4f}",
+            f"{self.metrics.val_accuracy:.4f}{' (on images it trained on)' if self.metrics.val_seen else ''}, "
+            f"test {self.metrics.test_accuracy:.4f}",
             "final fit:   "
             + (
                 f"ensemble of {len(fit.ensemble)} seeds' fits ({', '.join(map(str, fit.ensemble))}), best fit's "
@@ -156,7 +159,8 @@ class RunSummary:
             "|---|---|",
             f"| best trial | #{best.trial} (validation accuracy {_fmt(best.val_accuracy)}) |",
             f"| best parameters | {markdown_params(best.params)} |",
-            f"| final model validation accuracy | {_fmt(m.val_accuracy)} |",
+            f"| final model validation accuracy | {_fmt(m.val_accuracy)}"
+            f"{' (the final fit trained on the validation images too)' if m.val_seen else ''} |",
             f"| final model test accuracy | {_fmt(m.test_accuracy)} |",
             f"| test loss | {_fmt(m.test_loss)} |",
             f"| trials this run | {t.finished} finished ({t.complete} complete, {t.pruned} pruned), {t.epochs} epochs; "

@@ -176,7 +176,7 @@ def test_the_final_fits_of_several_seeds_at_once_are_each_the_fit_of_its_seed_al
         sample_prepared):
     # threads change nothing: each seed's fit is what it would be alone, so a run's result is reproducible
     params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=3, precision="fp32",
-                       final_model="best")
+                       final_model="best", final_data="train")
     # wide layers: their initialisation takes long enough that fits drawing at once would mix their seeds
     point = {"lr": 0.05, "momentum": 0.9, "hidden1": 1024, "hidden2": 512}
     trial = _trial(point, 0.5)
@@ -197,7 +197,8 @@ def test_the_final_fits_of_several_seeds_at_once_are_each_the_fit_of_its_seed_al
 
 def test_the_ensemble_of_the_final_fits_is_registered_where_it_is_at_least_as_accurate(sample_prepared, tmp_path,
                                                                                        monkeypatch):
-    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=2, precision="fp32")
+    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=2, precision="fp32",
+                       final_data="train")
     assert params.final_model == "ensemble"  # the default
     trial = _trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64}, 0.5)
     fitted = pipeline.final_fits(sample_prepared, trial, params)
@@ -230,6 +231,43 @@ def test_the_ensemble_of_the_final_fits_is_registered_where_it_is_at_least_as_ac
     worse = pipeline.final_fits(sample_prepared, trial, params)
     assert worse.ensemble is None and worse.val_accuracy == best
     assert any("is less accurate" in note for note in worse.notes)
+
+
+def test_by_default_the_final_fits_train_on_the_validation_split_too_and_their_ensemble_is_registered(
+        sample_prepared, tmp_path, monkeypatch):
+    params = RunParams(source="sample", max_epochs=2, final_epochs=3, final_seeds=2, precision="fp32")
+    assert params.final_data == "train+val"  # the default
+    trial = _trial({"lr": 0.05, "momentum": 0.9, "hidden1": 128, "hidden2": 64}, 0.5)
+    s = sample_prepared.splits
+    both = pipeline.final_splits(sample_prepared, params)
+    assert len(both.train_y) == len(s.train_y) + len(s.val_y) and both.val_x is s.val_x
+    assert both.train_x.data_ptr() == s.train_x.data_ptr()  # a view of the prepared tensor, not a copy
+    assert torch.equal(both.train_x, torch.cat([s.train_x, s.val_x]))
+    assert torch.equal(both.train_y, torch.cat([s.train_y, s.val_y]))
+    fitted = pipeline.final_fits(sample_prepared, trial, params)
+    config = pipeline.final_config(trial, params)
+    alone = [pipeline.fit_best(sample_prepared, config.with_(seed=seed), splits=both)
+             for seed in pipeline.final_seeds(params)]
+    held_out = pipeline.fit_best(sample_prepared, config)[0]
+    x = s.val_x[:64]
+    assert fitted.val_seen and fitted.ensemble is not None and fitted.ensemble.seeds == (0, 1000)
+    torch.testing.assert_close(fitted.model(x), torch.stack([m(x) for m, _ in alone]).mean(dim=0),
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.equal(alone[0][0](x), held_out(x))  # the validation images did train the fits
+    assert any("trained on the validation split too" in note for note in fitted.notes)
+    test = pipeline.evaluate_test(fitted.model, sample_prepared)
+    with _registry(tmp_path) as registry:
+        version = pipeline.register_challenger(registry, pipeline.Candidate(
+            sample_prepared, fitted.model, fitted.config, fitted.history, test, study_name="s",
+            trial_number=3, run_key="k", ensemble=fitted.ensemble, val_seen=fitted.val_seen))
+        assert version.params["trained_on"] == "train+val"
+
+    # no held-out figure to compare on, but a broken ensemble is still caught on the images its fits learnt
+    from mnist_flow.training.model import MLP
+
+    monkeypatch.setattr(pipeline, "ensemble_mlp", lambda models: MLP(models[0].hidden))  # an untrained model
+    worse = pipeline.final_fits(sample_prepared, trial, params)
+    assert worse.ensemble is None and any("is less accurate" in note for note in worse.notes)
 
 
 def test_a_final_fit_seed_that_diverges_beyond_its_recoveries_is_left_out(sample_prepared, monkeypatch):

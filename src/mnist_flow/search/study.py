@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -58,12 +58,23 @@ def config_from_params(params: dict[str, Any], base: TrainConfig) -> TrainConfig
 
 @dataclass(frozen=True)
 class Splits:
-    """Normalised features and labels, already on the training device."""
+    """Normalised features and labels, already on the training device.
+
+    ``joined``: the training and the validation split as one tensor pair, of which ``train_*`` and ``val_*``
+    are views (:func:`mnist_flow.pipeline.prepare` lays them out so), for :meth:`with_val_in_training`.
+    """
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    joined: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def with_val_in_training(self) -> Splits:
+        """The splits with the validation images in the training set too (still watched as validation: a
+        collapse or a divergence still shows there). No copy where ``joined`` is set."""
+        x, y = self.joined or (torch.cat([self.train_x, self.val_x]), torch.cat([self.train_y, self.val_y]))
+        return Splits(x, y, self.val_x, self.val_y)
 
     def train(self, config: TrainConfig, **options: Any) -> tuple[MLP, History]:
         """:func:`mnist_flow.training.loop.train_model` on these splits (``options``: its keyword arguments)."""
