@@ -351,19 +351,21 @@ def final_fit(
     threads: Policy | None = None,
     stop: threading.Event | None = None,
 ) -> FinalFit:
-    """Fit the best trial's configuration over ``final_epochs``; never below the trial by more than 0.3 points.
+    """Fit the best trial's configuration over ``final_epochs``; never below the trial by more than 0.3 points
+    (on held-out validation: ``final_data="train"``).
 
     1. The trial's configuration with its one-cycle stretched over ``final_epochs`` (longer training is
        what reaches 98.5 % on MNIST), guarded: a diverging epoch restores the best state so far and goes
        on at half the rate; the best epoch by validation accuracy is kept.
     2. If that fit still diverged, or its best validation accuracy is more than
        :data:`FINAL_FIT_TOLERANCE` below the trial's, the trial's own recipe (``max_epochs``, its schedule,
-       its seed) is retrained, which reproduces the trial, and the better of the two by validation
-       accuracy is registered. ``notes`` says what happened, for the log and the summary.
+       its seed) is retrained, which reproduces the trial (on the trial's data), and the better of the
+       two by validation accuracy is registered. ``notes`` says what happened, for the log and the summary.
 
     With ``final_data="train+val"`` (the default) both fits train on the validation split too
-    (:func:`final_splits`): the comparison with the trial then sees figures on seen images, so in effect
-    only a divergence falls back to the trial's recipe.
+    (:func:`final_splits`), the trial's recipe included: the comparison with the trial then sees figures on
+    seen images, so in effect only a divergence falls back to the recipe, which is then the trial's recipe
+    on more data, not the trial itself.
 
     ``threads``: a :mod:`mnist_flow.training.threads` policy for both fits.
     """
@@ -453,8 +455,8 @@ def final_fits(
     highest validation accuracy, on seen images).
 
     The first fit, with the run's seed, is :func:`final_fit` (guarded, with its fallback to the trial's own
-    recipe), so with ``final_data="train"`` the kept model is never more than 0.3 points below the trial. The others are guarded fits
-    of the same stretched configuration with another seed; one that diverges beyond its recoveries is left
+    recipe), so with ``final_data="train"`` the kept model is never more than 0.3 points below the trial.
+    The others are guarded fits of the same stretched configuration with another seed; one that diverges beyond its recoveries is left
     out. Why seeds: of more trials, a refit of the next-best configurations or more seeds in the same time,
     only more seeds raised the test accuracy (docs/benchmarks.md, "Spending the time saved"). The ensemble
     (:func:`~mnist_flow.training.model.ensemble_mlp`: one MLP whose logits are the mean of the fits') keeps
