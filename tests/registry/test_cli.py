@@ -6,12 +6,12 @@ import json
 import os
 
 import pytest
-from registry_helpers import register
+from registry_helpers import register, tiny_model
 from typer.testing import CliRunner
 
 from mnist_flow.cli.registry import registry_app
 from mnist_flow.errors import RegistryError
-from mnist_flow.registry.store import Registry
+from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.settings import load_settings
 
 
@@ -43,6 +43,17 @@ def test_list_json_prints_versions_only(registry_home):
 def test_list_human_output_is_a_table(registry_home):
     result = invoke("list")
     assert result.exit_code == 0 and "mnist" in result.output and "0.9100" in result.output
+
+
+def test_the_table_marks_a_validation_accuracy_on_images_the_model_trained_on(registry_home):
+    assert "*" not in invoke("list").output  # v1 and v2 record no trained_on: held-out figures
+    with Registry.from_settings(load_settings()) as reg:
+        reg.register("mnist", tiny_model(3), sidecar={"classes": list(range(10))},
+                     params={"hidden": [8], "trained_on": "train+val"},
+                     metrics={"val_accuracy": 0.96, "test_accuracy": 0.93},
+                     lineage=Lineage("mnist", "fp-1", None, None, None, 3))
+    output = invoke("list").output
+    assert "0.9600*" in output and "0.9100*" not in output and "trained on its validation images too" in output
 
 
 def test_promote_show_champion_rollback_history(registry_home):

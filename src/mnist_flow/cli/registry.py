@@ -59,17 +59,19 @@ def _echo_json(value: Any) -> None:
 
 
 def _versions_table(versions: list[ModelVersion]) -> Table:
-    table = Table(title="Registered models")
+    seen = [v.params.get("trained_on") == "train+val" for v in versions]
+    caption = "* trained on its validation images too (final_data=train+val)" if any(seen) else None
+    table = Table(title="Registered models", caption=caption)
     for column in ("name", "version", "aliases", "created (UTC)", "val acc", "test acc", "dataset", "study/trial"):
         table.add_column(column)
-    for v in versions:
+    for v, val_seen in zip(versions, seen, strict=True):
         lineage = f"{v.study_name}#{v.trial_number}" if v.study_name else "-"
         table.add_row(
             v.name,
             str(v.version),
             ", ".join(v.aliases) or "-",
             v.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            _fmt(v.metrics.get("val_accuracy")),
+            _fmt(v.metrics.get("val_accuracy")) + ("*" if val_seen else ""),
             _fmt(v.metrics.get("test_accuracy")),
             f"{v.dataset_name} ({v.dataset_fingerprint[:12]})",
             lineage,
