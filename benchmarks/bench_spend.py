@@ -49,7 +49,7 @@ def _best_by_val(fits: list[dict[str, Any]]) -> dict[str, Any]:
 
 def one_seed(seed: int, k: int, budgets: dict[str, int], work: Path) -> dict[str, Any]:
     params = RunParams.parse(dataset="fashion-mnist", source="dir", data_dir=str(common.FASHION_DIR), seed=seed,
-                             workers=1, **budgets)
+                             workers=1, final_data="train", **budgets)  # arms chosen on held-out val
     n_trials = params.n_trials
     bundle = load_dataset("fashion-mnist", "dir", data_dir=common.FASHION_DIR, cache_dir=work / "cache")
     prepared = pipeline.prepare(bundle, val_fraction=params.val_fraction, seed=seed)

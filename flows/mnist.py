@@ -231,13 +231,19 @@ def checked_flow(**options: Any) -> Any:
 
 
 def _timeout(
-    prepared: pipeline.Prepared, settings: Settings, epochs: int, hidden: tuple[int, int], history: Any = ()
+    prepared: pipeline.Prepared,
+    settings: Settings,
+    epochs: int,
+    hidden: tuple[int, int],
+    history: Any = (),
+    samples: int | None = None,
 ) -> float:
-    """A stage's timeout from its epoch budget (mnist_flow.search.watchdog.stage_timeout): a backstop for a hang."""
+    """A stage's timeout from its epoch budget (mnist_flow.search.watchdog.stage_timeout): a backstop for a hang.
+    ``samples``: the images an epoch trains on (default: the training split)."""
     return stage_timeout(
         epochs,
         hidden,
-        len(prepared.splits.train_y),
+        samples or len(prepared.splits.train_y),
         history,
         multiple=settings.hang_multiple,
         min_seconds=settings.hang_min_seconds,
@@ -300,6 +306,7 @@ def mnist(**parameters: Any) -> RunSummary:
             params.final_epochs * params.final_seeds,
             (int(best.params["hidden1"]), int(best.params["hidden2"])),
             tuned.trials,
+            samples=len(pipeline.final_splits(prepared, params).train_y),  # with train+val: the validation images too
         )
         fitted = train_best.with_options(timeout_seconds=train_timeout)(prepared, best, params, settings)
     with watch("evaluate"):

@@ -169,6 +169,37 @@ def test_fallbacks_in_one_epoch_probe_again_ever_later() -> None:
     assert all(later > earlier for earlier, later in zip(gaps, gaps[1:], strict=False))  # the retries back off
 
 
+def test_an_epoch_trained_again_after_a_recovery_is_probed_and_ends_single_threaded_where_it_really_ends() -> None:
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = TimedStep({1: 0.004, 2: 0.001})
+    wrapped = policy.wrap(step, steps_per_epoch=30)
+    batch, targets = torch.zeros(8, 4), torch.zeros(8, dtype=torch.long)
+    for _ in range(45):  # epoch 2 diverges half-way: the fit restores and trains epoch 2 again from its start
+        wrapped(batch, targets)
+    wrapped.restart_epoch(2)
+    for _ in range(30):
+        wrapped(batch, targets)
+    last = policy.decisions[-1]
+    assert (last.epoch, last.at_step, last.threads) == (2, 0, 2)
+    assert step.used[-1] == 2 and torch.get_num_threads() == 1  # the epoch's end: evaluation on one thread
+    assert [d.epoch for d in policy.decisions] == [1, 2, 2]
+
+
+def test_a_probe_that_ends_on_an_epochs_last_step_is_recorded_in_that_epoch() -> None:
+    # the epoch's probe takes steps 0-9 (5 per count, the first of each uncounted) and keeps two threads;
+    # they stall from step 10, fall back at step 16, and the retry 14 steps later ends on step 39, the last
+    def seconds(call: int) -> float:
+        if torch.get_num_threads() == 1:
+            return 0.004
+        return 0.001 if call - 1 < 10 or call - 1 >= 35 else 0.03
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4, retry_after=14)
+    _run(policy, TimedStep(seconds), epochs=1, per_epoch=40)
+    first, retry = policy.decisions
+    assert (first.epoch, first.threads, first.fell_back_at_step) == (1, 2, 16)
+    assert (retry.epoch, retry.at_step) == (1, 30)  # (was recorded as epoch 2: the count had moved on)
+
+
 def test_more_threads_are_never_used_when_they_would_change_the_result() -> None:
     policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
     step = _run(policy, TimedStep({1: 0.012, 2: 0.002}, unequal=True), epochs=2, per_epoch=30)

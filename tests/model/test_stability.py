@@ -107,7 +107,7 @@ def _trial(params: dict, value: float, number: int = 3) -> optuna.trial.FrozenTr
 
 def test_a_final_fit_that_truly_diverges_recovers_and_registers_a_finite_model(tmp_path, sample_prepared):
     # the corner lr 0.3 x momentum 0.98 of the default space, stretched over the final epochs: it diverges
-    params = RunParams(source="sample", max_epochs=2, final_epochs=8, precision="fp32")
+    params = RunParams(source="sample", max_epochs=2, final_epochs=8, precision="fp32", final_data="train")
     corner = {"lr": SPACE.lr_max, "momentum": SPACE.momentum_max, "hidden1": 128, "hidden2": 64}
     recipe = pipeline.trial_config(_trial(corner, 0.0), params)
     s = sample_prepared.splits
@@ -130,7 +130,8 @@ def test_a_final_fit_that_truly_diverges_recovers_and_registers_a_finite_model(t
 
 
 def test_the_final_fit_is_never_more_than_03_points_below_the_trial_it_reproduces(sample_prepared):
-    params = RunParams(source="sample", max_epochs=4, final_epochs=8, precision="fp32")
+    # on held-out validation (final_data="train"): with train+val the figures are on seen images
+    params = RunParams(source="sample", max_epochs=4, final_epochs=8, precision="fp32", final_data="train")
     point = {"lr": 0.03, "momentum": 0.9, "hidden1": 128, "hidden2": 64}
     recipe = pipeline.trial_config(_trial(point, 0.0), params)
     s = sample_prepared.splits
@@ -244,6 +245,8 @@ def test_by_default_the_final_fits_train_on_the_validation_split_too_and_their_e
     assert both.train_x.data_ptr() == s.train_x.data_ptr()  # a view of the prepared tensor, not a copy
     assert torch.equal(both.train_x, torch.cat([s.train_x, s.val_x]))
     assert torch.equal(both.train_y, torch.cat([s.train_y, s.val_y]))
+    replaced = replace(s, train_x=s.train_x[:-1].clone())  # no longer the joined tensor's half
+    assert len(replaced.with_val_in_training().train_x) == len(s.train_x) - 1 + len(s.val_x)
     fitted = pipeline.final_fits(sample_prepared, trial, params)
     config = pipeline.final_config(trial, params)
     alone = [pipeline.fit_best(sample_prepared, config.with_(seed=seed), splits=both)

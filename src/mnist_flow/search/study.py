@@ -72,13 +72,32 @@ class Splits:
 
     def with_val_in_training(self) -> Splits:
         """The splits with the validation images in the training set too (still watched as validation: a
-        collapse or a divergence still shows there). No copy where ``joined`` is set."""
-        x, y = self.joined or (torch.cat([self.train_x, self.val_x]), torch.cat([self.train_y, self.val_y]))
+        collapse or a divergence still shows there). No copy where ``joined`` holds exactly these two splits
+        (a ``dataclasses.replace`` of one of them, or of the result, falls back to a copy)."""
+        if (
+            self.joined is not None
+            and _spans(self.joined[0], self.train_x, self.val_x)
+            and (_spans(self.joined[1], self.train_y, self.val_y))
+        ):
+            x, y = self.joined
+        else:
+            x, y = torch.cat([self.train_x, self.val_x]), torch.cat([self.train_y, self.val_y])
         return Splits(x, y, self.val_x, self.val_y)
 
     def train(self, config: TrainConfig, **options: Any) -> tuple[MLP, History]:
         """:func:`mnist_flow.training.loop.train_model` on these splits (``options``: its keyword arguments)."""
         return train_model(config, self.train_x, self.train_y, self.val_x, self.val_y, **options)
+
+
+def _spans(whole: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether ``first`` then ``second`` are exactly the two halves of ``whole`` (views of its memory)."""
+    n = len(first)
+    return (
+        len(whole) == n + len(second)
+        and first.data_ptr() == whole.data_ptr()
+        and second.data_ptr() == whole[n:].data_ptr()
+        and first.shape[1:] == whole.shape[1:] == second.shape[1:]
+    )
 
 
 def worker_id() -> str:

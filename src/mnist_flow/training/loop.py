@@ -368,6 +368,9 @@ def fit(
                 watch.lowest = math.inf  # the restored state starts a new record
                 scale *= RECOVERY_FACTOR
                 step.count = (epoch - 1) * steps_per_epoch
+                restart = getattr(runner, "restart_epoch", None)  # a thread policy counts the epoch's steps too
+                if restart is not None:
+                    restart(epoch)
                 step.lr = _scaled(schedule, scale)
                 history.events.append(
                     f"epoch {epoch}: {exc}: restored the state of epoch {best.epoch} (val accuracy "

@@ -143,8 +143,8 @@ class AdaptiveThreads:
     if its steps are at least ``margin`` faster than the best count before it. While more than one
     thread runs, the mean of the last ``fallback_window`` steps above ``fallback`` times the one-thread
     step drops to one thread; ``retry_after`` steps later (twice as long after each further fallback in
-    the epoch) the counts are probed again, so a passing stall on a quiet machine costs a few dozen
-    one-thread steps, not the rest of the epoch, and a lasting neighbour costs a few short probes.
+    the epoch) the counts are probed again, so a passing stall on a quiet machine costs about
+    ``retry_after`` one-thread steps, not the rest of the epoch, and a lasting neighbour a few short probes.
 
     Every comparison is of mean step times, not medians: next to a CPU-bound process most two-thread
     steps are as fast as when quiet, and a few wait for a descheduled thread for up to 160 ms (measured:
@@ -204,9 +204,9 @@ class AdaptiveStep:
         self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
         self._single = float("inf")  # seconds per step with one thread, from the last probe
         self._window: collections.deque[float] = collections.deque(maxlen=policy.fallback_window)
-        self._retry_at: int | None = None  # the step of this epoch's next probe, after a fallback
+        self._retry_at: int | None = None  # the call (counted over the fit) of the next probe after a fallback
         self._retry_after = policy.retry_after
-        self._probe_at = 0  # the step of the epoch where the current probe began
+        self._probe_epoch, self._probe_at = 1, 0  # the epoch and its step where the current probe began
         self._verified: dict[tuple[int, ...], bool] = {}  # input shape -> many threads give equal bits
 
     def __getattr__(self, name: str) -> Any:
@@ -239,6 +239,13 @@ class AdaptiveStep:
             self._set(1)  # evaluation and whatever follows the epoch run on one thread
         return loss
 
+    def restart_epoch(self, epoch: int) -> None:
+        """The fit trains ``epoch`` (1-based) again from its first step (a divergence recovery): realign
+        the epoch count, so probes start and evaluation runs single-threaded where the epochs really do."""
+        self._calls = (epoch - 1) * self._per_epoch
+        self._probe, self._retry_at = [], None
+        self._set(1)
+
     def _set(self, threads: int) -> None:
         if self._torch.get_num_threads() != threads:
             self._torch.set_num_threads(threads)
@@ -248,7 +255,7 @@ class AdaptiveStep:
     def _start_probe(self) -> None:
         self._threads = self._policy.candidates[0]
         self._probe = [(self._threads, [])]
-        self._probe_at = self._calls % self._per_epoch
+        self._probe_epoch, self._probe_at = self._calls // self._per_epoch + 1, self._calls % self._per_epoch
         self._window.clear()
 
     def _best(self, entries: int | None = None) -> tuple[int, float]:
@@ -276,7 +283,7 @@ class AdaptiveStep:
     def _finish_probe(self, threads: int) -> None:
         self._policy.decisions.append(
             Decision(
-                self._calls // self._per_epoch + 1,
+                self._probe_epoch,
                 {c: _mean(t) for c, t in self._probe if len(t) > 1},
                 threads,
                 at_step=self._probe_at,
@@ -308,7 +315,7 @@ class AdaptiveStep:
                 self._threads = 1  # until the next probe
                 self._retry_at, self._retry_after = self._calls + self._retry_after, 2 * self._retry_after
                 if policy.decisions:
-                    policy.decisions[-1].fell_back_at_step = self._calls % self._per_epoch
+                    policy.decisions[-1].fell_back_at_step = (self._calls - 1) % self._per_epoch + 1  # steps done
 
     # -- equal results --------------------------------------------------------------------------------------------
 
