@@ -285,6 +285,11 @@ class RunParams(BaseModel):
             raise ValueError("source 'dir' needs data_dir (the folder with the four IDX files)")
         return self
 
+    @property
+    def final_on_val(self) -> bool:
+        """Whether the final fits train on the validation split too (``final_data="train+val"``)."""
+        return self.final_data == "train+val"
+
     @classmethod
     def parse(cls, **values: Any) -> RunParams:
         """Build from user input (flat names), turning validation errors into one ConfigError."""

@@ -370,7 +370,7 @@ def final_fit(
     ``threads``: a :mod:`mnist_flow.training.threads` policy for both fits.
     """
     config, recipe = final_config(trial, params), trial_config(trial, params)
-    splits, seen = final_splits(prepared, params), params.final_data == "train+val"
+    splits, seen = final_splits(prepared, params), params.final_on_val
     floor = (trial.value or 0.0) - FINAL_FIT_TOLERANCE
     notes: list[str] = []
     stretched: FinalFit | None = None
@@ -422,7 +422,7 @@ def final_splits(prepared: Prepared, params: RunParams) -> Splits:
     Fashion-MNIST the test accuracy of each of six fits rose by 0.1 to 0.7 points (docs/benchmarks.md,
     "The final fit on the validation split too"). Validation is still computed every epoch, now on seen
     images: it still shows a divergence or a collapse."""
-    return prepared.splits.with_val_in_training() if params.final_data == "train+val" else prepared.splits
+    return prepared.splits.with_val_in_training() if params.final_on_val else prepared.splits
 
 
 class FitStopped(Exception):
@@ -470,7 +470,7 @@ def final_fits(
     if len(seeds) == 1:
         return final_fit(prepared, trial, params, progress=progress, threads=threads)
     config = final_config(trial, params)
-    splits, seen = final_splits(prepared, params), params.final_data == "train+val"
+    splits, seen = final_splits(prepared, params), params.final_on_val
     stop = threading.Event()
 
     def other(seed: int) -> FinalFit:
