@@ -35,7 +35,11 @@ _WORK = Path(tempfile.mkdtemp(prefix="mnist-flow-fuzz-"))
 
 
 def _reference_header(raw: bytes, cap: int) -> tuple[int, tuple[int, ...], int] | None:
-    """(magic, dims, offset) if ``raw`` is a complete, size-consistent unsigned-byte IDX file within ``cap``."""
+    """(magic, dims, offset) if ``raw`` is a complete, size-consistent unsigned-byte IDX file within ``cap``.
+
+    Within ``cap`` means both the payload and the product of the non-zero dimensions (a 0x2**32-1x2**32-1
+    shape holds no data, but no array can take it).
+    """
     if len(raw) < 4 or raw[0] or raw[1] or raw[2] != 8 or not 1 <= raw[3] <= 4:
         return None
     ndim = raw[3]
@@ -43,7 +47,8 @@ def _reference_header(raw: bytes, cap: int) -> tuple[int, tuple[int, ...], int] 
     if len(raw) < offset:
         return None
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    if math.prod(dims) > cap or len(raw) != offset + math.prod(dims):
+    span = math.prod(d for d in dims if d)  # an empty shape's other dimensions are held to the cap, too
+    if math.prod(dims) > cap or span > cap or len(raw) != offset + math.prod(dims):
         return None
     return int.from_bytes(raw[:4], "big"), dims, offset
 

@@ -87,6 +87,21 @@ def test_short_header_is_a_data_error() -> None:
         parse_idx(b"\x00\x00")
 
 
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_an_empty_shape_no_array_can_take_is_a_data_error_not_a_numpy_error(tmp_path: Path, suffix: str) -> None:
+    # 0 x (2**32-1) x (2**32-1) announces no data, so the file's size matches, but numpy refuses the shape
+    # ("array is too big"): a case Hypothesis found, kept here so it is tested on every run.
+    raw = bytes([0, 0, 8, 3]) + (0).to_bytes(4, "big") + (2**32 - 1).to_bytes(4, "big") * 2
+    path = tmp_path / f"f{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix else raw)
+    with pytest.raises(DataError, match="empty shape 0x4294967295x4294967295"):
+        read_idx(path)
+    with pytest.raises(DataError, match="non-zero dimensions alone"):
+        parse_idx(raw)
+    empty = bytes([0, 0, 8, 3]) + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2  # a real empty set loads
+    assert tuple(parse_idx(empty).shape) == (0, 28, 28)
+
+
 def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         read_idx(tmp_path / "nope")

@@ -69,6 +69,15 @@ class IdxHeader:
         return math.prod(self.dims)
 
     @property
+    def span(self) -> int:
+        """The product of the non-zero dimensions: what the shape holds once its empty dimensions are filled.
+
+        A shape such as 0x4294967295x4294967295 announces no data, but no array can take it (numpy refuses
+        shapes whose non-zero dimensions overflow), so the limit applies to this, too.
+        """
+        return math.prod(d for d in self.dims if d)
+
+    @property
     def size(self) -> int:
         """The size of the whole (uncompressed) file the header announces."""
         return self.offset + self.payload_size
@@ -123,6 +132,12 @@ def _check_limit(header: IdxHeader, path: str, max_payload: int) -> None:
             f"more than the limit of {max_payload} bytes.",
             fix=_REFETCH_FIX,
         )
+    if header.span > max_payload:
+        raise DataError(
+            f"{path}: absurd IDX header: it announces the empty shape {header.shape_text}, whose non-zero "
+            f"dimensions alone make {header.span}, more than the limit of {max_payload} bytes.",
+            fix=_REFETCH_FIX,
+        )
 
 
 def _size_mismatch(header: IdxHeader, path: str, size: int, what: str = "the file") -> DataError:
@@ -149,6 +164,7 @@ def parse_idx(data: bytes, *, path: str = "<bytes>") -> torch.Tensor:
     except TypeError as exc:
         raise DataError(f"{path}: expected bytes, got {type(data).__name__}.", fix="Pass the file's bytes.") from exc
     _, dims, offset = parse_idx_header(view, path=path)
+    _check_limit(IdxHeader(0, dims), path, MAX_PAYLOAD_BYTES)
     # One copy, so the tensor owns writable memory (torch warns on read-only buffers).
     array = np.frombuffer(view, dtype=np.uint8, offset=offset).reshape(dims).copy()
     return torch.from_numpy(array)
