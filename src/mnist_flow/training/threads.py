@@ -8,7 +8,7 @@ as another process wants a core: OpenMP's threads wait for each other at every o
   of them before any trial (one OpenMP thread, passive waits, bounded kernel caches).
 - A fit in a process of its own (the final fit, ``mnist-flow train``, trials with ``workers=1``) gets
   :class:`AdaptiveThreads` from :func:`policy_for`: at the start of every epoch it times a few steps
-  with one thread and with more, keeps more only while they are measured faster, watches every step
+  with one thread and with more, in turn, keeps more only while they are measured faster, watches every step
   and falls back to one thread at once when the steps slow down (a neighbour took a core), probing
   again a little later in the epoch (the slowdown may have been a passing stall).
   More than one thread is only used for batch shapes whose results it verified to be bitwise equal to
@@ -133,6 +133,8 @@ class Decision:
     threads: int
     fell_back_at_step: int | None = None
     at_step: int = 0
+    #: This probe measured again at once: the one before it lost more threads to a single slow step.
+    second_look: bool = False
 
 
 @dataclass
@@ -140,7 +142,9 @@ class AdaptiveThreads:
     """More than one intra-op thread only while measured faster (see the module docstring).
 
     ``candidates`` are tried in order (1, 2, 4, ... up to the CPUs available); a count is kept only
-    if its steps are at least ``margin`` faster than the best count before it. While more than one
+    if its steps are at least ``margin`` faster than the best count before it, timed on alternate steps
+    with that count (a VM's speed moves by tens of percent within seconds: measured one after the other,
+    the count timed second often lost to the VM, not to the other count). While more than one
     thread runs, the mean of the last ``fallback_window`` steps above ``fallback`` times the one-thread
     step drops to one thread; ``retry_after`` steps later (twice as long after each further fallback in
     the epoch) the counts are probed again, so a passing stall on a quiet machine costs about
@@ -150,16 +154,28 @@ class AdaptiveThreads:
     steps are as fast as when quiet, and a few wait for a descheduled thread for up to 160 ms (measured:
     median 1.55-1.73 ms, mean 5.0-6.1 ms, against 1.0-1.6 ms for one thread). Medians chose two threads
     there and kept them for hundreds of steps; the mean is what the epoch costs.
+
+    A quiet VM stalls too, once in a while, for a few to tens of milliseconds, and one such step in a
+    probe of 8 made two threads lose the probe and the whole epoch run on one thread. So a probe whose
+    more threads lost only because of their single slowest step (without it they win by ``margin``)
+    is measured again at once, one time (``second_look``); a neighbour's stalls come every few steps, so
+    its probe loses without its slowest step too and costs nothing more.
     """
 
     candidates: tuple[int, ...] = (1,)
-    probe_steps: int = 8
+    #: Counted steps of each count in a probe. On a VM the mean of 16 steps of one count moves by up to a
+    #: third from one block to the next (measured, 2026-12-03: 1.55 to 2.64 ms with two fixed threads, 2.26 to
+    #: 3.70 ms with one); 8 steps often judged two threads, 1.3x faster over the epoch, no faster. A probe step
+    #: on one thread that two would have run costs well under a millisecond, so probes are long.
+    probe_steps: int = 24
     margin: float = 0.05
     #: More threads fall back to one once their recent steps average this times the one-thread step.
     fallback: float = 1.0
     #: The recent steps that average: long enough that a quiet machine's rare slow step (a few ms) does not
     #: drop a count that pays, short enough that a neighbour's stalls end it within a few dozen steps.
-    fallback_window: int = 32
+    fallback_window: int = 64
+    #: Steps between two checks of that mean.
+    fallback_check: int = 8
     #: A probe of more threads stops once its steps cost this share of a one-thread epoch over one thread.
     probe_share: float = 0.02
     #: Steps on one thread after a fallback before the next probe of the epoch (doubling with each fallback).
@@ -207,6 +223,7 @@ class AdaptiveStep:
         self._retry_at: int | None = None  # the call (counted over the fit) of the next probe after a fallback
         self._retry_after = policy.retry_after
         self._probe_epoch, self._probe_at = 1, 0  # the epoch and its step where the current probe began
+        self._second_look = False  # the current probe measures again after one spoiled by a single slow step
         self._verified: dict[tuple[int, ...], bool] = {}  # input shape -> many threads give equal bits
 
     def __getattr__(self, name: str) -> Any:
@@ -226,7 +243,7 @@ class AdaptiveStep:
         threads, counted = self._threads, True
         if threads > 1 and not self._same_bits(inputs, targets, threads):
             if self._probe:  # a full batch: this thread count would change the results
-                self._finish_probe(self._best()[0])
+                self._finish_probe(self._probe[0][0], look_again=False)
             threads, counted = 1, False
         self._set(threads)
         start = time.perf_counter()
@@ -252,65 +269,82 @@ class AdaptiveStep:
 
     # -- measuring ------------------------------------------------------------------------------------------------
 
-    def _start_probe(self) -> None:
-        self._threads = self._policy.candidates[0]
-        self._probe = [(self._threads, [])]
+    def _start_probe(self, second_look: bool = False) -> None:
+        self._second_look = second_look
+        self._measured: dict[int, float] = {}
+        self._start_duel(*self._policy.candidates[:2])
         self._probe_epoch, self._probe_at = self._calls // self._per_epoch + 1, self._calls % self._per_epoch
         self._window.clear()
 
-    def _best(self, entries: int | None = None) -> tuple[int, float]:
-        """The count to keep among those probed: fewer threads unless more are ``margin`` faster."""
-        best = (self._probe[0][0], _mean(self._probe[0][1]))
-        for count, times in self._probe[1:entries]:
-            if len(times) > 1 and _mean(times) < (1 - self._policy.margin) * best[1]:
-                best = (count, _mean(times))
-        return best
+    def _start_duel(self, incumbent: int, challenger: int) -> None:
+        """Time ``incumbent`` and ``challenger`` threads on alternate steps, so that the VM's own speed,
+        which moves by tens of percent within seconds, weighs on both alike."""
+        self._probe = [(incumbent, []), (challenger, [])]
+        self._threads = incumbent
 
-    def _hopeless(self, count: int, times: list[float]) -> bool:
-        """Stop probing ``count`` threads early once it cannot win: a contended core makes every
+    def _hopeless(self, times: list[float]) -> bool:
+        """Stop probing the challenger's ``times`` early once it cannot win: a contended core makes every
         multi-threaded step many times slower, and a full probe would cost seconds."""
         # The warm-up step is not judged: it may build kernels for the new thread count (tens of ms, once).
         counted = times[1:]
-        if count == self._probe[0][0] or not counted:
+        if not counted:
             return False
-        target = (1 - self._policy.margin) * self._best(-1)[1]
+        target = (1 - self._policy.margin) * _mean(self._probe[0][1])
         if counted[0] > HOPELESS * target:  # even the first counted step is far off
             return True
         if sum(counted) - len(counted) * self._single > self._policy.probe_share * self._per_epoch * self._single:
             return True  # a contended core: the probe already cost more than its share of the epoch
         return sum(counted) > self._policy.probe_steps * target  # its mean can no longer beat the target
 
-    def _finish_probe(self, threads: int) -> None:
+    def _spoiled(self, threads: int) -> bool:
+        """Whether the challenger lost this probe to ``threads`` only by its single slowest step: without
+        it, the rest of its counted steps beat ``threads`` by ``margin`` (one stall also stops a probe as
+        hopeless, so it may have been cut short; a neighbour's first step alone usually stops it)."""
+        (incumbent, kept), (challenger, times) = self._probe
+        counted = times[1:]
+        if incumbent != threads or challenger <= threads or len(counted) < 2:
+            return False
+        return statistics.fmean(sorted(counted)[:-1]) < (1 - self._policy.margin) * _mean(kept)
+
+    def _finish_probe(self, threads: int, look_again: bool = True) -> None:
+        again = look_again and not self._second_look and self._spoiled(threads)
+        self._measured.update({c: _mean(t) for c, t in self._probe if len(t) > 1})
         self._policy.decisions.append(
             Decision(
                 self._probe_epoch,
-                {c: _mean(t) for c, t in self._probe if len(t) > 1},
+                dict(sorted(self._measured.items())),
                 threads,
                 at_step=self._probe_at,
+                second_look=self._second_look,
             )
         )
         self._threads, self._probe = threads, []  # (the window is empty: it fills only outside a probe)
+        if again:
+            self._start_probe(second_look=True)
 
     def _observe(self, threads: int, seconds: float) -> None:
         policy = self._policy
         if self._probe:
-            count, times = self._probe[-1]
-            times.append(seconds)
-            if len(times) <= policy.probe_steps and not self._hopeless(count, times):
-                return  # (the first step after a switch warms up, uncounted)
-            if count == 1:
-                self._single = _mean(times)
-            best = self._best()
-            index = policy.candidates.index(count)
-            if best[0] == count and index + 1 < len(policy.candidates):  # it paid: try the next count
-                self._threads = policy.candidates[index + 1]
-                self._probe.append((self._threads, []))
+            (incumbent, kept), (challenger, times) = self._probe
+            (kept if threads == incumbent else times).append(seconds)
+            if threads == 1 and len(kept if incumbent == 1 else times) > 1:
+                self._single = _mean(kept if incumbent == 1 else times)
+            if self._hopeless(times):
+                self._finish_probe(incumbent)
+            elif len(times) > policy.probe_steps:  # both ran their steps (the first of each a warm-up)
+                winner = challenger if _mean(times) < (1 - policy.margin) * _mean(kept) else incumbent
+                index = policy.candidates.index(challenger)
+                if winner == challenger and index + 1 < len(policy.candidates):  # it paid: try the next count
+                    self._measured.update({c: _mean(t) for c, t in self._probe})
+                    self._start_duel(challenger, policy.candidates[index + 1])
+                else:
+                    self._finish_probe(winner)
             else:
-                self._finish_probe(best[0])
+                self._threads = challenger if threads == incumbent else incumbent  # alternate
             return
         if threads > 1:
             self._window.append(seconds)  # (emptied when the next epoch's probe starts)
-            checked = len(self._window) >= policy.probe_steps and self._calls % policy.probe_steps == 0
+            checked = len(self._window) >= policy.fallback_check and self._calls % policy.fallback_check == 0
             if checked and statistics.fmean(self._window) > policy.fallback * self._single:
                 self._threads = 1  # until the next probe
                 self._retry_at, self._retry_after = self._calls + self._retry_after, 2 * self._retry_after
@@ -363,7 +397,8 @@ def describe(policy: Policy) -> str:
     for d in policy.decisions:
         timings = ", ".join(f"{c}: {1000 * s:.2f}" for c, s in d.seconds_per_step.items())
         parts.append(
-            f"epoch {d.epoch}{f' step {d.at_step}' if d.at_step else ''}: {d.threads} ({timings} ms/step"
+            f"epoch {d.epoch}{f' step {d.at_step}' if d.at_step else ''}{' again' if d.second_look else ''}:"
+            f" {d.threads} ({timings} ms/step"
             + (f"; back to 1 at step {d.fell_back_at_step}" if d.fell_back_at_step is not None else "")
             + ")"
         )
