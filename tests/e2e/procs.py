@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from testlib import group_has_live_member
+from testlib import group_has_live_member, seed_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
@@ -189,6 +189,7 @@ def base_env(tmp: Path, token: str, **extra: str) -> dict[str, str]:
         **extra,
     })
     (tmp / "prefect").mkdir(parents=True, exist_ok=True)
+    seed_prefect_home(env["PREFECT_HOME"])
     return env
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from testlib import seed_prefect_home
+
 REPO = Path(__file__).resolve().parents[2]
 
 #: A tiny, fast search: the bundled sample, narrow layers, big batches.
@@ -24,6 +26,7 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env.update({"MNIST_FLOW_HOME": str(home), "MNIST_FLOW_THREADS": "1", "PYTHONWARNINGS": "ignore",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(home.parent / "prefect-home")})
     env.update(extra)
+    seed_prefect_home(env["PREFECT_HOME"])
     return env
 
 
