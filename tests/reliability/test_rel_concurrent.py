@@ -26,7 +26,7 @@ def test_two_flow_runs_at_once_on_one_home_both_register_unique_versions_and_one
         # two temporary Prefect servers starting at once on 2 shared cores need more than the default 20 s
         env = clean_env(home, PREFECT_HOME=str(tmp_path / f"prefect-{i}"),
                         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-        (tmp_path / f"prefect-{i}").mkdir()
+        (tmp_path / f"prefect-{i}").mkdir(exist_ok=True)  # (clean_env made it, with a migrated database)
         procs.append(subprocess.Popen(args, env=env, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     results = [p.communicate(timeout=420) for p in procs]
