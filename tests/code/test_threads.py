@@ -154,6 +154,47 @@ def test_a_probe_lost_to_one_slow_step_is_measured_again_at_once_and_keeps_more_
     assert "epoch 1 step 8 again: 2" in th.describe(policy)
 
 
+def test_a_probe_is_measured_again_once_at_most_and_a_second_spoiled_look_keeps_one_thread() -> None:
+    # every duel catches one stall on its second counted two-thread step (the 3rd, 6th, ... two-thread step)
+    def seconds(call: int) -> float:
+        if torch.get_num_threads() == 1:
+            return 0.004
+        return 0.03 if step.used.count(2) % 3 == 0 else 0.001
+
+    policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4)
+    step = TimedStep(seconds)
+    _run(policy, step, epochs=1, per_epoch=80)
+    assert [(d.threads, d.second_look) for d in policy.decisions] == [(1, False), (1, True)]
+    assert step.used.count(2) == 6 and step.used[-60:] == [1] * 60
+
+
+def test_a_second_look_measures_again_only_the_duel_a_stall_spoiled() -> None:
+    # a ladder of 1, 2, 4: two threads beat one, then one stall spoils the duel of four against two
+    def seconds(call: int) -> float:
+        threads = torch.get_num_threads()
+        if threads == 4:
+            return 0.05 if step.used.count(4) == 3 else 0.001
+        return {1: 0.008, 2: 0.004}[threads]
+
+    policy = th.AdaptiveThreads(candidates=(1, 2, 4), probe_steps=4)
+    step = TimedStep(seconds)
+    _run(policy, step, epochs=1, per_epoch=120)
+    first, again = policy.decisions
+    assert (first.threads, first.second_look) == (2, False)
+    assert (again.threads, again.second_look, again.at_step, set(again.seconds_per_step)) == (4, True, 16, {2, 4})
+    assert 1 not in step.used[16:]  # one thread's duel, already decided, is not timed again
+
+
+def test_an_epoch_of_a_few_large_batches_still_decides_and_one_too_short_to_time_stays_on_one_thread() -> None:
+    policy = th.AdaptiveThreads(candidates=(1, 2))  # 24 counted steps a count would need 50 steps
+    step = _run(policy, TimedStep({1: 0.004, 2: 0.001}), epochs=2, per_epoch=20)
+    assert [d.threads for d in policy.decisions] == [2, 2]  # (4 counted steps a count in an epoch of 20)
+    assert step.used[-10:] == [2] * 10
+    short = th.AdaptiveThreads(candidates=(1, 2, 4))  # two duels of 3 steps a count need 12 steps, half of 24
+    assert short.wrap(step, steps_per_epoch=23) is step and torch.get_num_threads() == 1
+    assert isinstance(short.wrap(step, steps_per_epoch=24), th.AdaptiveStep)
+
+
 def test_a_chosen_thread_count_falls_back_when_stalls_start_though_most_steps_stay_fast() -> None:
     # two threads pay until step 40; from then on one step in four stalls (the median stays fast)
     def seconds(call: int) -> float:
@@ -224,7 +265,7 @@ def test_a_probe_that_ends_on_an_epochs_last_step_is_recorded_in_that_epoch() ->
     def seconds(call: int) -> float:
         if torch.get_num_threads() == 1:
             return 0.004
-        return 0.001 if call - 1 < 10 or call - 1 >= 35 else 0.03
+        return 0.001 if call - 1 < 10 or call - 1 >= 30 else 0.03
 
     policy = th.AdaptiveThreads(candidates=(1, 2), probe_steps=4, retry_after=14, fallback_check=4)
     _run(policy, TimedStep(seconds), epochs=1, per_epoch=40)

@@ -195,11 +195,12 @@ class AdaptiveThreads:
         return cls(candidates=tuple(ladder), **options)
 
     def wrap(self, step: Any, steps_per_epoch: int) -> AdaptiveStep | Any:
-        """``step`` (an ``MLPStep``) timed and run with the thread count of the policy."""
+        """``step`` (an ``MLPStep``) timed and run with the thread count of the policy; one thread where half
+        an epoch is too short to time two counts (3 steps of each, warm-up included, per duel of the ladder)."""
         import torch
 
         torch.set_num_threads(1)
-        if len(self.candidates) < 2:
+        if len(self.candidates) < 2 or steps_per_epoch < 12 * (len(self.candidates) - 1):
             return step
         return AdaptiveStep(step, self, max(1, steps_per_epoch))
 
@@ -215,6 +216,10 @@ class AdaptiveStep:
 
         self._torch = torch
         self._step, self._policy, self._per_epoch = step, policy, steps_per_epoch
+        # Counted steps of each count in a duel: the whole ladder's duels (each count's steps plus a warm-up,
+        # alternating) take at most half an epoch, so an epoch of few large batches still decides.
+        duels = max(1, len(policy.candidates) - 1)
+        self._probe_steps = max(2, min(policy.probe_steps, steps_per_epoch // (4 * duels) - 1))
         self._calls = 0
         self._threads = 1
         self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
@@ -269,10 +274,10 @@ class AdaptiveStep:
 
     # -- measuring ------------------------------------------------------------------------------------------------
 
-    def _start_probe(self, second_look: bool = False) -> None:
+    def _start_probe(self, second_look: bool = False, duel: tuple[int, int] | None = None) -> None:
         self._second_look = second_look
         self._measured: dict[int, float] = {}
-        self._start_duel(*self._policy.candidates[:2])
+        self._start_duel(*(duel or self._policy.candidates[:2]))
         self._probe_epoch, self._probe_at = self._calls // self._per_epoch + 1, self._calls % self._per_epoch
         self._window.clear()
 
@@ -294,7 +299,7 @@ class AdaptiveStep:
             return True
         if sum(counted) - len(counted) * self._single > self._policy.probe_share * self._per_epoch * self._single:
             return True  # a contended core: the probe already cost more than its share of the epoch
-        return sum(counted) > self._policy.probe_steps * target  # its mean can no longer beat the target
+        return sum(counted) > self._probe_steps * target  # its mean can no longer beat the target
 
     def _spoiled(self, threads: int) -> bool:
         """Whether the challenger lost this probe to ``threads`` only by its single slowest step: without
@@ -307,6 +312,7 @@ class AdaptiveStep:
         return statistics.fmean(sorted(counted)[:-1]) < (1 - self._policy.margin) * _mean(kept)
 
     def _finish_probe(self, threads: int, look_again: bool = True) -> None:
+        duel = (self._probe[0][0], self._probe[1][0])
         again = look_again and not self._second_look and self._spoiled(threads)
         self._measured.update({c: _mean(t) for c, t in self._probe if len(t) > 1})
         self._policy.decisions.append(
@@ -319,8 +325,8 @@ class AdaptiveStep:
             )
         )
         self._threads, self._probe = threads, []  # (the window is empty: it fills only outside a probe)
-        if again:
-            self._start_probe(second_look=True)
+        if again:  # the spoiled duel only: the counts below it were decided
+            self._start_probe(second_look=True, duel=duel)
 
     def _observe(self, threads: int, seconds: float) -> None:
         policy = self._policy
@@ -331,7 +337,7 @@ class AdaptiveStep:
                 self._single = _mean(kept if incumbent == 1 else times)
             if self._hopeless(times):
                 self._finish_probe(incumbent)
-            elif len(times) > policy.probe_steps:  # both ran their steps (the first of each a warm-up)
+            elif len(times) > self._probe_steps:  # both ran their steps (the first of each a warm-up)
                 winner = challenger if _mean(times) < (1 - policy.margin) * _mean(kept) else incumbent
                 index = policy.candidates.index(challenger)
                 if winner == challenger and index + 1 < len(policy.candidates):  # it paid: try the next count
