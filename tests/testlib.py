@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import subprocess
@@ -91,23 +92,19 @@ def group_has_live_member(pgid: int) -> bool:
     return False
 
 
-#: The migrated Prefect database of this test session (built on first use; None if that failed).
-_PREFECT_DB: list[Path | None] = []
-
-
+@functools.cache
 def _prefect_db_template() -> Path | None:
-    if not _PREFECT_DB:
-        folder = Path(tempfile.mkdtemp(prefix="prefect-db-template-"))
-        atexit.register(shutil.rmtree, folder, True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-        env.update(PREFECT_HOME=str(folder), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        try:  # Prefect's own command: creates prefect.db and runs every migration, as a server's first start does
-            subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "reset", "-y"],
-                           env=env, capture_output=True, timeout=300, check=True)
-        except (OSError, subprocess.SubprocessError):
-            pass
-        _PREFECT_DB.append(folder / "prefect.db" if (folder / "prefect.db").is_file() else None)
-    return _PREFECT_DB[0]
+    """The migrated Prefect database of this test session (built on first use; None if that failed)."""
+    folder = Path(tempfile.mkdtemp(prefix="prefect-db-template-"))
+    atexit.register(shutil.rmtree, folder, True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(folder), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    try:  # Prefect's own command: creates prefect.db and runs every migration, as a server's first start does
+        subprocess.run([str(Path(sys.executable).parent / "prefect"), "server", "database", "reset", "-y"],
+                       env=env, capture_output=True, timeout=300, check=True)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return folder / "prefect.db" if (folder / "prefect.db").is_file() else None
 
 
 def seed_prefect_home(prefect_home: str | Path) -> None:

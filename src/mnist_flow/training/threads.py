@@ -200,7 +200,7 @@ class AdaptiveThreads:
         import torch
 
         torch.set_num_threads(1)
-        if len(self.candidates) < 2 or steps_per_epoch < 12 * (len(self.candidates) - 1):
+        if len(self.candidates) < 2 or not duel_steps(self, steps_per_epoch):
             return step
         return AdaptiveStep(step, self, max(1, steps_per_epoch))
 
@@ -216,10 +216,8 @@ class AdaptiveStep:
 
         self._torch = torch
         self._step, self._policy, self._per_epoch = step, policy, steps_per_epoch
-        # Counted steps of each count in a duel: the whole ladder's duels (each count's steps plus a warm-up,
-        # alternating) take at most half an epoch, so an epoch of few large batches still decides.
-        duels = max(1, len(policy.candidates) - 1)
-        self._probe_steps = max(2, min(policy.probe_steps, steps_per_epoch // (4 * duels) - 1))
+        self._probe_steps = max(2, duel_steps(policy, steps_per_epoch))
+        self._measured: dict[int, float] = {}  # seconds per step of each count the current probe decided
         self._calls = 0
         self._threads = 1
         self._probe: list[tuple[int, list[float]]] = []  # (threads, step seconds) of this epoch's probe
@@ -276,7 +274,7 @@ class AdaptiveStep:
 
     def _start_probe(self, second_look: bool = False, duel: tuple[int, int] | None = None) -> None:
         self._second_look = second_look
-        self._measured: dict[int, float] = {}
+        self._measured = {}
         self._start_duel(*(duel or self._policy.candidates[:2]))
         self._probe_epoch, self._probe_at = self._calls // self._per_epoch + 1, self._calls % self._per_epoch
         self._window.clear()
@@ -332,9 +330,10 @@ class AdaptiveStep:
         policy = self._policy
         if self._probe:
             (incumbent, kept), (challenger, times) = self._probe
-            (kept if threads == incumbent else times).append(seconds)
-            if threads == 1 and len(kept if incumbent == 1 else times) > 1:
-                self._single = _mean(kept if incumbent == 1 else times)
+            mine = kept if threads == incumbent else times
+            mine.append(seconds)
+            if threads == 1 and len(mine) > 1:
+                self._single = _mean(mine)
             if self._hopeless(times):
                 self._finish_probe(incumbent)
             elif len(times) > self._probe_steps:  # both ran their steps (the first of each a warm-up)
@@ -374,6 +373,15 @@ class AdaptiveStep:
             multi(inputs, targets)
             self._verified[key] = all(self._torch.equal(a, b) for a, b in zip(_state(single), _state(multi)))
         return self._verified[key]
+
+
+def duel_steps(policy: AdaptiveThreads, steps_per_epoch: int) -> int:
+    """Counted steps of each count in a duel: up to ``probe_steps``, so that the whole ladder's duels (each
+    count's steps plus a warm-up, alternating) take at most half an epoch; 0 where fewer than 2 would fit
+    (an epoch that short stays on one thread)."""
+    duels = max(1, len(policy.candidates) - 1)
+    steps = min(policy.probe_steps, steps_per_epoch // (4 * duels) - 1)
+    return steps if steps >= 2 else 0
 
 
 def _mean(times: list[float]) -> float:
