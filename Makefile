@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many processes (pytest-xdist, one test file per process at a time): most of
+# the end-to-end time is waiting on servers, heartbeats and schedules, which the other process fills with work.
+# TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
 
 export MNIST_FLOW_HOME ?= $(CURDIR)/.mnist-flow
 export PREFECT_HOME ?= $(MNIST_FLOW_HOME)/prefect
@@ -70,7 +74,7 @@ serve-model: install  ## the champion as an HTTP API on http://127.0.0.1:8000 (m
 	$(BIN)/mnist-flow serve $(ARGS)
 
 test: install  ## run the test suite
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: install  ## ruff (lint; format check of src and flows) and mypy on src/ and flows/
 	$(BIN)/ruff check src flows tests benchmarks scripts

@@ -124,3 +124,109 @@ def seed_prefect_home(prefect_home: str | Path) -> None:
     except OSError:
         return
     shutil.copyfile(template, home / "prefect.db")
+
+
+def _pg_bin(name: str) -> str:
+    """A PostgreSQL server program (Debian keeps them in /usr/lib/postgresql/<version>/bin, off the PATH)."""
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / name).exists():
+            return str(folder / name)
+    return shutil.which(name) or f"/usr/lib/postgresql/15/bin/{name}"
+
+
+def private_postgres_missing() -> str | None:
+    """Why :class:`PrivatePostgres` cannot run here (None when it can)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        return "needs root to run a private PostgreSQL as the postgres user"
+    if not Path(_pg_bin("initdb")).exists():
+        return "needs PostgreSQL's initdb"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "needs a postgres system user to run a private PostgreSQL"
+    return None
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster of one test: initdb in a temporary folder, run as ``postgres`` on a free
+    port of ``address``, fsync off, trust auth. A test that stops the database stops this one: the machine's
+    server on 127.0.0.1:5432 stays up for every other test, those of a parallel run's other worker included.
+
+    ``stop()`` is PostgreSQL's fast shutdown (what ``pg_ctlcluster stop`` does: clients are disconnected);
+    ``start()`` brings it back on the same port. Use as a context manager; everything is removed on exit.
+    """
+
+    def __init__(self, address: str = "127.0.0.1", *, hba: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
+        import pwd
+        import socket
+
+        self.address = address
+        self.folder = Path(tempfile.mkdtemp(prefix="mnist-flow-pg-", dir="/tmp"))
+        self.data, self.log = self.folder / "data", self.folder / "postgres.log"
+        self._env = {"PATH": os.environ.get("PATH", ""), **(env or {})}
+        user = pwd.getpwnam("postgres")
+        os.chown(self.folder, user.pw_uid, user.pw_gid)
+        self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        with (self.data / "pg_hba.conf").open("a") as rules:
+            rules.writelines(f"{line}\n" for line in hba)
+        with socket.socket() as sock:  # a port free a moment ago (the server binds it next)
+            sock.bind((address, 0))
+            self.port = sock.getsockname()[1]
+
+    def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        done = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], env=self._env, capture_output=True,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr.strip()}\n"
+                                 + (self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""))
+        return done
+
+    def url(self, database: str = "postgres") -> str:
+        """A driver-less URL of ``database`` on this server."""
+        return f"postgresql://postgres@{self.address}:{self.port}/{database}"
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = (f"-p {self.port} -c listen_addresses={self.address} -c unix_socket_directories={self.folder} "
+                   "-c fsync=off -c max_connections=200")
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
+                  "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+
+    def running(self) -> bool:
+        """Whether its postmaster is alive (``pg_ctl status`` would call a killed one that nobody reaped, a
+        zombie, running, and ``pg_ctl stop`` would wait for it in vain)."""
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError, ValueError):
+            return False
+
+    def createdb(self, name: str) -> str:
+        self._run(_pg_bin("createdb"), "-h", self.address, "-p", str(self.port), "-U", "postgres", name)
+        return self.url(name)
+
+    def __enter__(self) -> PrivatePostgres:
+        try:
+            self.start()
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.running():
+                self.stop("immediate")
+        except AssertionError:
+            # A test may have killed it (its processes carry the test's token) a moment before: pg_ctl then
+            # found it dying and gave up ("server does not shut down"). Only a server still up is a failure.
+            if self.running():
+                raise
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import random
 import shutil
 import subprocess
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import procs
+from testlib import PrivatePostgres, private_postgres_missing
 
 
 def available() -> str | None:
@@ -30,13 +28,7 @@ def available() -> str | None:
         return "needs root for ip netns"
     if shutil.which("ip") is None:
         return "needs iproute2 (ip)"
-    if not Path(_pg_bin("initdb")).exists():
-        return "needs PostgreSQL's initdb"
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return "needs a postgres system user to run a private PostgreSQL"
-    return None
+    return private_postgres_missing()
 
 
 def _ip(*args: str) -> None:
@@ -93,43 +85,14 @@ def hosts(count: int) -> Iterator[list[Host]]:
                 _ip("netns", "del", host.ns)
 
 
-def _pg_bin(name: str) -> str:
-    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (folder / name).exists():
-            return str(folder / name)
-    return shutil.which(name) or f"/usr/lib/postgresql/15/bin/{name}"
-
-
 @contextlib.contextmanager
 def private_postgres(address: str, token: str, log_dir: Path) -> Iterator[str]:
-    """A throwaway PostgreSQL (initdb in a temp folder, run as `postgres`) listening on ``address`` only.
-
-    Yields a driver-less URL of its database ``mnist``. Trust auth, for the 10.231/16 test links only.
-    """
-    folder = Path(tempfile.mkdtemp(prefix="mnist-flow-pg-", dir="/tmp"))
-    user = pwd.getpwnam("postgres")
-    os.chown(folder, user.pw_uid, user.pw_gid)
-    data = folder / "data"
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, _pg_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    with (data / "pg_hba.conf").open("a") as hba:
-        hba.write("host all all 10.231.0.0/16 trust\n")
-    port = procs.free_port()
-    env = {"PATH": os.environ["PATH"], procs.TOKEN_VAR: token}
-    server = procs.start("postgres", [*as_postgres, _pg_bin("postgres"), "-D", str(data), "-p", str(port),
-                                      "-c", f"listen_addresses={address}", "-c", f"unix_socket_directories={folder}",
-                                      "-c", "fsync=off", "-c", "max_connections=200"], env=env, log_dir=log_dir)
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([_pg_bin("pg_isready"), "-h", address, "-p", str(port)],
-                             capture_output=True).returncode != 0:
-            if not server.alive() or time.monotonic() > deadline:
-                raise AssertionError(f"private PostgreSQL did not start:\n{procs.tail(server.log)}")
-            time.sleep(0.3)
-        subprocess.run([_pg_bin("createdb"), "-h", address, "-p", str(port), "-U", "postgres", "mnist"], check=True,
-                       capture_output=True)
-        yield f"postgresql://postgres@{address}:{port}/mnist"
-    finally:
-        server.stop()
-        shutil.rmtree(folder, ignore_errors=True)
+    """A throwaway PostgreSQL (testlib.PrivatePostgres) listening on ``address`` only, trusting the 10.231/16
+    test links. Yields a driver-less URL of its database ``mnist``; its log is copied to ``log_dir``."""
+    with PrivatePostgres(address, hba=("host all all 10.231.0.0/16 trust",), env={procs.TOKEN_VAR: token}) as pg:
+        try:
+            yield pg.createdb("mnist")
+        finally:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(OSError):
+                shutil.copyfile(pg.log, log_dir / "postgres.log")

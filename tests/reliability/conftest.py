@@ -7,6 +7,7 @@ which ``scripts/reliability_table.py`` renders as the table in docs/reliability.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
 from collections.abc import Iterator
@@ -57,14 +58,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _records:
         return
-    try:
-        existing = json.loads(REPORT.read_text())["tests"]
-    except (OSError, ValueError, KeyError):
-        existing = {}
-    for nodeid, rows in _records.items():
-        existing[nodeid] = {**_outcomes.get(nodeid, {"outcome": "unknown", "seconds": None}), "rows": rows}
     REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "tests": existing}, indent=2))
+    # Each worker of `pytest -n 2` merges its own records: one at a time, under an exclusive lock.
+    with (REPORT.parent / "reliability.json.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            existing = json.loads(REPORT.read_text())["tests"]
+        except (OSError, ValueError, KeyError):
+            existing = {}
+        for nodeid, rows in _records.items():
+            existing[nodeid] = {**_outcomes.get(nodeid, {"outcome": "unknown", "seconds": None}), "rows": rows}
+        partial = REPORT.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"generated": time.strftime("%Y-%m-%d %H:%M:%S"), "tests": existing},
+                                      indent=2))
+        partial.replace(REPORT)
 
 
 @pytest.fixture

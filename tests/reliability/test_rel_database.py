@@ -8,20 +8,17 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import torch
 from rel_helpers import dead_port
-from testlib import PG_ADMIN_URL
+from testlib import PrivatePostgres, private_postgres_missing
 
 from mnist_flow.cli import main as cli_main
 from mnist_flow.errors import DatabaseUnavailableError
 from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.storage import db
 from mnist_flow.training.model import MLP
-
-PG_CONF = "/etc/postgresql"  # one folder per installed PostgreSQL version (Debian's layout)
 
 
 def _register(reg: Registry, key: str):
@@ -106,65 +103,34 @@ def test_sqlite_busy_past_the_retry_budget_names_the_database_and_the_fix(tmp_pa
                        f"{text.splitlines()[0][:90]}…", group="faults")
 
 
-def _local_cluster() -> tuple[str, str]:
-    """(version, name) of the local PostgreSQL cluster, as ``.ci/run`` finds it (``ls /etc/postgresql``)."""
-    versions = sorted(os.listdir(PG_CONF)) if os.path.isdir(PG_CONF) else []
-    if not versions:
-        pytest.skip(f"no local PostgreSQL cluster to stop and start ({PG_CONF} is missing or empty)")
-    return versions[0], "main"
-
-
-def _pg_ctl(cluster: tuple[str, str], action: str, *, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", *cluster, action], check=check,
-                          capture_output=True, text=True, timeout=60)
-
-
-def _pg_isready() -> bool:
-    url = urlsplit(PG_ADMIN_URL)
-    return subprocess.run(["pg_isready", "-q", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 5432)],
-                          capture_output=True, timeout=30).returncode == 0
-
-
-def _ensure_running(cluster: tuple[str, str], timeout: float = 60) -> None:
-    """Start the cluster if it is down, then wait until it accepts connections (``pg_isready``)."""
-    if _pg_ctl(cluster, "status", check=False).returncode != 0:
-        started = _pg_ctl(cluster, "start", check=False)
-        if started.returncode != 0 and _pg_ctl(cluster, "status", check=False).returncode != 0:
-            pytest.fail(f"could not restart PostgreSQL {cluster}: {started.stderr.strip()}")
-    deadline = time.monotonic() + timeout
-    while not _pg_isready():
-        if time.monotonic() > deadline:
-            pytest.fail(f"PostgreSQL {cluster} was restarted but is not ready after {timeout:.0f} s")
-        time.sleep(0.2)
-
-
-def test_postgres_stopped_and_restarted_during_a_registry_write_retries_and_succeeds(pg_url: str, tmp_path: Path,
+@pytest.mark.skipif(private_postgres_missing() is not None, reason=str(private_postgres_missing()))
+def test_postgres_stopped_and_restarted_during_a_registry_write_retries_and_succeeds(tmp_path: Path,
                                                                                      reliability) -> None:
-    cluster = _local_cluster()
-    reg = Registry(pg_url, str(tmp_path / "artifacts"))
-    reg.migrate()
-    _register(reg, "before")  # a pooled connection exists and will be broken by the restart
-    outage: dict[str, float] = {}
+    # A private server: stopping the machine's own would fail any test running beside this one (pytest -n 2).
+    with PrivatePostgres() as pg:
+        url = pg.createdb("registry").replace("postgresql://", "postgresql+psycopg://")
+        reg = Registry(url, str(tmp_path / "artifacts"))
+        reg.migrate()
+        _register(reg, "before")  # a pooled connection exists and will be broken by the restart
+        outage: dict[str, float] = {}
 
-    def restart() -> None:
-        _pg_ctl(cluster, "start")
-        outage["up"] = time.monotonic()
+        def restart() -> None:
+            pg.start()
+            outage["up"] = time.monotonic()
 
-    try:
-        _pg_ctl(cluster, "stop")
-        outage["down"] = time.monotonic()
-        restarter = threading.Timer(2.0, restart)
-        restarter.start()
         try:
-            start = time.monotonic()
-            version = _register(reg, "during-outage")
-            took = time.monotonic() - start
+            pg.stop()  # fast shutdown, as `pg_ctlcluster stop`: every connection is closed
+            outage["down"] = time.monotonic()
+            restarter = threading.Timer(2.0, restart)
+            restarter.start()
+            try:
+                start = time.monotonic()
+                version = _register(reg, "during-outage")
+                took = time.monotonic() - start
+            finally:
+                restarter.join()
         finally:
-            restarter.join()
-    finally:
-        # never leave the shared server down, whatever happened above, and go on only once it accepts connections
-        _ensure_running(cluster)
-        reg.dispose()
+            reg.dispose()
     assert version.version == 2
     reliability.record("PostgreSQL stopped, restarted 2 s later, while a registry write runs",
                        "the write retries with backoff and succeeds",
