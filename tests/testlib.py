@@ -80,6 +80,23 @@ def file_server(route: Callable[[str], bytes | None], requests: list[str] | None
         server.server_close()
 
 
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port of ``address`` that was free a moment ago (nothing listens on it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def group_has_live_member(pgid: int) -> bool:
     """Whether a live (not zombie) process is left in the process group ``pgid``."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -161,7 +178,6 @@ class PrivatePostgres:
     def __init__(self, address: str = "127.0.0.1", *, hba: tuple[str, ...] = (),
                  env: dict[str, str] | None = None) -> None:
         import pwd
-        import socket
 
         self.address = address
         self.folder = Path(tempfile.mkdtemp(prefix="mnist-flow-pg-", dir="/tmp"))
@@ -172,9 +188,7 @@ class PrivatePostgres:
         self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         with (self.data / "pg_hba.conf").open("a") as rules:
             rules.writelines(f"{line}\n" for line in hba)
-        with socket.socket() as sock:  # a port free a moment ago (the server binds it next)
-            sock.bind((address, 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port(address)  # the server binds it next
 
     def _run(self, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess:
         done = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], env=self._env, capture_output=True,
@@ -199,11 +213,9 @@ class PrivatePostgres:
         self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
     def running(self) -> bool:
-        """Whether its postmaster is alive (``pg_ctl status`` would call a killed one that nobody reaped, a
-        zombie, running, and ``pg_ctl stop`` would wait for it in vain)."""
+        """Whether its postmaster (the pid in ``postmaster.pid``) is alive."""
         try:
-            pid = int((self.data / "postmaster.pid").read_text().split()[0])
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            return process_alive(int((self.data / "postmaster.pid").read_text().split()[0]))
         except (OSError, IndexError, ValueError):
             return False
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from testlib import free_port
 
 from mnist_flow.data import datasets as data
 from mnist_flow.data.idx import encode_idx
@@ -44,9 +44,7 @@ def gz_files(arrays: dict[str, torch.Tensor]) -> dict[str, bytes]:
 
 def dead_port() -> int:
     """A loopback port nothing listens on (connections are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @dataclass

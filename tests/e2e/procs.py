@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -19,18 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from testlib import group_has_live_member, seed_prefect_home
+from testlib import free_port, group_has_live_member, process_alive, seed_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 TOKEN_VAR = "E2E_PROCESS_TOKEN"  # not MNIST_FLOW_*: load_settings() refuses unknown ones
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 4000) -> str:
@@ -142,18 +134,11 @@ def leftovers(token: str) -> list[int]:
         try:
             if needle in environ.read_bytes().split(b"\0"):
                 pid = int(environ.parent.name)
-                if pid != os.getpid() and not _is_zombie(pid):
+                if pid != os.getpid() and process_alive(pid):
                     found.append(pid)
         except (OSError, ValueError):
             continue
     return found
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def kill_leftovers(token: str) -> list[int]:

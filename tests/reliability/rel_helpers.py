@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from testlib import seed_prefect_home
+from testlib import free_port, seed_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,8 +48,6 @@ def written_files(home: Path) -> list[str]:
 
 def dead_port() -> int:
     """A loopback port nothing listens on (connections are refused at once)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 

@@ -20,6 +20,8 @@ from mnist_flow.registry.store import Lineage, Registry
 from mnist_flow.storage import db
 from mnist_flow.training.model import MLP
 
+NO_PRIVATE_PG = private_postgres_missing()
+
 
 def _register(reg: Registry, key: str):
     torch.manual_seed(0)
@@ -103,7 +105,7 @@ def test_sqlite_busy_past_the_retry_budget_names_the_database_and_the_fix(tmp_pa
                        f"{text.splitlines()[0][:90]}…", group="faults")
 
 
-@pytest.mark.skipif(private_postgres_missing() is not None, reason=str(private_postgres_missing()))
+@pytest.mark.skipif(bool(NO_PRIVATE_PG), reason=str(NO_PRIVATE_PG))
 def test_postgres_stopped_and_restarted_during_a_registry_write_retries_and_succeeds(tmp_path: Path,
                                                                                      reliability) -> None:
     # A private server: stopping the machine's own would fail any test running beside this one (pytest -n 2).

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from testlib import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,12 +37,6 @@ def _require_browser():
     return sync_playwright
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _command() -> list[str]:
     script = shutil.which("mnist-flow", path=str(Path(sys.executable).parent))
     return [script] if script else [sys.executable, "-m", "mnist_flow.cli"]
@@ -64,7 +59,7 @@ def _wait_for_port(process: subprocess.Popen, port: int, timeout: float = 60.0) 
 @pytest.mark.e2e
 def test_the_dashboard_shows_the_study_and_its_lr_and_momentum_in_headless_chromium(world, tmp_path):
     sync_playwright = _require_browser()
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST_FLOW_")}
     env.update(MNIST_FLOW_HOME=str(world.home), MNIST_FLOW_THREADS="1")
     process = subprocess.Popen([*_command(), "dashboard", "--host", "127.0.0.1", "--port", str(port)], env=env,
